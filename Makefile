@@ -1,0 +1,35 @@
+# The README's two commands: `make demo` (the main job on the embedded tiny checkpoint) and
+# `make test` (the suite). Both create .venv on a fresh machine.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO := .difflower-demo
+PROMPT ?= a watercolor painting of a lighthouse at sunset
+
+.PHONY: demo test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# torch is pinned to 2.13.0 in pyproject.toml: a bare `torch` could pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/difflower tiny $(DEMO)/tiny-sd --family sd --seed 0 --overwrite
+	$(BIN)/python -c "from difflower.reference.loading import load_components; \
+	    index, parts = load_components('$(DEMO)/tiny-sd'); \
+	    print('loaded', index.family, 'checkpoint with', ', '.join(sorted(parts)))"
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(DEMO) .pytest_cache

@@ -1,0 +1,30 @@
+"""User-facing errors.
+
+Every error a user can cause (a bad path, a malformed checkpoint, a wrong argument) is a
+`DifflowerError`: the CLI prints its message as one line and exits non-zero, without a
+traceback. Messages name the file, field or argument and say what to do next.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class DifflowerError(Exception):
+    """An error caused by the user's input, reported as one clear line."""
+
+
+class CheckpointError(DifflowerError):
+    """A checkpoint folder, file or config field that difflower cannot use."""
+
+    def __init__(self, path: Path | str, message: str):
+        self.path = Path(path)
+        super().__init__(f"{self.path}: {message}")
+
+
+class ArgumentError(DifflowerError):
+    """A call argument (CLI flag or Python keyword) with an unusable value."""
+
+    def __init__(self, name: str, message: str):
+        self.name = name
+        super().__init__(f"argument {name}: {message}")

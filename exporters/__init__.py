@@ -1,0 +1,1 @@
+"""difflower.exporters: see ../shared/DESIGN.md."""

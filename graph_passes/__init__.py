@@ -1,0 +1,1 @@
+"""difflower.graph_passes: see ../shared/DESIGN.md."""

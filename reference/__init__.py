@@ -1,0 +1,1 @@
+"""difflower.reference: the eager PyTorch golden source (models, loading, schedulers, pipeline)."""

@@ -1,0 +1,103 @@
+"""Multi-head attention shared by the UNet and the VAE.
+
+The math goes through `torch.nn.functional.scaled_dot_product_attention` by default. Some
+converters (older ONNX opsets, Core ML's split-einsum rewrites, TorchScript consumers) want
+the plain matmul/softmax form instead: every attention module carries an
+`attention_backend` attribute ("sdpa" or "math") that `set_attention_backend` switches on a
+whole model. Both compute the same thing (they differ by float rounding only).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+AttentionBackend = Literal["sdpa", "math"]
+ATTENTION_BACKENDS: tuple[AttentionBackend, ...] = ("sdpa", "math")
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, N, heads * d) -> (B, heads, N, d)."""
+    batch, tokens, inner = x.shape
+    return x.view(batch, tokens, heads, inner // heads).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, heads, N, d) -> (B, N, heads * d)."""
+    batch, heads, tokens, head_dim = x.shape
+    return x.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
+
+
+def multi_head_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    backend: AttentionBackend = "sdpa",
+    upcast: bool = False,
+) -> torch.Tensor:
+    """Softmax(q k^T / sqrt(d)) v over heads; q, k, v are (B, heads, N, d).
+
+    `upcast` computes in fp32 when the inputs are fp16/bf16 (the `upcast_attention` flag of
+    SD 2.1-style checkpoints, whose attention logits overflow fp16).
+    """
+    out_dtype = query.dtype
+    if upcast and out_dtype in (torch.float16, torch.bfloat16):
+        query, key, value = query.float(), key.float(), value.float()
+    if backend == "sdpa":
+        out = F.scaled_dot_product_attention(query, key, value)
+    elif backend == "math":
+        scale = query.shape[-1] ** -0.5
+        scores = torch.matmul(query, key.transpose(-1, -2)) * scale  # (B, heads, Nq, Nk)
+        out = torch.matmul(scores.softmax(dim=-1), value)  # (B, heads, Nq, d)
+    else:
+        raise ValueError(f"unknown attention backend {backend!r}; use one of {ATTENTION_BACKENDS}")
+    return out.to(out_dtype)
+
+
+class Attention(nn.Module):
+    """Self- or cross-attention with diffusers' parameter names (`to_q`, `to_k`, `to_v`, `to_out.0`)."""
+
+    def __init__(
+        self,
+        query_dim: int,
+        heads: int,
+        dim_head: int,
+        cross_attention_dim: int | None = None,
+        bias: bool = False,
+        upcast: bool = False,
+    ):
+        super().__init__()
+        inner_dim = heads * dim_head
+        context_dim = cross_attention_dim if cross_attention_dim is not None else query_dim
+        self.heads = heads
+        self.upcast = upcast
+        self.attention_backend: AttentionBackend = "sdpa"
+        self.to_q = nn.Linear(query_dim, inner_dim, bias=bias)
+        self.to_k = nn.Linear(context_dim, inner_dim, bias=bias)
+        self.to_v = nn.Linear(context_dim, inner_dim, bias=bias)
+        # A list so the state-dict key is diffusers' `to_out.0` (their index 1 is a Dropout).
+        self.to_out = nn.ModuleList([nn.Linear(inner_dim, query_dim)])
+
+    def forward(self, hidden_states: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden_states (B, N, query_dim), context (B, M, context_dim) or None for self-attention."""
+        context = hidden_states if context is None else context
+        query = split_heads(self.to_q(hidden_states), self.heads)
+        key = split_heads(self.to_k(context), self.heads)
+        value = split_heads(self.to_v(context), self.heads)
+        out = multi_head_attention(query, key, value, self.attention_backend, self.upcast)
+        return self.to_out[0](merge_heads(out))
+
+
+def set_attention_backend(model: nn.Module, backend: AttentionBackend) -> int:
+    """Switch every attention module in `model` to `backend`; returns how many were switched."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; use one of {ATTENTION_BACKENDS}")
+    count = 0
+    for module in model.modules():
+        if hasattr(module, "attention_backend"):
+            module.attention_backend = backend
+            count += 1
+    return count

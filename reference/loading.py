@@ -1,0 +1,373 @@
+"""Reading diffusers-format checkpoint folders.
+
+A checkpoint is `model_index.json` plus one folder per component. Our own models (UNet, SD3
+transformer, VAE) are built from their `config.json` on the meta device and take the
+safetensors weights by assignment, so nothing is allocated twice; every key must match (no
+missing, no unexpected, same shapes). Text encoders and tokenizers are `transformers` classes,
+loaded as they are. Weights are read from safetensors only.
+
+Every problem with the folder is a `CheckpointError` naming the file and, where there is one,
+the field or tensor, and saying what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import torch
+from difflower.reference.autoencoder_kl import (
+    VAE_CLASS_NAMES,
+    VAE_DEFAULT_ONLY_FIELDS,
+    VAE_IGNORED_FIELDS,
+    AutoencoderKL,
+    VAEConfig,
+)
+from difflower.reference.config import load_config, read_json
+from difflower.reference.transformer_sd3 import SD3_CLASS_NAMES, SD3_IGNORED_FIELDS, SD3Config, SD3Transformer2DModel
+from difflower.reference.unet_2d_condition import (
+    UNET_CLASS_NAMES,
+    UNET_DEFAULT_ONLY_FIELDS,
+    UNET_IGNORED_FIELDS,
+    UNet2DConditionModel,
+    UNetConfig,
+)
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from difflower.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+Family = Literal["sd", "sdxl", "sd3"]
+FAMILIES: tuple[Family, ...] = ("sd", "sdxl", "sd3")
+
+WEIGHTS_NAME = "diffusion_pytorch_model"
+M = TypeVar("M", bound=nn.Module)
+
+_PIPELINE_FAMILIES: dict[str, Family] = {
+    "StableDiffusionPipeline": "sd",
+    "StableDiffusionImg2ImgPipeline": "sd",
+    "StableDiffusionInpaintPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusionXLImg2ImgPipeline": "sdxl",
+    "StableDiffusionXLInpaintPipeline": "sdxl",
+    "StableDiffusion3Pipeline": "sd3",
+    "StableDiffusion3Img2ImgPipeline": "sd3",
+    "StableDiffusion3InpaintPipeline": "sd3",
+}
+
+
+@dataclass(frozen=True)
+class ModelIndex:
+    """`model_index.json`: the pipeline class, its family and each component's (library, class)."""
+
+    root: Path
+    pipeline_class: str
+    family: Family
+    components: dict[str, tuple[str, str]]
+
+
+def read_model_index(root: Path | str) -> ModelIndex:
+    """Read and check `root/model_index.json`."""
+    root = Path(root)
+    if not root.exists():
+        raise CheckpointError(root, "folder not found")
+    if not root.is_dir():
+        raise CheckpointError(root, "is a file; pass the checkpoint folder that holds model_index.json")
+    path = root / "model_index.json"
+    raw = read_json(path)
+    components: dict[str, tuple[str, str]] = {}
+    for name, value in raw.items():
+        if name.startswith("_") or not isinstance(value, list):
+            continue
+        if len(value) != 2 or not all(v is None or isinstance(v, str) for v in value):
+            raise CheckpointError(path, f"field '{name}' must be [library, class_name], got {json.dumps(value)}")
+        if value[0] is not None and value[1] is not None:
+            components[name] = (value[0], value[1])
+    pipeline_class = raw.get("_class_name")
+    if not isinstance(pipeline_class, str):
+        raise CheckpointError(path, "field '_class_name' (the pipeline class) is missing or not a string")
+    family = _PIPELINE_FAMILIES.get(pipeline_class)
+    if family is None:
+        family = _family_from_components(components)
+        if family is None:
+            raise CheckpointError(
+                path,
+                f"field '_class_name' is {pipeline_class!r}, which is not a Stable Diffusion 1.x/2.x, XL or 3 "
+                "pipeline; difflower reads those families",
+            )
+    for required in _required_components(family):
+        if required not in components:
+            raise CheckpointError(path, f"component '{required}' is missing (a {family} pipeline needs it)")
+        if not (root / required).is_dir():
+            raise CheckpointError(root / required, f"folder not found (model_index.json lists '{required}')")
+    return ModelIndex(root, pipeline_class, family, components)
+
+
+def _family_from_components(components: dict[str, tuple[str, str]]) -> Family | None:
+    if "transformer" in components and "text_encoder_3" in components:
+        return "sd3"
+    if "unet" in components and "text_encoder_2" in components:
+        return "sdxl"
+    if "unet" in components and "text_encoder" in components:
+        return "sd"
+    return None
+
+
+def _required_components(family: Family) -> tuple[str, ...]:
+    if family == "sd":
+        return ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+    if family == "sdxl":
+        return ("unet", "vae", "text_encoder_2", "tokenizer_2", "scheduler")
+    return ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors weights
+
+
+def weight_files(folder: Path, variant: str | None = None) -> list[Path]:
+    """The safetensors file(s) holding a component's weights (one file, or the shards of an index)."""
+    suffix = f".{variant}" if variant else ""
+    single = folder / f"{WEIGHTS_NAME}{suffix}.safetensors"
+    index = folder / f"{WEIGHTS_NAME}.safetensors.index{suffix}.json"
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(index, "field 'weight_map' is missing or empty")
+        shards = sorted(set(weight_map.values()))
+        for shard in shards:
+            if not isinstance(shard, str) or not (folder / shard).is_file():
+                raise CheckpointError(folder / str(shard), f"shard listed in {index.name} not found")
+        return [folder / shard for shard in shards]
+    pickles = sorted(p.name for p in folder.glob(f"{WEIGHTS_NAME}*.bin"))
+    if pickles:
+        raise CheckpointError(
+            folder / pickles[0],
+            "difflower loads weights from safetensors only, not pickles; convert with "
+            f"python -c \"import torch, safetensors.torch as s; s.save_file(torch.load('{pickles[0]}', "
+            f"weights_only=True), '{WEIGHTS_NAME}{suffix}.safetensors')\" in that folder",
+        )
+    others = sorted(p.name for p in folder.glob(f"{WEIGHTS_NAME}*.safetensors"))
+    hint = f"; found {', '.join(others)} (choose it with variant=...)" if others else ""
+    raise CheckpointError(single, f"weights not found{hint}")
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Load one safetensors file, turning a truncated or corrupt file into a clear error."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(
+            path, f"cannot read safetensors ({err}); the file is truncated or corrupt, re-download or re-save it"
+        ) from None
+
+
+def read_state_dict(folder: Path, variant: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
+    """All tensors of a component, and the file each came from."""
+    state: dict[str, torch.Tensor] = {}
+    origin: dict[str, Path] = {}
+    for path in weight_files(folder, variant):
+        for key, tensor in read_safetensors(path).items():
+            state[key] = tensor
+            origin[key] = path
+    return state, origin
+
+
+def assign_weights(model: M, state: dict[str, torch.Tensor], origin: dict[str, Path], folder: Path) -> M:
+    """Load `state` into a meta-device `model` by assignment; every key and shape must match."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (first: {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (first: {', '.join(unexpected[:3])})")
+        path = origin[unexpected[0]] if unexpected else folder / "config.json"
+        raise CheckpointError(
+            path, f"weights do not match config.json: {'; '.join(parts)} keys; is config.json from this model?"
+        )
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise CheckpointError(
+                origin[key],
+                f"tensor '{key}' has shape {tuple(tensor.shape)} but config.json implies "
+                f"{tuple(expected[key].shape)}; the config and the weights disagree",
+            )
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
+def _build(cls: type[M], config: Any, folder: Path, dtype: torch.dtype | None, variant: str | None) -> M:
+    state, origin = read_state_dict(folder, variant)
+    with torch.device("meta"):
+        model = cls(config)
+    model = assign_weights(model, state, origin, folder)
+    if dtype is not None:
+        model = model.to(dtype)
+    else:
+        # Weights keep the file's dtype; buffers like SD3's position table stay fp32 anyway.
+        model = model.to(next(iter(state.values())).dtype)
+    return model.eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------------
+# our models
+
+
+def read_unet_config(folder: Path) -> UNetConfig:
+    return load_config(
+        UNetConfig,
+        folder / "config.json",
+        class_names=UNET_CLASS_NAMES,
+        ignored=UNET_IGNORED_FIELDS,
+        must_be_default=UNET_DEFAULT_ONLY_FIELDS,
+    )
+
+
+def read_vae_config(folder: Path) -> VAEConfig:
+    return load_config(
+        VAEConfig,
+        folder / "config.json",
+        class_names=VAE_CLASS_NAMES,
+        ignored=VAE_IGNORED_FIELDS,
+        must_be_default=VAE_DEFAULT_ONLY_FIELDS,
+    )
+
+
+def read_sd3_config(folder: Path) -> SD3Config:
+    return load_config(SD3Config, folder / "config.json", class_names=SD3_CLASS_NAMES, ignored=SD3_IGNORED_FIELDS)
+
+
+def load_unet(folder: Path | str, dtype: torch.dtype | None = None, variant: str | None = None) -> UNet2DConditionModel:
+    """Our UNet2DConditionModel from a diffusers `unet/` folder."""
+    folder = Path(folder)
+    return _build(UNet2DConditionModel, read_unet_config(folder), folder, dtype, variant)
+
+
+def load_sd3_transformer(
+    folder: Path | str, dtype: torch.dtype | None = None, variant: str | None = None
+) -> SD3Transformer2DModel:
+    """Our SD3Transformer2DModel from a diffusers `transformer/` folder."""
+    folder = Path(folder)
+    return _build(SD3Transformer2DModel, read_sd3_config(folder), folder, dtype, variant)
+
+
+def load_vae(
+    folder: Path | str, dtype: torch.dtype | None = None, variant: str | None = None, honour_force_upcast: bool = True
+) -> AutoencoderKL:
+    """Our AutoencoderKL from a diffusers `vae/` folder.
+
+    With `force_upcast` in its config (the SDXL VAE overflows in fp16) and an fp16 `dtype`,
+    the VAE is kept in fp32 unless `honour_force_upcast=False`.
+    """
+    folder = Path(folder)
+    config = read_vae_config(folder)
+    if honour_force_upcast and config.force_upcast and dtype == torch.float16:
+        logger.info("%s: force_upcast is set, keeping the VAE in float32", folder)
+        dtype = torch.float32
+    return _build(AutoencoderKL, config, folder, dtype, variant)
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers components
+
+
+_TEXT_ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel")
+_TOKENIZER_CLASSES = {
+    "CLIPTokenizer": "CLIPTokenizer",
+    "CLIPTokenizerFast": "CLIPTokenizer",
+    "T5Tokenizer": "T5Tokenizer",
+    "T5TokenizerFast": "T5Tokenizer",
+}
+
+
+def load_text_encoder(
+    folder: Path | str, class_name: str, dtype: torch.dtype | None = None, variant: str | None = None
+) -> nn.Module:
+    """A transformers text encoder (CLIPTextModel, CLIPTextModelWithProjection or T5EncoderModel)."""
+    import transformers
+
+    folder = Path(folder)
+    if class_name not in _TEXT_ENCODER_CLASSES:
+        raise CheckpointError(
+            folder, f"text encoder class {class_name!r} is not supported; expected one of {_TEXT_ENCODER_CLASSES}"
+        )
+    read_json(folder / "config.json")  # a clear error for a missing or malformed config
+    if not any(folder.glob("*.safetensors")):
+        if any(folder.glob("*.bin")):
+            raise CheckpointError(folder, "holds only a pickle (.bin); difflower loads safetensors only, re-save it")
+        raise CheckpointError(folder / "model.safetensors", "weights not found")
+    for path in sorted(folder.glob("*.safetensors")):
+        read_safetensors(path)  # a clear error for a truncated file, before transformers' own
+    cls = getattr(transformers, class_name)
+    try:
+        model = cls.from_pretrained(folder, dtype=dtype, variant=variant, local_files_only=True, use_safetensors=True)
+    except (OSError, ValueError) as err:
+        raise CheckpointError(folder, f"cannot load {class_name} ({err})") from None
+    return model.eval().requires_grad_(False)
+
+
+def load_tokenizer(folder: Path | str, class_name: str) -> Any:
+    """A transformers tokenizer from its folder."""
+    import transformers
+
+    folder = Path(folder)
+    if class_name not in _TOKENIZER_CLASSES:
+        raise CheckpointError(
+            folder, f"tokenizer class {class_name!r} is not supported; expected one of {tuple(_TOKENIZER_CLASSES)}"
+        )
+    if not folder.is_dir():
+        raise CheckpointError(folder, "folder not found")
+    cls = getattr(transformers, _TOKENIZER_CLASSES[class_name])
+    try:
+        return cls.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, TypeError) as err:
+        raise CheckpointError(folder, f"cannot load {class_name} ({err})") from None
+
+
+def read_scheduler_config(folder: Path | str) -> dict[str, Any]:
+    """The raw `scheduler_config.json` dict; the scheduler classes check its fields."""
+    return read_json(Path(folder) / "scheduler_config.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# whole checkpoints
+
+
+def load_components(
+    root: Path | str, dtype: torch.dtype | None = None, variant: str | None = None
+) -> tuple[ModelIndex, dict[str, Any]]:
+    """Every model and tokenizer of a checkpoint, keyed by their model_index.json names.
+
+    The scheduler is returned as its raw config dict (the `scheduler` key).
+    """
+    index = read_model_index(root)
+    root = index.root
+    parts: dict[str, Any] = {}
+    for name, (_library, class_name) in index.components.items():
+        folder = root / name
+        if class_name in UNET_CLASS_NAMES:
+            parts[name] = load_unet(folder, dtype, variant)
+        elif class_name in SD3_CLASS_NAMES:
+            parts[name] = load_sd3_transformer(folder, dtype, variant)
+        elif class_name in VAE_CLASS_NAMES:
+            parts[name] = load_vae(folder, dtype, variant)
+        elif class_name in _TEXT_ENCODER_CLASSES:
+            parts[name] = load_text_encoder(folder, class_name, dtype, variant)
+        elif class_name in _TOKENIZER_CLASSES:
+            parts[name] = load_tokenizer(folder, class_name)
+        elif name == "scheduler":
+            parts[name] = read_scheduler_config(folder)
+        else:
+            logger.info("%s: component '%s' (%s) is not used by difflower", root, name, class_name)
+    return index, parts

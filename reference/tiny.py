@@ -1,0 +1,354 @@
+"""Tiny random-weight checkpoints in diffusers format: the embedded default.
+
+`make_tiny_checkpoint(dir, family, seed)` writes a complete pipeline folder (model_index.json,
+every component with config and safetensors weights, scheduler config, tokenizers built
+locally) that both difflower and diffusers load, with no downloads. Each is a few megabytes
+and runs a full pipeline in seconds on two cores, yet keeps every structural feature of their family: cross-attention
+transformers in down/mid/up blocks with skip connections (SD), linear projections, per-block
+transformer depths and the text_time embedding with two text encoders (SDXL), joint attention
+with a context-pre-only last block and three text encoders (SD3). The VAE downsamples 8x,
+like every real SD VAE.
+
+The same seed gives the same bytes on the same library versions.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from difflower.reference.autoencoder_kl import AutoencoderKL, VAEConfig
+from difflower.reference.config import config_to_dict
+from difflower.reference.loading import FAMILIES, WEIGHTS_NAME, Family
+from difflower.reference.transformer_sd3 import SD3Config, SD3Transformer2DModel
+from difflower.reference.unet_2d_condition import UNet2DConditionModel, UNetConfig
+from safetensors.torch import save_file
+from torch import nn
+
+from difflower.atomic import atomic_directory
+from difflower.errors import ArgumentError
+
+# The diffusers release whose file layout these folders follow (written as `_diffusers_version`).
+DIFFUSERS_LAYOUT_VERSION = "0.42.1"
+
+# Words whose BPE merges the tiny CLIP vocabulary holds, so tokenization is not byte-per-token.
+_WORDS = (
+    "a photo of the an in on with and cat dog horse astronaut red blue green painting portrait "
+    "landscape city night sky mountain river forest oil watercolor style high quality detailed "
+    "blurry low ugly cartoon sunset beach robot castle flower tree"
+).split()
+
+
+@dataclass(frozen=True)
+class TinyCLIP:
+    """A tiny CLIP text encoder config (transformers' CLIPTextConfig fields we set)."""
+
+    hidden_size: int = 32
+    intermediate_size: int = 64
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    projection_dim: int = 32
+    with_projection: bool = False
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Everything that defines one tiny checkpoint."""
+
+    family: Family
+    pipeline_class: str
+    scheduler: dict[str, Any]
+    vae: VAEConfig
+    unet: UNetConfig | None = None
+    transformer: SD3Config | None = None
+    clips: tuple[TinyCLIP, ...] = ()
+    t5_d_model: int | None = None
+    extra_index: dict[str, Any] = field(default_factory=dict)
+
+
+_SD_SCHEDULER = {
+    "_class_name": "PNDMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "clip_sample": False,
+    "prediction_type": "epsilon",
+    "timestep_spacing": "leading",
+}
+_SDXL_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "interpolation_type": "linear",
+    "prediction_type": "epsilon",
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+_SD3_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+
+_VAE4 = VAEConfig(
+    block_out_channels=(16, 32, 32, 32),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    latent_channels=4,
+    norm_num_groups=8,
+    layers_per_block=1,
+    force_upcast=False,
+)
+
+
+def tiny_spec(family: Family) -> TinySpec:
+    """The tiny checkpoint definition of a family."""
+    if family == "sd":
+        return TinySpec(
+            family="sd",
+            pipeline_class="StableDiffusionPipeline",
+            scheduler=_SD_SCHEDULER,
+            vae=_VAE4,
+            unet=UNetConfig(
+                sample_size=8,
+                block_out_channels=(32, 64),
+                layers_per_block=2,
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                cross_attention_dim=32,
+                attention_head_dim=2,
+                norm_num_groups=8,
+            ),
+            clips=(TinyCLIP(),),
+            extra_index={
+                "requires_safety_checker": False,
+                "safety_checker": [None, None],
+                "feature_extractor": [None, None],
+                "image_encoder": [None, None],
+            },
+        )
+    if family == "sdxl":
+        clip_1, clip_2 = TinyCLIP(), TinyCLIP(with_projection=True)
+        time_dim = 8
+        return TinySpec(
+            family="sdxl",
+            pipeline_class="StableDiffusionXLPipeline",
+            scheduler=_SDXL_SCHEDULER,
+            vae=replace(_VAE4, force_upcast=True),
+            unet=UNetConfig(
+                sample_size=8,
+                block_out_channels=(32, 64, 64),
+                layers_per_block=2,
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                cross_attention_dim=clip_1.hidden_size + clip_2.hidden_size,
+                attention_head_dim=(2, 4, 4),
+                transformer_layers_per_block=(1, 1, 2),
+                use_linear_projection=True,
+                addition_embed_type="text_time",
+                addition_time_embed_dim=time_dim,
+                projection_class_embeddings_input_dim=clip_2.projection_dim + 6 * time_dim,
+                norm_num_groups=8,
+            ),
+            clips=(clip_1, clip_2),
+            extra_index={
+                "force_zeros_for_empty_prompt": True,
+                "feature_extractor": [None, None],
+                "image_encoder": [None, None],
+            },
+        )
+    if family == "sd3":
+        clip = TinyCLIP(with_projection=True, projection_dim=16)
+        t5_d_model = 64  # >= the two CLIP widths side by side, which SD3 pads up to the T5 width
+        return TinySpec(
+            family="sd3",
+            pipeline_class="StableDiffusion3Pipeline",
+            scheduler=_SD3_SCHEDULER,
+            vae=replace(
+                _VAE4,
+                latent_channels=16,
+                scaling_factor=1.5305,
+                shift_factor=0.0609,
+                use_quant_conv=False,
+                use_post_quant_conv=False,
+            ),
+            transformer=SD3Config(
+                sample_size=8,
+                patch_size=2,
+                in_channels=16,
+                num_layers=3,
+                attention_head_dim=8,
+                num_attention_heads=4,
+                joint_attention_dim=t5_d_model,
+                caption_projection_dim=32,
+                pooled_projection_dim=2 * clip.projection_dim,
+                out_channels=16,
+                pos_embed_max_size=32,
+            ),
+            clips=(clip, clip),
+            t5_d_model=t5_d_model,
+            extra_index={"feature_extractor": [None, None], "image_encoder": [None, None]},
+        )
+    raise ArgumentError("--family", f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+
+
+def make_tiny_checkpoint(
+    out: Path | str, family: Family = "sd", seed: int = 0, overwrite: bool = False, spec: TinySpec | None = None
+) -> Path:
+    """Write a tiny random checkpoint of `family` to `out` (atomically) and return its path.
+
+    `spec` overrides the family's default definition (tests use it for variants such as
+    SD2-style or SD3.5-style configs).
+    """
+    spec = spec or tiny_spec(family)
+    out = Path(out)
+    with atomic_directory(out, overwrite, argument="DIR") as tmp:
+        _write_checkpoint(tmp, spec, seed)
+    return out
+
+
+def _write_checkpoint(root: Path, spec: TinySpec, seed: int) -> None:
+    index: dict[str, Any] = {"_class_name": spec.pipeline_class, "_diffusers_version": DIFFUSERS_LAYOUT_VERSION}
+    index.update(spec.extra_index)
+
+    # 1. denoiser and VAE (our modules; same keys as diffusers)
+    if spec.unet is not None:
+        _save_model(root / "unet", UNet2DConditionModel, spec.unet, "UNet2DConditionModel", seed)
+        index["unet"] = ["diffusers", "UNet2DConditionModel"]
+    if spec.transformer is not None:
+        _save_model(root / "transformer", SD3Transformer2DModel, spec.transformer, "SD3Transformer2DModel", seed)
+        index["transformer"] = ["diffusers", "SD3Transformer2DModel"]
+    _save_model(root / "vae", AutoencoderKL, spec.vae, "AutoencoderKL", seed + 1)
+    index["vae"] = ["diffusers", "AutoencoderKL"]
+
+    # 2. text encoders and tokenizers (transformers classes)
+    suffixes = ["", "_2", "_3"]
+    clip_tokenizer = build_clip_tokenizer()
+    for i, clip in enumerate(spec.clips):
+        name = "text_encoder" + suffixes[i]
+        class_name = _save_clip(root / name, clip, clip_tokenizer, seed + 2 + i)
+        index[name] = ["transformers", class_name]
+        clip_tokenizer.save_pretrained(root / ("tokenizer" + suffixes[i]))
+        _write_clip_vocab_files(root / ("tokenizer" + suffixes[i]), clip_tokenizer)
+        index["tokenizer" + suffixes[i]] = ["transformers", "CLIPTokenizer"]
+    if spec.t5_d_model is not None:
+        t5_tokenizer = build_t5_tokenizer()
+        name = "text_encoder" + suffixes[len(spec.clips)]
+        _save_t5(root / name, spec.t5_d_model, t5_tokenizer, seed + 5)
+        index[name] = ["transformers", "T5EncoderModel"]
+        t5_tokenizer.save_pretrained(root / ("tokenizer" + suffixes[len(spec.clips)]))
+        index["tokenizer" + suffixes[len(spec.clips)]] = ["transformers", "T5TokenizerFast"]
+
+    # 3. scheduler and index
+    (root / "scheduler").mkdir()
+    scheduler = dict(spec.scheduler)
+    scheduler.setdefault("_diffusers_version", DIFFUSERS_LAYOUT_VERSION)
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
+    index["scheduler"] = ["diffusers", scheduler["_class_name"]]
+    (root / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _save_model(folder: Path, cls: type[nn.Module], config: Any, class_name: str, seed: int) -> None:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = cls(config)
+    folder.mkdir()
+    raw = {"_class_name": class_name, "_diffusers_version": DIFFUSERS_LAYOUT_VERSION, **config_to_dict(config)}
+    (folder / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / f"{WEIGHTS_NAME}.safetensors"))
+
+
+def build_clip_tokenizer() -> Any:
+    """A byte-level BPE CLIP tokenizer over every byte plus merges for a few common words."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for symbol in sorted(ByteLevel.alphabet()):
+        vocab[symbol] = len(vocab)
+        vocab[symbol + "</w>"] = len(vocab)
+    merges: list[tuple[str, str]] = []
+    for word in _WORDS:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            pair = (pieces[0], pieces[1])
+            merged = pair[0] + pair[1]
+            if merged not in vocab:
+                vocab[merged] = len(vocab)
+                merges.append(pair)
+            pieces = [merged] + pieces[2:]
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def _write_clip_vocab_files(folder: Path, tokenizer: Any) -> None:
+    """vocab.json and merges.txt beside tokenizer.json, for tools that read CLIP's classic files."""
+    state = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    (folder / "vocab.json").write_text(json.dumps(state["vocab"], ensure_ascii=False) + "\n", encoding="utf-8")
+    merges = [" ".join(m) if isinstance(m, list) else m for m in state["merges"]]
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+
+
+def _save_clip(folder: Path, spec: TinyCLIP, tokenizer: Any, seed: int) -> str:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        max_position_embeddings=77,
+        projection_dim=spec.projection_dim,
+        hidden_act="quick_gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    cls = CLIPTextModelWithProjection if spec.with_projection else CLIPTextModel
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = cls(config)
+    model.save_pretrained(folder, safe_serialization=True)
+    return cls.__name__
+
+
+def build_t5_tokenizer() -> Any:
+    """A unigram T5 tokenizer over lowercase words' characters (with and without the word marker)."""
+    from transformers import T5Tokenizer
+
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789,.!?'-"
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [("\u2581" + word, -3.0) for word in _WORDS]
+    vocab += [("\u2581" + c, -4.0) for c in chars] + [(c, -5.0) for c in chars]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=512)
+
+
+def _save_t5(folder: Path, d_model: int, tokenizer: Any, seed: int) -> None:
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=d_model,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = T5EncoderModel(config)
+    model.save_pretrained(folder, safe_serialization=True)

@@ -1,0 +1,262 @@
+"""The SD3 / SD3.5 MMDiT denoiser, written to be exported, with diffusers' state-dict keys.
+
+Image tokens and text tokens get their own projections and norms but attend jointly; the last
+block is `context_pre_only` (its text stream is not updated). SD3.5 adds RMS q/k norms
+(`qk_norm="rms_norm"`) and, in `dual_attention_layers`, a second self-attention over image
+tokens only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from difflower.reference.attention import AttentionBackend, merge_heads, multi_head_attention, split_heads
+from difflower.reference.embeddings import CombinedTimestepTextProjEmbeddings, PatchEmbed
+from difflower.reference.normalization import AdaLayerNormContinuous, AdaLayerNormZero, RMSNorm, SD35AdaLayerNormZeroX
+from torch import nn
+
+SD3_CLASS_NAMES = ("SD3Transformer2DModel",)
+SD3_IGNORED_FIELDS: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class SD3Config:
+    """diffusers' SD3Transformer2DModel config fields."""
+
+    sample_size: int = 128
+    patch_size: int = 2
+    in_channels: int = 16
+    num_layers: int = 18
+    attention_head_dim: int = 64
+    num_attention_heads: int = 18
+    joint_attention_dim: int = 4096
+    caption_projection_dim: int = 1152
+    pooled_projection_dim: int = 2048
+    out_channels: int = 16
+    pos_embed_max_size: int = 96
+    dual_attention_layers: tuple[int, ...] = ()
+    qk_norm: Literal["rms_norm"] | None = None
+
+    def __post_init__(self) -> None:
+        if self.caption_projection_dim != self.inner_dim:
+            raise ValueError(
+                f"field 'caption_projection_dim' ({self.caption_projection_dim}) must equal "
+                f"num_attention_heads * attention_head_dim ({self.inner_dim})"
+            )
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+
+class FeedForward(nn.Module):
+    """Linear-gelu(tanh)-linear MLP with diffusers' keys `net.0.proj` and `net.2`."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        inner_dim = dim * mult
+        self.net = nn.ModuleList([_GeluProj(dim, inner_dim), nn.Identity(), nn.Linear(inner_dim, dim)])
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        for layer in self.net:
+            hidden_states = layer(hidden_states)
+        return hidden_states
+
+
+class _GeluProj(nn.Module):
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.proj(hidden_states), approximate="tanh")
+
+
+class JointAttention(nn.Module):
+    """Attention over [image tokens ; text tokens] with separate projections per stream.
+
+    With `has_context=False` it is plain self-attention over image tokens (SD3.5's `attn2`).
+    """
+
+    def __init__(
+        self, dim: int, heads: int, head_dim: int, qk_norm: str | None, has_context: bool, context_pre_only: bool
+    ):
+        super().__init__()
+        inner_dim = heads * head_dim
+        self.heads = heads
+        self.context_pre_only = context_pre_only
+        self.attention_backend: AttentionBackend = "sdpa"
+        self.to_q = nn.Linear(dim, inner_dim)
+        self.to_k = nn.Linear(dim, inner_dim)
+        self.to_v = nn.Linear(dim, inner_dim)
+        self.to_out = nn.ModuleList([nn.Linear(inner_dim, dim)])
+        rms = qk_norm == "rms_norm"
+        self.norm_q = RMSNorm(head_dim, eps=1e-6) if rms else None
+        self.norm_k = RMSNorm(head_dim, eps=1e-6) if rms else None
+        if has_context:
+            self.add_q_proj = nn.Linear(dim, inner_dim)
+            self.add_k_proj = nn.Linear(dim, inner_dim)
+            self.add_v_proj = nn.Linear(dim, inner_dim)
+            self.to_add_out = None if context_pre_only else nn.Linear(inner_dim, dim)
+            self.norm_added_q = RMSNorm(head_dim, eps=1e-6) if rms else None
+            self.norm_added_k = RMSNorm(head_dim, eps=1e-6) if rms else None
+
+    def _qkv(self, x: torch.Tensor, to_q: nn.Linear, to_k: nn.Linear, to_v: nn.Linear, norm_q, norm_k):
+        query = split_heads(to_q(x), self.heads)  # (B, heads, N, d)
+        key = split_heads(to_k(x), self.heads)
+        value = split_heads(to_v(x), self.heads)
+        if norm_q is not None:
+            query, key = norm_q(query), norm_k(key)
+        return query, key, value
+
+    def forward(
+        self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden_states (B, N, D), encoder_hidden_states (B, T, D) -> (image out, text out or None)."""
+        query, key, value = self._qkv(hidden_states, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
+        n_image = hidden_states.shape[1]
+        if encoder_hidden_states is not None:
+            c_query, c_key, c_value = self._qkv(
+                encoder_hidden_states,
+                self.add_q_proj,
+                self.add_k_proj,
+                self.add_v_proj,
+                self.norm_added_q,
+                self.norm_added_k,
+            )
+            query = torch.cat([query, c_query], dim=2)  # (B, heads, N + T, d)
+            key = torch.cat([key, c_key], dim=2)
+            value = torch.cat([value, c_value], dim=2)
+        out = merge_heads(multi_head_attention(query, key, value, self.attention_backend))  # (B, N [+ T], inner)
+        context_out = None
+        if encoder_hidden_states is not None:
+            out, context_out = out[:, :n_image], out[:, n_image:]
+            if self.to_add_out is not None:
+                context_out = self.to_add_out(context_out)
+        return self.to_out[0](out), context_out
+
+
+class JointTransformerBlock(nn.Module):
+    """One MMDiT block: adaLN-Zero modulated joint attention and MLPs for both streams."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_pre_only: bool, qk_norm: str | None, dual: bool):
+        super().__init__()
+        self.context_pre_only = context_pre_only
+        self.dual = dual
+        self.norm1 = SD35AdaLayerNormZeroX(dim) if dual else AdaLayerNormZero(dim)
+        self.norm1_context = AdaLayerNormContinuous(dim, dim) if context_pre_only else AdaLayerNormZero(dim)
+        self.attn = JointAttention(dim, heads, head_dim, qk_norm, has_context=True, context_pre_only=context_pre_only)
+        self.attn2 = (
+            JointAttention(dim, heads, head_dim, qk_norm, has_context=False, context_pre_only=False) if dual else None
+        )
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.ff = FeedForward(dim)
+        if not context_pre_only:
+            self.norm2_context = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+            self.ff_context = FeedForward(dim)
+
+    def forward(
+        self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """-> (text stream or None for the last block, image stream); all (B, tokens, D)."""
+        # 1. modulation of both streams
+        if self.dual:
+            norm_x, gate_msa, shift_mlp, scale_mlp, gate_mlp, norm_x2, gate_msa2 = self.norm1(hidden_states, temb)
+        else:
+            norm_x, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(hidden_states, temb)
+        if self.context_pre_only:
+            norm_c = self.norm1_context(encoder_hidden_states, temb)
+        else:
+            norm_c, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(encoder_hidden_states, temb)
+
+        # 2. joint attention (and SD3.5's image-only attention)
+        attn_out, context_attn_out = self.attn(norm_x, norm_c)
+        hidden_states = hidden_states + gate_msa[:, None] * attn_out
+        if self.attn2 is not None:
+            attn2_out, _ = self.attn2(norm_x2)
+            hidden_states = hidden_states + gate_msa2[:, None] * attn2_out
+
+        # 3. image MLP
+        norm_x = self.norm2(hidden_states) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+        hidden_states = hidden_states + gate_mlp[:, None] * self.ff(norm_x)
+
+        # 4. text MLP (skipped by the last block, whose text output nobody reads)
+        if self.context_pre_only:
+            return None, hidden_states
+        encoder_hidden_states = encoder_hidden_states + c_gate_msa[:, None] * context_attn_out
+        norm_c = self.norm2_context(encoder_hidden_states) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
+        encoder_hidden_states = encoder_hidden_states + c_gate_mlp[:, None] * self.ff_context(norm_c)
+        return encoder_hidden_states, hidden_states
+
+
+class TransformerOutput(NamedTuple):
+    """`.sample` or `[0]`: the velocity prediction (B, out_channels, H, W)."""
+
+    sample: torch.Tensor
+
+
+class SD3Transformer2DModel(nn.Module):
+    """MMDiT; `forward(hidden_states=, encoder_hidden_states=, pooled_projections=, timestep=)` as diffusers."""
+
+    def __init__(self, config: SD3Config):
+        super().__init__()
+        self.config = config
+        dim = config.inner_dim
+        self.pos_embed = PatchEmbed(
+            config.sample_size, config.patch_size, config.in_channels, dim, config.pos_embed_max_size
+        )
+        self.time_text_embed = CombinedTimestepTextProjEmbeddings(dim, config.pooled_projection_dim)
+        self.context_embedder = nn.Linear(config.joint_attention_dim, config.caption_projection_dim)
+        self.transformer_blocks = nn.ModuleList(
+            JointTransformerBlock(
+                dim,
+                config.num_attention_heads,
+                config.attention_head_dim,
+                context_pre_only=i == config.num_layers - 1,
+                qk_norm=config.qk_norm,
+                dual=i in config.dual_attention_layers,
+            )
+            for i in range(config.num_layers)
+        )
+        self.norm_out = AdaLayerNormContinuous(dim, dim)
+        self.proj_out = nn.Linear(dim, config.patch_size * config.patch_size * config.out_channels)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.proj_out.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.proj_out.weight.device
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        pooled_projections: torch.Tensor,
+        timestep: torch.Tensor,
+        return_dict: bool = True,
+    ) -> TransformerOutput | tuple[torch.Tensor]:
+        """hidden_states (B, C, H, W), encoder_hidden_states (B, T, joint_dim), pooled (B, P), timestep (B,)."""
+        height, width = hidden_states.shape[-2:]
+        p = self.config.patch_size
+
+        # 1. embed image patches, conditioning vector and text tokens
+        hidden_states = self.pos_embed(hidden_states)  # (B, h*w, D)
+        temb = self.time_text_embed(timestep, pooled_projections)  # (B, D)
+        encoder_hidden_states = self.context_embedder(encoder_hidden_states)  # (B, T, D)
+
+        # 2. joint blocks
+        for block in self.transformer_blocks:
+            encoder_hidden_states, hidden_states = block(hidden_states, encoder_hidden_states, temb)
+
+        # 3. final modulation and unpatchify
+        hidden_states = self.proj_out(self.norm_out(hidden_states, temb))  # (B, h*w, p*p*C)
+        batch, channels = hidden_states.shape[0], self.config.out_channels
+        hidden_states = hidden_states.reshape(batch, height // p, width // p, p, p, channels)  # (B, h, w, p, p, C)
+        hidden_states = hidden_states.permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
+        output = hidden_states.reshape(batch, channels, height, width)
+        return TransformerOutput(output) if return_dict else (output,)

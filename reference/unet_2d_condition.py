@@ -1,0 +1,319 @@
+"""The conditional UNet of SD 1.x, SD 2.x and SDXL, written to be exported.
+
+Same state-dict keys and the same `forward(sample, timestep, encoder_hidden_states,
+added_cond_kwargs=...)` as diffusers' UNet2DConditionModel, restricted to the block kinds
+those families use. No Python branching on tensor values: everything that selects code paths
+comes from the config or from static shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import torch
+from difflower.reference.activations import activation
+from difflower.reference.embeddings import TimestepEmbedding, Timesteps
+from difflower.reference.unet_blocks import AttentionSpec, BlockSpec, DownBlock, MidBlockCrossAttn, UpBlock
+from torch import nn
+
+DownBlockType = Literal["CrossAttnDownBlock2D", "DownBlock2D"]
+UpBlockType = Literal["CrossAttnUpBlock2D", "UpBlock2D"]
+
+UNET_CLASS_NAMES = ("UNet2DConditionModel",)
+
+# Fields that only matter for training or for block kinds we do not build.
+UNET_IGNORED_FIELDS = frozenset(
+    {"dropout", "resnet_out_scale_factor", "mid_block_only_cross_attention", "addition_embed_type_num_heads"}
+)
+# Architecture switches of diffusers' UNet that no SD/SDXL checkpoint uses; only the default is accepted.
+UNET_DEFAULT_ONLY_FIELDS = {
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "num_attention_heads": None,
+    "dual_cross_attention": False,
+    "class_embed_type": None,
+    "num_class_embeds": None,
+    "time_embedding_type": "positional",
+    "time_cond_proj_dim": None,
+    "attention_type": "default",
+    "class_embeddings_concat": False,
+    "cross_attention_norm": None,
+}
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """diffusers' UNet2DConditionModel config fields that difflower implements."""
+
+    sample_size: int | tuple[int, ...] | None = None
+    in_channels: int = 4
+    out_channels: int = 4
+    center_input_sample: bool = False
+    flip_sin_to_cos: bool = True
+    freq_shift: float = 0.0
+    down_block_types: tuple[DownBlockType, ...] = (
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    )
+    mid_block_type: Literal["UNetMidBlock2DCrossAttn"] = "UNetMidBlock2DCrossAttn"
+    up_block_types: tuple[UpBlockType, ...] = (
+        "UpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+        "CrossAttnUpBlock2D",
+    )
+    only_cross_attention: bool | tuple[bool, ...] = False
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: int | tuple[int, ...] = 2
+    downsample_padding: int = 1
+    mid_block_scale_factor: float = 1.0
+    act_fn: str = "silu"
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    cross_attention_dim: int | tuple[int, ...] = 1280
+    transformer_layers_per_block: int | tuple[int | tuple[int, ...], ...] = 1
+    reverse_transformer_layers_per_block: tuple[tuple[int, ...], ...] | None = None
+    # diffusers' historical misnomer: this is the number of heads per block, not the head size.
+    attention_head_dim: int | tuple[int, ...] = 8
+    use_linear_projection: bool = False
+    addition_embed_type: Literal["text_time"] | None = None
+    addition_time_embed_dim: int | None = None
+    upcast_attention: bool = False
+    resnet_time_scale_shift: Literal["default", "scale_shift"] = "default"
+    resnet_skip_time_act: bool = False
+    time_embedding_dim: int | None = None
+    time_embedding_act_fn: str | None = None
+    timestep_post_act: str | None = None
+    conv_in_kernel: int = 3
+    conv_out_kernel: int = 3
+    projection_class_embeddings_input_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.down_block_types)
+        for name in ("up_block_types", "block_out_channels"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"field '{name}' must have {n} entries, like 'down_block_types'")
+        for name in (
+            "only_cross_attention",
+            "layers_per_block",
+            "cross_attention_dim",
+            "transformer_layers_per_block",
+            "attention_head_dim",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, tuple) and len(value) != n:
+                raise ValueError(f"field '{name}' must be one value or {n} entries, like 'down_block_types'")
+        nested = isinstance(self.transformer_layers_per_block, tuple) and any(
+            isinstance(v, tuple) for v in self.transformer_layers_per_block
+        )
+        if nested and self.reverse_transformer_layers_per_block is None:
+            raise ValueError(
+                "field 'reverse_transformer_layers_per_block' is required when 'transformer_layers_per_block' is nested"
+            )
+        if self.addition_embed_type == "text_time" and (
+            self.addition_time_embed_dim is None or self.projection_class_embeddings_input_dim is None
+        ):
+            raise ValueError(
+                "addition_embed_type 'text_time' needs 'addition_time_embed_dim' and "
+                "'projection_class_embeddings_input_dim'"
+            )
+
+    def per_block(self, name: str) -> tuple:
+        """A per-down-block tuple of a field that may be given as a single value."""
+        value = getattr(self, name)
+        return value if isinstance(value, tuple) else (value,) * len(self.down_block_types)
+
+
+class UNetOutput(NamedTuple):
+    """`.sample` or `[0]`: the denoiser prediction (B, out_channels, H, W)."""
+
+    sample: torch.Tensor
+
+
+class UNet2DConditionModel(nn.Module):
+    """Conditional UNet; `forward` matches diffusers' call and returns `UNetOutput`."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = config
+        channels = config.block_out_channels
+        n_blocks = len(channels)
+
+        # 1. input conv and time embedding
+        self.conv_in = nn.Conv2d(
+            config.in_channels, channels[0], config.conv_in_kernel, padding=(config.conv_in_kernel - 1) // 2
+        )
+        time_embed_dim = config.time_embedding_dim or channels[0] * 4
+        self.time_proj = Timesteps(channels[0], config.flip_sin_to_cos, config.freq_shift)
+        self.time_embedding = TimestepEmbedding(
+            channels[0], time_embed_dim, act_fn=config.act_fn, post_act_fn=config.timestep_post_act
+        )
+        if config.addition_embed_type == "text_time":
+            self.add_time_proj = Timesteps(config.addition_time_embed_dim, config.flip_sin_to_cos, config.freq_shift)
+            self.add_embedding = TimestepEmbedding(config.projection_class_embeddings_input_dim, time_embed_dim)
+        else:
+            self.add_time_proj = None
+            self.add_embedding = None
+        self.time_embed_act = activation(config.time_embedding_act_fn) if config.time_embedding_act_fn else None
+
+        spec = BlockSpec(
+            temb_channels=time_embed_dim,
+            groups=config.norm_num_groups,
+            eps=config.norm_eps,
+            act_fn=config.act_fn,
+            time_embedding_norm=config.resnet_time_scale_shift,
+            skip_time_act=config.resnet_skip_time_act,
+            use_linear_projection=config.use_linear_projection,
+            upcast_attention=config.upcast_attention,
+        )
+        heads = config.per_block("attention_head_dim")
+        cross_dims = config.per_block("cross_attention_dim")
+        layers = config.per_block("layers_per_block")
+        only_cross = config.per_block("only_cross_attention")
+        depth = config.per_block("transformer_layers_per_block")
+
+        def attention_spec(block_type: str, i: int, n_layers: int, block_depth: int | tuple[int, ...]):
+            if not block_type.startswith("CrossAttn"):
+                return None
+            per_layer = block_depth if isinstance(block_depth, tuple) else (block_depth,) * n_layers
+            return AttentionSpec(heads[i], cross_dims[i], per_layer, only_cross[i])
+
+        # 2. down path
+        self.down_blocks = nn.ModuleList()
+        out_ch = channels[0]
+        for i, block_type in enumerate(config.down_block_types):
+            in_ch, out_ch = out_ch, channels[i]
+            self.down_blocks.append(
+                DownBlock(
+                    spec,
+                    in_ch,
+                    out_ch,
+                    layers[i],
+                    add_downsample=i < n_blocks - 1,
+                    downsample_padding=config.downsample_padding,
+                    attention=attention_spec(block_type, i, layers[i], depth[i]),
+                )
+            )
+
+        # 3. mid block: one transformer with the last block's depth (its first entry when nested, as diffusers)
+        mid_depth = depth[-1] if isinstance(depth[-1], int) else depth[-1][0]
+        self.mid_block = MidBlockCrossAttn(
+            spec,
+            channels[-1],
+            config.mid_block_scale_factor,
+            AttentionSpec(heads[-1], cross_dims[-1], (mid_depth,), False),
+        )
+
+        # 4. up path, mirror of the down path with one extra resnet per block
+        rev_channels = list(reversed(channels))
+        rev_heads = list(reversed(heads))
+        rev_cross = list(reversed(cross_dims))
+        rev_layers = list(reversed(layers))
+        rev_only_cross = list(reversed(only_cross))
+        rev_depth = (
+            list(config.reverse_transformer_layers_per_block)
+            if config.reverse_transformer_layers_per_block is not None
+            else list(reversed(depth))
+        )
+        self.up_blocks = nn.ModuleList()
+        out_ch = rev_channels[0]
+        for i, block_type in enumerate(config.up_block_types):
+            prev_ch, out_ch = out_ch, rev_channels[i]
+            in_ch = rev_channels[min(i + 1, n_blocks - 1)]
+            n_layers = rev_layers[i] + 1
+            attention = None
+            if block_type.startswith("CrossAttn"):
+                d = rev_depth[i]
+                per_layer = d if isinstance(d, tuple) else (d,) * n_layers
+                attention = AttentionSpec(rev_heads[i], rev_cross[i], per_layer, rev_only_cross[i])
+            self.up_blocks.append(
+                UpBlock(spec, in_ch, prev_ch, out_ch, n_layers, add_upsample=i < n_blocks - 1, attention=attention)
+            )
+
+        # 5. output head
+        self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, channels[0], eps=config.norm_eps)
+        self.conv_act = activation(config.act_fn)
+        self.conv_out = nn.Conv2d(
+            channels[0], config.out_channels, config.conv_out_kernel, padding=(config.conv_out_kernel - 1) // 2
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.conv_in.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.conv_in.weight.device
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+        return_dict: bool = True,
+    ) -> UNetOutput | tuple[torch.Tensor]:
+        """sample (B, C, H, W); timestep scalar, (1,) or (B,); encoder_hidden_states (B, T, D).
+
+        SDXL (`addition_embed_type="text_time"`) also needs `added_cond_kwargs` with
+        `text_embeds` (B, pooled_dim) and `time_ids` (B, 6).
+        """
+        config = self.config
+        if config.center_input_sample:
+            sample = 2 * sample - 1.0
+
+        # 1. time embedding
+        if not torch.is_tensor(timestep):
+            timestep = torch.tensor([timestep], dtype=torch.float32, device=sample.device)
+        elif timestep.ndim == 0:
+            timestep = timestep[None].to(sample.device)
+        timestep = timestep.expand(sample.shape[0])  # (B,)
+        emb = self.time_embedding(self.time_proj(timestep).to(sample.dtype))  # (B, time_embed_dim)
+        if self.add_embedding is not None:
+            emb = emb + self._text_time_embedding(added_cond_kwargs, emb.dtype)
+        if self.time_embed_act is not None:
+            emb = self.time_embed_act(emb)
+
+        # 2. down path, keeping every skip connection
+        upsample_factor = 2 ** (len(self.up_blocks) - 1)
+        explicit_upsample_size = any(dim % upsample_factor != 0 for dim in sample.shape[-2:])
+        sample = self.conv_in(sample)
+        skips = [sample]
+        for block in self.down_blocks:
+            sample, block_skips = block(sample, emb, encoder_hidden_states)
+            skips.extend(block_skips)
+
+        # 3. mid
+        sample = self.mid_block(sample, emb, encoder_hidden_states)
+
+        # 4. up path; each block consumes as many skips as it has resnets
+        for i, block in enumerate(self.up_blocks):
+            n = len(block.resnets)
+            block_skips, skips = skips[-n:], skips[:-n]
+            upsample_size = None
+            if explicit_upsample_size and i < len(self.up_blocks) - 1:
+                upsample_size = tuple(skips[-1].shape[2:])
+            sample = block(sample, block_skips, emb, encoder_hidden_states, upsample_size)
+
+        # 5. head
+        sample = self.conv_out(self.conv_act(self.conv_norm_out(sample)))
+        return UNetOutput(sample) if return_dict else (sample,)
+
+    def _text_time_embedding(
+        self, added_cond_kwargs: dict[str, torch.Tensor] | None, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """SDXL micro-conditioning: pooled text embeds ++ sinusoidal time_ids, through an MLP."""
+        if not added_cond_kwargs or "text_embeds" not in added_cond_kwargs or "time_ids" not in added_cond_kwargs:
+            raise ValueError(
+                "this UNet has addition_embed_type 'text_time': "
+                "pass added_cond_kwargs with 'text_embeds' and 'time_ids'"
+            )
+        text_embeds = added_cond_kwargs["text_embeds"]
+        time_ids = added_cond_kwargs["time_ids"]
+        time_embeds = self.add_time_proj(time_ids.flatten())  # (B * 6, addition_time_embed_dim)
+        time_embeds = time_embeds.reshape(text_embeds.shape[0], -1)  # (B, 6 * addition_time_embed_dim)
+        add_embeds = torch.cat([text_embeds, time_embeds], dim=-1).to(dtype)
+        return self.add_embedding(add_embeds)

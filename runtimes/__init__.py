@@ -1,0 +1,1 @@
+"""difflower.runtimes: see ../shared/DESIGN.md."""

@@ -1,0 +1,20 @@
+"""Shared fixtures: tiny checkpoints built once per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Two cores: more threads only contend; results are the same.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """{family: path} of the three tiny checkpoints (seed 0)."""
+    from difflower.reference.tiny import make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {family: make_tiny_checkpoint(root / family, family, seed=0) for family in ("sd", "sdxl", "sd3")}

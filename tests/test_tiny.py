@@ -1,0 +1,106 @@
+"""Tiny checkpoints: deterministic, complete, loadable by difflower and by diffusers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+from difflower.reference.loading import load_components
+from difflower.reference.tiny import make_tiny_checkpoint
+
+from difflower.errors import ArgumentError
+
+diffusers = pytest.importorskip("diffusers")
+
+
+def _digest(root):
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def test_same_seed_same_bytes_other_seed_other_weights(tmp_path):
+    a = make_tiny_checkpoint(tmp_path / "a", "sd", seed=3)
+    b = make_tiny_checkpoint(tmp_path / "b", "sd", seed=3)
+    c = make_tiny_checkpoint(tmp_path / "c", "sd", seed=4)
+    assert _digest(a) == _digest(b)
+    assert _digest(a) != _digest(c)
+
+
+@pytest.mark.parametrize(
+    ("family", "expected"),
+    [
+        ("sd", {"unet", "vae", "text_encoder", "tokenizer", "scheduler"}),
+        ("sdxl", {"unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"}),
+        (
+            "sd3",
+            {"transformer", "vae", "scheduler"}
+            | {f"{kind}{suffix}" for kind in ("text_encoder", "tokenizer") for suffix in ("", "_2", "_3")},
+        ),
+    ],
+)
+def test_every_component_present_and_loadable(tiny_dirs, family, expected):
+    index, parts = load_components(tiny_dirs[family])
+    assert index.family == family
+    assert set(parts) == expected
+
+
+def test_structural_features(tiny_dirs):
+    _, sdxl = load_components(tiny_dirs["sdxl"])
+    assert sdxl["unet"].add_embedding is not None  # text_time
+    assert sdxl["unet"].config.use_linear_projection
+    assert sdxl["text_encoder_2"].__class__.__name__ == "CLIPTextModelWithProjection"
+    _, sd3 = load_components(tiny_dirs["sd3"])
+    blocks = sd3["transformer"].transformer_blocks
+    assert [b.context_pre_only for b in blocks] == [False, False, True]
+    assert sd3["vae"].config.latent_channels == 16
+    for parts in (sdxl, sd3):
+        assert parts["vae"].config.downscale_factor == 8
+    tokens = sd3["tokenizer_3"]("a photo of a cat").input_ids
+    assert 2 not in tokens  # no <unk>: the tiny T5 vocabulary covers plain English
+
+
+@pytest.mark.parametrize(
+    ("family", "pipeline_class"),
+    [("sd", "StableDiffusionPipeline"), ("sdxl", "StableDiffusionXLPipeline"), ("sd3", "StableDiffusion3Pipeline")],
+)
+def test_diffusers_runs_the_tiny_checkpoint(tiny_dirs, family, pipeline_class):
+    pipe = getattr(diffusers, pipeline_class).from_pretrained(tiny_dirs[family])
+    result = pipe(
+        "a photo of a cat", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np"
+    )
+    image = result.images[0]
+    assert image.shape == (64, 64, 3)
+    assert 0.0 <= image.min() and image.max() <= 1.0 and image.std() > 0
+
+
+def test_existing_dir_refused_without_overwrite(tmp_path):
+    out = make_tiny_checkpoint(tmp_path / "ckpt", "sd", seed=0)
+    marker = json.loads((out / "model_index.json").read_text())
+    with pytest.raises(ArgumentError, match="already exists; pass --overwrite"):
+        make_tiny_checkpoint(out, "sd", seed=1)
+    assert json.loads((out / "model_index.json").read_text()) == marker
+    make_tiny_checkpoint(out, "sdxl", seed=1, overwrite=True)
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary siblings left behind
+
+
+def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
+    import difflower.reference.tiny as tiny
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(tiny, "_save_t5", fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        make_tiny_checkpoint(tmp_path / "ckpt", "sd3")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_family(tmp_path):
+    with pytest.raises(ArgumentError, match="--family: unknown family 'sd4'"):
+        make_tiny_checkpoint(tmp_path / "x", "sd4")

@@ -1,0 +1,1 @@
+"""difflower.validate: see ../shared/DESIGN.md."""
