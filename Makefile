@@ -24,9 +24,7 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 
 demo: $(VENV)/.installed
 	$(BIN)/difflower tiny $(DEMO)/tiny-sd --family sd --seed 0 --overwrite
-	$(BIN)/python -c "from difflower.reference.loading import load_components; \
-	    index, parts = load_components('$(DEMO)/tiny-sd'); \
-	    print('loaded', index.family, 'checkpoint with', ', '.join(sorted(parts)))"
+	$(BIN)/difflower generate $(DEMO)/tiny-sd --prompt "$(PROMPT)" --steps 20 --seed 0 -o $(DEMO)/eager.png
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q

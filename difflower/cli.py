@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from difflower.errors import DifflowerError
+from difflower.errors import ArgumentError, DifflowerError
 
 
 def _cmd_tiny(args: argparse.Namespace) -> int:
@@ -21,6 +21,60 @@ def _cmd_tiny(args: argparse.Namespace) -> int:
 
     out = make_tiny_checkpoint(args.dir, family=args.family, seed=args.seed, overwrite=args.overwrite)
     print(f"wrote tiny {args.family} checkpoint (seed {args.seed}) to {out}")
+    return 0
+
+
+def _open_image(path: Path | None, flag: str):
+    if path is None:
+        return None
+    import PIL.Image
+
+    try:
+        with PIL.Image.open(path) as image:
+            image.load()
+            return image
+    except (OSError, ValueError) as err:
+        raise ArgumentError(flag, f"cannot read image {path} ({err})") from None
+
+
+def _save_images(images: list, out: Path) -> list[Path]:
+    """Save PIL images to `out` (several: OUT-0.png, OUT-1.png, ...), each written then renamed into place."""
+    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for image, path in zip(images, paths, strict=True):
+        partial = path.with_name(f".{path.name}.partial")
+        image.save(partial, format=(path.suffix.lstrip(".") or "png").upper().replace("JPG", "JPEG"))
+        partial.replace(path)
+    return paths
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import time
+
+    import difflower
+
+    if args.output.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        raise ArgumentError("-o", f"{args.output} must end in .png, .jpg or .webp")
+    pipe = difflower.load(args.model, dtype=args.dtype, device=args.device, scheduler=args.scheduler)
+    start = time.perf_counter()
+    result = pipe(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        seed=args.seed,
+        height=args.height,
+        width=args.width,
+        num_images_per_prompt=args.num_images,
+        image=_open_image(args.image, "--image"),
+        mask_image=_open_image(args.mask, "--mask"),
+        strength=args.strength,
+        output_type="pil",
+    )
+    elapsed = time.perf_counter() - start
+    paths = _save_images(result.images, args.output)
+    size = f"{result.images[0].width}x{result.images[0].height}"
+    print(f"wrote {', '.join(map(str, paths))} ({size}, {len(result.timesteps)} steps, {elapsed:.1f} s)")
     return 0
 
 
@@ -38,7 +92,48 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     tiny.set_defaults(handler=_cmd_tiny)
+
+    gen = commands.add_parser("generate", help="generate images with a checkpoint (eager reference)")
+    gen.add_argument("model", type=Path, metavar="MODEL", help="diffusers-format checkpoint folder")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--negative-prompt", default=None)
+    gen.add_argument("--steps", type=int, default=None, help="denoising steps (default: the family's)")
+    gen.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    gen.add_argument("--scheduler", default=None, help="swap the scheduler: euler, euler-a, ddim, pndm, dpm++2m, ...")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--height", type=int, default=None)
+    gen.add_argument("--width", type=int, default=None)
+    gen.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    gen.add_argument("--image", type=Path, default=None, help="init image (img2img, or inpainting with --mask)")
+    gen.add_argument("--mask", type=Path, default=None, help="inpainting mask (white = repaint)")
+    gen.add_argument("--strength", type=float, default=None, help="img2img/inpainting strength in [0, 1]")
+    gen.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    gen.add_argument("--device", default="cpu")
+    gen.add_argument("-o", "--output", type=Path, required=True, help="output image (.png)")
+    gen.set_defaults(handler=_cmd_generate)
     return parser
+
+
+# Python keyword -> the flag a CLI user typed, so errors name what the user can change.
+_FLAGS = {
+    "prompt": "--prompt",
+    "negative_prompt": "--negative-prompt",
+    "num_inference_steps": "--steps",
+    "guidance_scale": "--guidance",
+    "height": "--height",
+    "width": "--width",
+    "num_images_per_prompt": "--num-images",
+    "image": "--image",
+    "mask_image": "--mask",
+    "strength": "--strength",
+    "dtype": "--dtype",
+}
+
+
+def _message(err: DifflowerError) -> str:
+    if isinstance(err, ArgumentError) and err.name in _FLAGS:
+        return f"argument {_FLAGS[err.name]}: {err.detail}"
+    return str(err)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -48,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except DifflowerError as err:
-        print(f"difflower {args.command}: error: {err}", file=sys.stderr)
+        print(f"difflower {args.command}: error: {_message(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"difflower {args.command}: interrupted", file=sys.stderr)

@@ -27,4 +27,5 @@ class ArgumentError(DifflowerError):
 
     def __init__(self, name: str, message: str):
         self.name = name
+        self.detail = message
         super().__init__(f"argument {name}: {message}")

@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import torch
-from difflower.reference.attention import AttentionBackend, merge_heads, multi_head_attention, split_heads
-from difflower.reference.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from torch import nn
 
+from difflower.reference.attention import AttentionBackend, merge_heads, multi_head_attention, split_heads
+from difflower.reference.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+
 VAE_CLASS_NAMES = ("AutoencoderKL",)
-VAE_IGNORED_FIELDS = frozenset({"sample_size", "latents_mean", "latents_std"})
+VAE_IGNORED_FIELDS = frozenset({"sample_size"})
 VAE_DEFAULT_ONLY_FIELDS: dict[str, object] = {}
 
 
@@ -36,6 +37,9 @@ class VAEConfig:
     norm_num_groups: int = 32
     scaling_factor: float = 0.18215
     shift_factor: float | None = None
+    # Per-channel latent statistics some SDXL-style VAEs normalise with instead of a plain scale.
+    latents_mean: tuple[float, ...] | None = None
+    latents_std: tuple[float, ...] | None = None
     # The VAE overflows in fp16 (SDXL's notably): keep it in fp32 when fp16 is asked for.
     force_upcast: bool = True
     use_quant_conv: bool = True

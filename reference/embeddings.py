@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
-from difflower.reference.activations import activation
 from torch import nn
+
+from difflower.reference.activations import activation
 
 
 def timestep_embedding(

@@ -12,6 +12,7 @@ the field or tensor, and saying what to do.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass
@@ -19,6 +20,11 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from difflower.errors import CheckpointError
 from difflower.reference.autoencoder_kl import (
     VAE_CLASS_NAMES,
     VAE_DEFAULT_ONLY_FIELDS,
@@ -35,11 +41,6 @@ from difflower.reference.unet_2d_condition import (
     UNet2DConditionModel,
     UNetConfig,
 )
-from safetensors import SafetensorError
-from safetensors.torch import load_file
-from torch import nn
-
-from difflower.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -291,6 +292,20 @@ _TOKENIZER_CLASSES = {
 }
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Hide transformers' per-file progress bars (difflower reports its own progress)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_text_encoder(
     folder: Path | str, class_name: str, dtype: torch.dtype | None = None, variant: str | None = None
 ) -> nn.Module:
@@ -311,7 +326,10 @@ def load_text_encoder(
         read_safetensors(path)  # a clear error for a truncated file, before transformers' own
     cls = getattr(transformers, class_name)
     try:
-        model = cls.from_pretrained(folder, dtype=dtype, variant=variant, local_files_only=True, use_safetensors=True)
+        with _quiet_transformers():
+            model = cls.from_pretrained(
+                folder, dtype=dtype, variant=variant, local_files_only=True, use_safetensors=True
+            )
     except (OSError, ValueError) as err:
         raise CheckpointError(folder, f"cannot load {class_name} ({err})") from None
     return model.eval().requires_grad_(False)

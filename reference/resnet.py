@@ -6,8 +6,9 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from difflower.reference.activations import activation
 from torch import nn
+
+from difflower.reference.activations import activation
 
 TimeEmbeddingNorm = Literal["default", "scale_shift"]
 

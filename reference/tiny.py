@@ -20,16 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from difflower.reference.autoencoder_kl import AutoencoderKL, VAEConfig
-from difflower.reference.config import config_to_dict
-from difflower.reference.loading import FAMILIES, WEIGHTS_NAME, Family
-from difflower.reference.transformer_sd3 import SD3Config, SD3Transformer2DModel
-from difflower.reference.unet_2d_condition import UNet2DConditionModel, UNetConfig
 from safetensors.torch import save_file
 from torch import nn
 
 from difflower.atomic import atomic_directory
 from difflower.errors import ArgumentError
+from difflower.reference.autoencoder_kl import AutoencoderKL, VAEConfig
+from difflower.reference.config import config_to_dict
+from difflower.reference.loading import FAMILIES, WEIGHTS_NAME, Family
+from difflower.reference.transformer_sd3 import SD3Config, SD3Transformer2DModel
+from difflower.reference.unet_2d_condition import UNet2DConditionModel, UNetConfig
 
 # The diffusers release whose file layout these folders follow (written as `_diffusers_version`).
 DIFFUSERS_LAYOUT_VERSION = "0.42.1"

@@ -13,10 +13,11 @@ from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from difflower.reference.attention import AttentionBackend, merge_heads, multi_head_attention, split_heads
 from difflower.reference.embeddings import CombinedTimestepTextProjEmbeddings, PatchEmbed
 from difflower.reference.normalization import AdaLayerNormContinuous, AdaLayerNormZero, RMSNorm, SD35AdaLayerNormZeroX
-from torch import nn
 
 SD3_CLASS_NAMES = ("SD3Transformer2DModel",)
 SD3_IGNORED_FIELDS: frozenset[str] = frozenset()

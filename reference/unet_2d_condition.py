@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import torch
+from torch import nn
+
 from difflower.reference.activations import activation
 from difflower.reference.embeddings import TimestepEmbedding, Timesteps
 from difflower.reference.unet_blocks import AttentionSpec, BlockSpec, DownBlock, MidBlockCrossAttn, UpBlock
-from torch import nn
 
 DownBlockType = Literal["CrossAttnDownBlock2D", "DownBlock2D"]
 UpBlockType = Literal["CrossAttnUpBlock2D", "UpBlock2D"]

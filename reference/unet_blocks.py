@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from difflower.reference.attention import Attention
 from difflower.reference.resnet import Downsample2D, ResnetBlock2D, TimeEmbeddingNorm, Upsample2D
-from torch import nn
 
 
 @dataclass(frozen=True)

@@ -26,3 +26,42 @@ def test_user_error_is_one_line_without_traceback(tmp_path):
     assert len(lines) == 1
     assert lines[0].startswith("difflower tiny: error: argument DIR:")
     assert "--overwrite" in lines[0]
+
+
+def test_generate_writes_the_eager_image(tiny_dirs, tmp_path, capsys):
+    import numpy as np
+    import PIL.Image
+
+    from difflower.reference.pipeline import load_pipeline
+
+    out = tmp_path / "images" / "cat.png"
+    assert (
+        main(["generate", str(tiny_dirs["sd"]), "--prompt", "a cat", "--steps", "3", "--seed", "4", "-o", str(out)])
+        == 0
+    )
+    assert "wrote" in capsys.readouterr().out
+    expected = load_pipeline(tiny_dirs["sd"])("a cat", num_inference_steps=3, seed=4, progress=False).images[0]
+    np.testing.assert_array_equal(np.asarray(PIL.Image.open(out)), np.asarray(expected))
+
+
+def test_generate_img2img_and_several_images(tiny_dirs, tmp_path):
+    import PIL.Image
+
+    init = tmp_path / "init.png"
+    PIL.Image.new("RGB", (64, 48), (200, 30, 30)).save(init)
+    out = tmp_path / "out.png"
+    argv = ["generate", str(tiny_dirs["sdxl"]), "--prompt", "a red castle", "--image", str(init), "--strength", "0.7"]
+    assert main([*argv, "--steps", "3", "--num-images", "2", "-o", str(out)]) == 0
+    sizes = [PIL.Image.open(tmp_path / f"out-{i}.png").size for i in range(2)]
+    assert sizes == [(64, 48), (64, 48)]
+
+
+def test_generate_bad_arguments_are_one_line(tiny_dirs, tmp_path, capsys):
+    base = ["generate", str(tiny_dirs["sd"]), "--prompt", "a", "--steps", "1", "-o", str(tmp_path / "x.png")]
+    assert main([*base, "--scheduler", "warp-drive"]) == 2
+    assert "error: argument --scheduler" in capsys.readouterr().err
+    assert main([*base, "--image", str(tmp_path / "missing.png")]) == 2
+    assert "error: argument --image: cannot read image" in capsys.readouterr().err
+    assert main([*base, "--height", "60"]) == 2
+    assert "error: argument --height: must be a positive multiple of 8" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()

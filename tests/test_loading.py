@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 import torch
-from difflower.reference.loading import load_components, load_unet, load_vae, read_model_index
 
 from difflower.errors import CheckpointError
+from difflower.reference.loading import load_components, load_unet, load_vae, read_model_index
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -7,10 +7,10 @@ import json
 
 import pytest
 import torch
-from difflower.reference.loading import load_components
-from difflower.reference.tiny import make_tiny_checkpoint
 
 from difflower.errors import ArgumentError
+from difflower.reference.loading import load_components
+from difflower.reference.tiny import make_tiny_checkpoint
 
 diffusers = pytest.importorskip("diffusers")
 
