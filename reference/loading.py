@@ -293,7 +293,7 @@ _TOKENIZER_CLASSES = {
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
+def quiet_transformers():
     """Hide transformers' per-file progress bars (difflower reports its own progress)."""
     from transformers.utils import logging as hf_logging
 
@@ -326,7 +326,7 @@ def load_text_encoder(
         read_safetensors(path)  # a clear error for a truncated file, before transformers' own
     cls = getattr(transformers, class_name)
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             model = cls.from_pretrained(
                 folder, dtype=dtype, variant=variant, local_files_only=True, use_safetensors=True
             )

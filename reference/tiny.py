@@ -27,7 +27,7 @@ from difflower.atomic import atomic_directory
 from difflower.errors import ArgumentError
 from difflower.reference.autoencoder_kl import AutoencoderKL, VAEConfig
 from difflower.reference.config import config_to_dict
-from difflower.reference.loading import FAMILIES, WEIGHTS_NAME, Family
+from difflower.reference.loading import FAMILIES, WEIGHTS_NAME, Family, quiet_transformers
 from difflower.reference.transformer_sd3 import SD3Config, SD3Transformer2DModel
 from difflower.reference.unet_2d_condition import UNet2DConditionModel, UNetConfig
 
@@ -210,7 +210,7 @@ def make_tiny_checkpoint(
     """
     spec = spec or tiny_spec(family)
     out = Path(out)
-    with atomic_directory(out, overwrite, argument="DIR") as tmp:
+    with atomic_directory(out, overwrite, argument="DIR") as tmp, quiet_transformers():
         _write_checkpoint(tmp, spec, seed)
     return out
 

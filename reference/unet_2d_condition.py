@@ -279,8 +279,6 @@ class UNet2DConditionModel(nn.Module):
             emb = self.time_embed_act(emb)
 
         # 2. down path, keeping every skip connection
-        upsample_factor = 2 ** (len(self.up_blocks) - 1)
-        explicit_upsample_size = any(dim % upsample_factor != 0 for dim in sample.shape[-2:])
         sample = self.conv_in(sample)
         skips = [sample]
         for block in self.down_blocks:
@@ -290,13 +288,13 @@ class UNet2DConditionModel(nn.Module):
         # 3. mid
         sample = self.mid_block(sample, emb, encoder_hidden_states)
 
-        # 4. up path; each block consumes as many skips as it has resnets
-        for i, block in enumerate(self.up_blocks):
+        # 4. up path; each block consumes as many skips as it has resnets. Upsampling always goes to
+        #    the next skip's size (exactly 2x when the latent divides evenly, as diffusers does only for
+        #    odd sizes), so a traced graph stays valid for every latent size.
+        for block in self.up_blocks:
             n = len(block.resnets)
             block_skips, skips = skips[-n:], skips[:-n]
-            upsample_size = None
-            if explicit_upsample_size and i < len(self.up_blocks) - 1:
-                upsample_size = tuple(skips[-1].shape[2:])
+            upsample_size = tuple(skips[-1].shape[2:]) if skips else None
             sample = block(sample, block_skips, emb, encoder_hidden_states, upsample_size)
 
         # 5. head
