@@ -35,14 +35,23 @@ def load(
     device: str | torch.device = "cpu",
     variant: str | None = None,
     scheduler: str | None = None,
+    engine: str | None = None,
+    threads: int | None = None,
 ) -> Any:
-    """The pipeline for `path`: a diffusers-format checkpoint folder runs the eager reference.
+    """The pipeline for whatever `path` holds.
 
-    `scheduler` swaps the checkpoint's scheduler by name (`euler`, `dpm++2m-karras`, ...).
+    An artifact folder (with difflower.json) runs its backend's engines (`engine` overrides:
+    "onnxruntime" or "torch"); a diffusers-format checkpoint runs the eager reference.
+    `scheduler` swaps the scheduler by name (`euler`, `dpm++2m-karras`, ...).
     """
+    from difflower.manifest import MANIFEST_NAME
     from difflower.reference.pipeline import load_pipeline
 
     path = Path(path)
+    if (path / MANIFEST_NAME).is_file():
+        from difflower.runtimes.pipeline import load_artifact
+
+        return load_artifact(path, engine=engine, device=str(device), threads=threads, scheduler=scheduler)
     if (path / "model_index.json").is_file():
         return load_pipeline(path, dtype=parse_dtype(dtype), device=device, variant=variant, scheduler=scheduler)
     if not path.exists():

@@ -55,7 +55,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     if args.output.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise ArgumentError("-o", f"{args.output} must end in .png, .jpg or .webp")
-    pipe = difflower.load(args.model, dtype=args.dtype, device=args.device, scheduler=args.scheduler)
+    pipe = difflower.load(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        scheduler=args.scheduler,
+        engine=args.engine,
+        threads=args.threads,
+    )
     start = time.perf_counter()
     result = pipe(
         prompt=args.prompt,
@@ -78,6 +85,86 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+BACKENDS = ("onnx",)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    if args.backend not in BACKENDS:
+        raise ArgumentError("--backend", f"{args.backend!r} is not available; this difflower exports to {BACKENDS}")
+    from difflower.exporters.onnx import export_onnx
+
+    manifest = export_onnx(
+        args.model,
+        args.out,
+        components=args.components,
+        static=args.static or (),
+        precision=args.precision,
+        cfg=not args.no_cfg,
+        allow_mismatch=args.allow_mismatch,
+        overwrite=args.overwrite,
+    )
+    print(f"wrote {args.out} ({manifest.backend}, {manifest.precision}, {manifest.shapes['graph']} shapes)")
+    print(f"  {'component':<16} {'export s':>8} {'MB':>9} {'max abs':>9}  parity")
+    for record in manifest.components.values():
+        p = record.parity
+        verdict = "ok" if p["passed"] else "MISSED (kept by --allow-mismatch)"
+        print(
+            f"  {record.name:<16} {record.export_seconds:>8.1f} {record.size_bytes / 2**20:>9.1f} "
+            f"{p['max_abs']:>9.2e}  {p['gate']}: {verdict}"
+        )
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    import json
+
+    from difflower.validate.parity import validate_artifact
+    from difflower.validate.report import render
+
+    report = validate_artifact(
+        args.artifact,
+        args.reference,
+        steps=args.steps,
+        prompt=args.prompt,
+        seed=args.seed,
+        engine=args.engine,
+        allow_source_mismatch=args.allow_mismatch,
+    )
+    print(render(report))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        print(f"  full report: {args.json}")
+    return 0 if report.passed else 1
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from difflower.manifest import Manifest
+
+    manifest = Manifest.read(args.artifact)
+    shapes = manifest.shapes
+    buckets = ", ".join("x".join(map(str, b)) for b in shapes.get("buckets", [])) or "any"
+    print(f"{args.artifact}: {manifest.family} artifact, backend {manifest.backend}, precision {manifest.precision}")
+    print(f"  created {manifest.created_at} from {manifest.source.get('path')}")
+    print(
+        f"  shapes: {shapes.get('graph')} graphs, buckets {buckets}, CFG doubles the denoiser batch: "
+        f"{shapes.get('cfg_doubles_denoiser_batch')}"
+    )
+    print(f"  passes: {', '.join(p.get('name', '?') for p in manifest.passes) or 'none'}")
+    print("  versions: " + ", ".join(f"{k} {v}" for k, v in manifest.versions.items()))
+    for record in manifest.components.values():
+        ins = ", ".join(f"{t.name} {t.dtype}[{','.join(map(str, t.shape))}]" for t in record.inputs)
+        outs = ", ".join(f"{t.name}[{','.join(map(str, t.shape))}]" for t in record.outputs)
+        verdict = "ok" if record.parity.get("passed") else "MISSED"
+        print(
+            f"  {record.name}: {record.size_bytes / 2**20:.1f} MB, parity {verdict} "
+            f"(max abs {record.parity.get('max_abs', float('nan')):.2e})"
+        )
+        print(f"    in:  {ins}")
+        print(f"    out: {outs}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="difflower",
@@ -94,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.set_defaults(handler=_cmd_tiny)
 
     gen = commands.add_parser("generate", help="generate images with a checkpoint (eager reference)")
-    gen.add_argument("model", type=Path, metavar="MODEL", help="diffusers-format checkpoint folder")
+    gen.add_argument("model", type=Path, metavar="MODEL", help="a diffusers-format checkpoint or an artifact folder")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("--steps", type=int, default=None, help="denoising steps (default: the family's)")
@@ -109,8 +196,37 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--strength", type=float, default=None, help="img2img/inpainting strength in [0, 1]")
     gen.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
     gen.add_argument("--device", default="cpu")
+    gen.add_argument("--engine", choices=("onnxruntime", "torch"), default=None, help="for artifacts")
+    gen.add_argument("--threads", type=int, default=None, help="engine threads (default: physical cores)")
     gen.add_argument("-o", "--output", type=Path, required=True, help="output image (.png)")
     gen.set_defaults(handler=_cmd_generate)
+
+    exp = commands.add_parser("export", help="export a checkpoint to a backend artifact, checked against the reference")
+    exp.add_argument("model", type=Path, metavar="MODEL", help="diffusers-format checkpoint folder")
+    exp.add_argument("--backend", required=True, help=f"one of {', '.join(BACKENDS)}")
+    exp.add_argument("--out", type=Path, required=True, help="artifact folder to write")
+    exp.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
+    exp.add_argument("--static", action="append", metavar="BxHxW", help="static shape bucket (repeatable)")
+    exp.add_argument("--components", nargs="+", default=None, help="export only these components")
+    exp.add_argument("--no-cfg", action="store_true", help="static denoiser batch without guidance doubling")
+    exp.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    exp.add_argument("--allow-mismatch", action="store_true", help="keep the artifact when a parity gate is missed")
+    exp.set_defaults(handler=_cmd_export)
+
+    val = commands.add_parser("validate", help="parity of an artifact vs the eager reference (exit 1 on a miss)")
+    val.add_argument("artifact", type=Path, metavar="ARTIFACT")
+    val.add_argument("--reference", type=Path, required=True, metavar="MODEL", help="the source checkpoint")
+    val.add_argument("--steps", type=int, default=4)
+    val.add_argument("--prompt", default="a watercolor painting of a lighthouse at sunset")
+    val.add_argument("--seed", type=int, default=0)
+    val.add_argument("--engine", choices=("onnxruntime", "torch"), default=None)
+    val.add_argument("--json", type=Path, default=None, help="write the full report here")
+    val.add_argument("--allow-mismatch", action="store_true", help="compare even if MODEL is not the source")
+    val.set_defaults(handler=_cmd_validate)
+
+    info = commands.add_parser("info", help="summarise an artifact's manifest")
+    info.add_argument("artifact", type=Path, metavar="ARTIFACT")
+    info.set_defaults(handler=_cmd_info)
     return parser
 
 
@@ -127,6 +243,7 @@ _FLAGS = {
     "mask_image": "--mask",
     "strength": "--strength",
     "dtype": "--dtype",
+    "generator": "--seed",
 }
 
 

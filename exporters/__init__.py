@@ -1,1 +1,1 @@
-"""difflower.exporters: see ../shared/DESIGN.md."""
+"""difflower.exporters: one backend per file, each writing an artifact folder with difflower.json."""

@@ -1,1 +1,1 @@
-"""difflower.graph_passes: see ../shared/DESIGN.md."""
+"""difflower.graph_passes: module- and artifact-level rewrites, each returning a PassResult."""

@@ -123,6 +123,10 @@ class ModelCalls(Protocol):
 
     def has_component(self, name: str) -> bool: ...
 
+    def prepare_run(self, batch: int, height: int, width: int, guidance: bool) -> None:
+        """Raise before any work when a backend cannot serve this request (e.g. a static shape)."""
+        ...
+
     def text_encoder(self, name: str, input_ids: torch.Tensor) -> TextEncoderOutput: ...
 
     def denoiser(self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
@@ -147,6 +151,9 @@ class TorchModelCalls:
 
     def has_component(self, name: str) -> bool:
         return self.components.get(name) is not None
+
+    def prepare_run(self, batch: int, height: int, width: int, guidance: bool) -> None:
+        """Eager modules take any shape."""
 
     @torch.no_grad()
     def text_encoder(self, name: str, input_ids: torch.Tensor) -> TextEncoderOutput:
@@ -296,6 +303,8 @@ class DiffusionPipeline:
             raise ArgumentError(
                 "mask_image", f"is {image_size(mask_image)} (h, w) but image is {image_size(image)}; give them one size"
             )
+
+        self.calls.prepare_run(batch, height, width, do_cfg)
 
         # 2. prompt conditioning
         positive, negative = self._encode(
@@ -549,26 +558,26 @@ class DiffusionPipeline:
 # -- loading ---------------------------------------------------------------------------------------
 
 
-def pipeline_spec(
-    index: ModelIndex, components: dict[str, Any], raw_index: dict[str, Any] | None = None
-) -> PipelineSpec:
-    """The PipelineSpec of a loaded checkpoint."""
-    vae = components["vae"].config
-    raw_index = raw_index or {}
+def spec_from_configs(index: ModelIndex) -> PipelineSpec:
+    """The PipelineSpec of a checkpoint, read from its config files (no weights are loaded)."""
+    from difflower.reference.config import read_json
+    from difflower.reference.loading import read_sd3_config, read_unet_config, read_vae_config
+
+    root = index.root
+    vae = read_vae_config(root / "vae")
+    raw_index = read_json(root / "model_index.json")
     if index.family == "sd3":
-        denoiser = components["transformer"].config
-        extra = dict(
+        denoiser = read_sd3_config(root / "transformer")
+        extra: dict[str, Any] = dict(
             patch_size=denoiser.patch_size,
             joint_attention_dim=denoiser.joint_attention_dim,
             denoiser_in_channels=denoiser.in_channels,
             sample_size=denoiser.sample_size,
         )
     else:
-        denoiser = components["unet"].config
-        sample_size = denoiser.sample_size
-        if isinstance(sample_size, tuple):
-            sample_size = sample_size[0]
-        extra = dict(denoiser_in_channels=denoiser.in_channels, sample_size=sample_size or 64)
+        unet = read_unet_config(root / "unet")
+        sample_size = unet.sample_size[0] if isinstance(unet.sample_size, tuple) else unet.sample_size
+        extra = dict(denoiser_in_channels=unet.in_channels, sample_size=sample_size or 64)
     return PipelineSpec(
         family=index.family,
         vae_scale_factor=vae.downscale_factor,
@@ -600,11 +609,9 @@ def load_pipeline(
     scheduler: str | None = None,
 ) -> DiffusionPipeline:
     """The eager reference pipeline of a diffusers-format checkpoint folder."""
-    from difflower.reference.config import read_json
 
     index, components = load_components(path, dtype=dtype, variant=variant)
-    raw_index = read_json(index.root / "model_index.json")
-    spec = pipeline_spec(index, components, raw_index)
+    spec = spec_from_configs(index)
     for name, component in components.items():
         if isinstance(component, torch.nn.Module):
             components[name] = component.to(device)

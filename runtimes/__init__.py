@@ -1,1 +1,1 @@
-"""difflower.runtimes: see ../shared/DESIGN.md."""
+"""difflower.runtimes: engines per backend, plugged into the one denoising loop."""

@@ -1,1 +1,1 @@
-"""difflower.validate: see ../shared/DESIGN.md."""
+"""difflower.validate: parity metrics, gates, the validate report and benchmarks."""

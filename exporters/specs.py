@@ -1,0 +1,351 @@
+"""Per component: what is exported, under which names and shapes, and how it is checked.
+
+Every backend exports the same wrapper modules (positional inputs, tuple outputs) with the
+same tensor names, following optimum's where one exists, so tools built for those layouts can
+read ours. Shapes are symbolic (`batch`, `height`, ...) for dynamic artifacts and concrete for
+a single static bucket; `ShapePlan.dims` gives the concrete value of every symbol for a bucket,
+with the classifier-free-guidance doubling of the denoiser batch accounted for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from difflower.manifest import Bucket, TensorSpec
+from difflower.reference.config import read_json
+from difflower.reference.loading import (
+    ModelIndex,
+    load_sd3_transformer,
+    load_text_encoder,
+    load_unet,
+    load_vae,
+    read_sd3_config,
+    read_unet_config,
+    read_vae_config,
+)
+
+ComponentKind = Literal["text_encoder", "unet", "transformer", "vae_encoder", "vae_decoder"]
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """One exportable component of a checkpoint."""
+
+    name: str  # the artifact folder: text_encoder_2, unet, vae_decoder, ...
+    kind: ComponentKind
+    source: str  # the checkpoint folder it is built from
+    class_name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    facts: dict[str, Any]  # what example inputs need: vocab size, eos id, channels, ...
+
+
+@dataclass(frozen=True)
+class ShapePlan:
+    """The shapes an artifact is built for: dynamic (no buckets) or static buckets."""
+
+    buckets: tuple[Bucket, ...] = ()
+    cfg: bool = True  # the denoiser runs negative and positive prompts as one doubled batch
+    t5_sequence_length: int = 256
+
+    @property
+    def static(self) -> bool:
+        """One bucket gives a graph with fixed dims; several share one dynamic graph."""
+        return len(self.buckets) == 1
+
+    def dims(self, bucket: Bucket, vae_scale_factor: int, clip_length: int = 77) -> dict[str, int]:
+        """The concrete value of every symbolic dim for `bucket`."""
+        latent_h, latent_w = bucket.height // vae_scale_factor, bucket.width // vae_scale_factor
+        return {
+            "batch": bucket.batch,
+            "denoiser_batch": bucket.batch * (2 if self.cfg else 1),
+            "height": bucket.height,
+            "width": bucket.width,
+            "latent_height": latent_h,
+            "latent_width": latent_w,
+            "clip_sequence": clip_length,
+            "t5_sequence": self.t5_sequence_length,
+            "context_sequence": clip_length,
+            "joint_sequence": clip_length + self.t5_sequence_length,
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "graph": "static" if self.static else "dynamic",
+            "buckets": [[b.batch, b.height, b.width] for b in self.buckets],
+            "cfg_doubles_denoiser_batch": self.cfg,
+            "t5_sequence_length": self.t5_sequence_length,
+        }
+
+
+def _t(name: str, dtype: str, *shape: int | str) -> TensorSpec:
+    return TensorSpec(name, dtype, tuple(shape))
+
+
+# -- the specs ---------------------------------------------------------------------------------
+
+
+def component_specs(index: ModelIndex) -> list[ComponentSpec]:
+    """Every exportable component of a checkpoint, in export order, with symbolic shapes."""
+    root = index.root
+    specs: list[ComponentSpec] = []
+    for suffix in ("", "_2", "_3"):
+        name = "text_encoder" + suffix
+        if name in index.components:
+            specs.append(_text_encoder_spec(name, index.components[name][1], root / name))
+    if index.family == "sd3":
+        specs.append(_transformer_spec(root / "transformer"))
+    else:
+        specs.append(_unet_spec(root / "unet"))
+    vae = read_vae_config(root / "vae")
+    factor = vae.downscale_factor
+    facts = {"latent_channels": vae.latent_channels, "vae_scale_factor": factor}
+    c = vae.latent_channels
+    specs.append(
+        ComponentSpec(
+            "vae_encoder",
+            "vae_encoder",
+            "vae",
+            "AutoencoderKL",
+            (_t("sample", "float32", "batch", 3, "height", "width"),),
+            (_t("latent_parameters", "float32", "batch", 2 * c, "latent_height", "latent_width"),),
+            facts,
+        )
+    )
+    specs.append(
+        ComponentSpec(
+            "vae_decoder",
+            "vae_decoder",
+            "vae",
+            "AutoencoderKL",
+            (_t("latent_sample", "float32", "batch", c, "latent_height", "latent_width"),),
+            (_t("sample", "float32", "batch", 3, "height", "width"),),
+            facts,
+        )
+    )
+    return specs
+
+
+def _text_encoder_spec(name: str, class_name: str, folder: Path) -> ComponentSpec:
+    config = read_json(folder / "config.json")
+    if class_name == "T5EncoderModel":
+        facts = {"vocab_size": config.get("vocab_size", 32128), "eos_token_id": config.get("eos_token_id", 1)}
+        return ComponentSpec(
+            name,
+            "text_encoder",
+            name,
+            class_name,
+            (_t("input_ids", "int64", "batch", "t5_sequence"),),
+            (_t("last_hidden_state", "float32", "batch", "t5_sequence", config.get("d_model")),),
+            facts,
+        )
+    layers = config.get("num_hidden_layers")
+    hidden = config.get("hidden_size")
+    outputs = [
+        _t("last_hidden_state", "float32", "batch", "clip_sequence", hidden),
+        # hidden_states[-2] (SDXL and SD3 read the penultimate layer); optimum's name for that index
+        _t(f"hidden_states.{layers - 1}", "float32", "batch", "clip_sequence", hidden),
+    ]
+    if class_name == "CLIPTextModelWithProjection":
+        outputs.append(_t("text_embeds", "float32", "batch", config.get("projection_dim")))
+    facts = {
+        "vocab_size": config.get("vocab_size"),
+        "eos_token_id": config.get("eos_token_id"),
+        "num_hidden_layers": layers,
+        "with_projection": class_name == "CLIPTextModelWithProjection",
+    }
+    return ComponentSpec(
+        name,
+        "text_encoder",
+        name,
+        class_name,
+        (_t("input_ids", "int64", "batch", "clip_sequence"),),
+        tuple(outputs),
+        facts,
+    )
+
+
+def _unet_spec(folder: Path) -> ComponentSpec:
+    config = read_unet_config(folder)
+    cross = config.cross_attention_dim if isinstance(config.cross_attention_dim, int) else config.cross_attention_dim[0]
+    inputs = [
+        _t("sample", "float32", "denoiser_batch", config.in_channels, "latent_height", "latent_width"),
+        _t("timestep", "float32", "denoiser_batch"),
+        _t("encoder_hidden_states", "float32", "denoiser_batch", "context_sequence", cross),
+    ]
+    text_time = config.addition_embed_type == "text_time"
+    if text_time:
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        inputs.append(_t("text_embeds", "float32", "denoiser_batch", pooled))
+        inputs.append(_t("time_ids", "float32", "denoiser_batch", 6))
+    return ComponentSpec(
+        "unet",
+        "unet",
+        "unet",
+        "UNet2DConditionModel",
+        tuple(inputs),
+        (_t("out_sample", "float32", "denoiser_batch", config.out_channels, "latent_height", "latent_width"),),
+        {"text_time": text_time, "in_channels": config.in_channels},
+    )
+
+
+def _transformer_spec(folder: Path) -> ComponentSpec:
+    config = read_sd3_config(folder)
+    return ComponentSpec(
+        "transformer",
+        "transformer",
+        "transformer",
+        "SD3Transformer2DModel",
+        (
+            _t("hidden_states", "float32", "denoiser_batch", config.in_channels, "latent_height", "latent_width"),
+            _t("encoder_hidden_states", "float32", "denoiser_batch", "joint_sequence", config.joint_attention_dim),
+            _t("pooled_projections", "float32", "denoiser_batch", config.pooled_projection_dim),
+            _t("timestep", "float32", "denoiser_batch"),
+        ),
+        (
+            _t(
+                "out_hidden_states",
+                "float32",
+                "denoiser_batch",
+                config.out_channels,
+                "latent_height",
+                "latent_width",
+            ),
+        ),
+        {"in_channels": config.in_channels},
+    )
+
+
+def concrete(spec: TensorSpec, dims: dict[str, int]) -> TensorSpec:
+    """`spec` with every symbolic dim replaced by its value in `dims`."""
+    return TensorSpec(spec.name, spec.dtype, tuple(dims[d] if isinstance(d, str) else d for d in spec.shape))
+
+
+# -- wrapper modules: positional inputs in spec order, tuple outputs ---------------------------
+
+
+class TextEncoderExport(nn.Module):
+    """input_ids -> (last_hidden_state, hidden_states[-2][, text_embeds]) or T5's last_hidden_state."""
+
+    def __init__(self, model: nn.Module, is_t5: bool, with_projection: bool):
+        super().__init__()
+        self.model = model
+        self.is_t5 = is_t5
+        self.with_projection = with_projection
+
+    def forward(self, input_ids: torch.Tensor):
+        if self.is_t5:
+            return (self.model(input_ids).last_hidden_state,)
+        out = self.model(input_ids, output_hidden_states=True)
+        if self.with_projection:
+            return out.last_hidden_state, out.hidden_states[-2], out.text_embeds
+        return out.last_hidden_state, out.hidden_states[-2]
+
+
+class UNetExport(nn.Module):
+    def __init__(self, unet: nn.Module, text_time: bool):
+        super().__init__()
+        self.unet = unet
+        self.text_time = text_time
+
+    def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
+        added = {"text_embeds": text_embeds, "time_ids": time_ids} if self.text_time else None
+        return (self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added)[0],)
+
+
+class TransformerExport(nn.Module):
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
+        return (
+            self.transformer(
+                hidden_states=hidden_states,
+                encoder_hidden_states=encoder_hidden_states,
+                pooled_projections=pooled_projections,
+                timestep=timestep,
+            )[0],
+        )
+
+
+class VAEEncoderExport(nn.Module):
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, sample):
+        return (self.vae.encode(sample)[0],)
+
+
+class VAEDecoderExport(nn.Module):
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent_sample):
+        return (self.vae.decode(latent_sample)[0],)
+
+
+def load_export_module(spec: ComponentSpec, root: Path) -> nn.Module:
+    """The reference module of `spec`, wrapped for export, in eval mode, fp32, on the CPU."""
+    folder = Path(root) / spec.source
+    if spec.kind == "text_encoder":
+        model = load_text_encoder(folder, spec.class_name, torch.float32)
+        module: nn.Module = TextEncoderExport(
+            model, spec.class_name == "T5EncoderModel", bool(spec.facts.get("with_projection"))
+        )
+    elif spec.kind == "unet":
+        module = UNetExport(load_unet(folder, torch.float32), spec.facts["text_time"])
+    elif spec.kind == "transformer":
+        module = TransformerExport(load_sd3_transformer(folder, torch.float32))
+    elif spec.kind == "vae_encoder":
+        module = VAEEncoderExport(load_vae(folder, torch.float32))
+    else:
+        module = VAEDecoderExport(load_vae(folder, torch.float32))
+    # torch.onnx.export restores the wrapper's train/eval mode recursively afterwards: a wrapper left
+    # in training mode would switch dropout on in the wrapped model (T5's).
+    return module.eval().requires_grad_(False)
+
+
+# -- example inputs --------------------------------------------------------------------------
+
+
+def example_inputs(spec: ComponentSpec, dims: dict[str, int], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Seeded inputs at concrete shapes, with realistic ranges for each tensor."""
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for tensor in spec.inputs:
+        shape = concrete(tensor, dims).shape
+        if tensor.name == "input_ids":
+            vocab = int(spec.facts.get("vocab_size") or 1000)
+            ids = torch.randint(2, max(vocab - 1, 3), shape, generator=gen)
+            eos = spec.facts.get("eos_token_id")
+            if eos is not None:
+                ids[:, shape[1] // 2 :] = int(eos)  # a prompt, then end-of-text padding as the tokenizer pads
+            out[tensor.name] = ids
+        elif tensor.name == "timestep":
+            out[tensor.name] = torch.full(shape, 637.5)
+        elif tensor.name == "time_ids":
+            h, w = dims["height"], dims["width"]
+            out[tensor.name] = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32).repeat(shape[0], 1)
+        elif spec.kind == "vae_encoder":
+            out[tensor.name] = torch.rand(shape, generator=gen) * 2 - 1
+        else:
+            out[tensor.name] = torch.randn(shape, generator=gen)
+    return out
+
+
+def spec_for_record(record) -> ComponentSpec:
+    """The ComponentSpec an artifact's manifest record was exported from."""
+    config = dict(record.config)
+    class_name = config.pop("class_name")
+    source = config.pop("source")
+    return ComponentSpec(
+        record.name, record.kind, source, class_name, tuple(record.inputs), tuple(record.outputs), config
+    )

@@ -1,0 +1,112 @@
+"""Engine `onnxruntime`: an exported `model.onnx` in an ONNX Runtime session.
+
+CPU by default; CUDA and TensorRT execution providers when this onnxruntime build has them.
+Threads default to the machine's physical cores, and ORT's worker threads do not busy-wait
+between calls (`session.intra_op.allow_spinning=0`), so they do not steal the cores torch and
+the scheduler use in the same process between denoiser calls.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from difflower.errors import ArgumentError, CheckpointError
+from difflower.manifest import ComponentRecord
+from difflower.runtimes.engine import Array, Engine, to_numpy
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+def physical_cores() -> int:
+    """Physical cores (hyper-threads share execution units; more ORT threads only contend)."""
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:
+        return os.cpu_count() or 1
+
+
+def providers_for(device: str) -> list[str]:
+    """ORT providers for `device` (cpu, cuda, tensorrt), falling back to the CPU for unsupported ops."""
+    import onnxruntime as ort
+
+    if device not in PROVIDERS:
+        raise ArgumentError("--device", f"onnxruntime runs on {', '.join(PROVIDERS)}; got {device!r}")
+    wanted = PROVIDERS[device]
+    available = ort.get_available_providers()
+    if wanted not in available:
+        raise ArgumentError(
+            "--device",
+            f"this onnxruntime has no {wanted} (available: {', '.join(available)}); "
+            "install onnxruntime-gpu for cuda/tensorrt",
+        )
+    chain = [wanted]
+    if device == "tensorrt":
+        chain.append("CUDAExecutionProvider")
+    return [*chain, "CPUExecutionProvider"] if wanted != "CPUExecutionProvider" else chain
+
+
+class OnnxRuntimeEngine(Engine):
+    """One component's ONNX graph in an InferenceSession."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, record: ComponentRecord, folder: Path, device: str = "cpu", threads: int | None = None):
+        import onnxruntime as ort
+
+        super().__init__(record)
+        self.path = Path(folder) / record.name / "model.onnx"
+        if not self.path.is_file():
+            raise CheckpointError(self.path, "not found; the artifact is incomplete, re-export it")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.intra_op_num_threads = threads or physical_cores()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=providers_for(device))
+        except ArgumentError:
+            raise
+        except Exception as err:  # ORT raises its own exception types for bad protobufs and missing data
+            raise CheckpointError(
+                self.path,
+                f"ONNX Runtime cannot load it ({str(err).splitlines()[0][:200]}); the file is truncated "
+                "or corrupt, re-export the artifact",
+            ) from None
+        self._check_graph_matches_manifest()
+        self._output_names = [t.name for t in record.outputs]
+
+    def _check_graph_matches_manifest(self) -> None:
+        """The graph's declared inputs must be the manifest's (an edited manifest is caught here)."""
+        graph = {i.name: i for i in self.session.get_inputs()}
+        for spec in self.record.inputs:
+            node = graph.get(spec.name)
+            if node is None:
+                raise CheckpointError(
+                    self.path.parent.parent / "difflower.json",
+                    f"component '{self.name}' lists input '{spec.name}', which {self.path.name} does not have",
+                )
+            declared = tuple(d if isinstance(d, int) else str(d) for d in node.shape)
+            for want, got in zip(spec.shape, declared, strict=False):
+                if isinstance(want, int) and isinstance(got, int) and want != got or len(declared) != len(spec.shape):
+                    raise CheckpointError(
+                        self.path.parent.parent / "difflower.json",
+                        f"component '{self.name}' input '{spec.name}' is {list(spec.shape)} in the manifest but "
+                        f"{list(declared)} in {self.path.name}; the manifest was edited or belongs to another "
+                        "export",
+                    )
+
+    def run(self, inputs: Mapping[str, Array]) -> dict[str, np.ndarray]:
+        dtypes = {t.name: t.dtype for t in self.inputs}
+        feeds = {name: to_numpy(value, dtypes[name]) for name, value in inputs.items()}
+        outputs = self.session.run(self._output_names, feeds)
+        return dict(zip(self._output_names, outputs, strict=True))

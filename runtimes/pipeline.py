@@ -1,0 +1,171 @@
+"""Running an exported artifact: its engines plugged into the one denoising loop.
+
+The loop itself is `difflower.reference.pipeline.DiffusionPipeline` (the golden pipeline); here
+`EngineModelCalls` routes its model calls to the artifact's engines, tensors crossing as
+numpy arrays without copies. Tokenizers and the scheduler are the artifact's copies of the
+checkpoint's, and the PipelineSpec comes from the manifest, so the loop does exactly what the
+eager reference does with the same seed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from difflower.errors import ArgumentError
+from difflower.manifest import Manifest
+from difflower.reference.config import read_json
+from difflower.reference.loading import load_tokenizer
+from difflower.reference.pipeline import DiffusionPipeline, PipelineSpec, tokenizers_by_encoder
+from difflower.reference.prompts import Conditioning, TextEncoderOutput
+from difflower.reference.schedulers import load_scheduler
+from difflower.runtimes.engine import Array, Engine, EngineInputError
+
+EngineName = Literal["onnxruntime", "torch"]
+ENGINES: tuple[str, ...] = ("onnxruntime", "torch")
+
+
+def _torch(x: Array) -> torch.Tensor:
+    return torch.from_numpy(x) if isinstance(x, np.ndarray) else x
+
+
+class EngineModelCalls:
+    """ModelCalls over an artifact's engines (keyed by component folder name)."""
+
+    def __init__(self, engines: dict[str, Engine], manifest: Manifest):
+        self.engines = engines
+        self.manifest = manifest
+        self.denoiser = self._unet if "unet" in engines else self._transformer
+
+    def has_component(self, name: str) -> bool:
+        return name in self.engines
+
+    def prepare_run(self, batch: int, height: int, width: int, guidance: bool) -> None:
+        """Refuse, before any work, a request outside the artifact's static buckets."""
+        buckets = self.manifest.buckets
+        if not buckets:
+            return
+        cfg = self.manifest.shapes.get("cfg_doubles_denoiser_batch", True)
+        request = f"{batch}x{height}x{width}"
+        if not any((b.batch, b.height, b.width) == (batch, height, width) for b in buckets):
+            built = ", ".join(str(b) for b in buckets)
+            raise ArgumentError(
+                "height", f"this artifact was built for {built} (BxHxW); asked for {request}. Export it for this size"
+            )
+        if cfg != guidance:
+            raise ArgumentError(
+                "guidance_scale",
+                "this artifact's denoiser batch was built "
+                + ("with" if cfg else "without")
+                + " classifier-free guidance doubling; use guidance_scale "
+                + ("> 1" if cfg else "<= 1")
+                + " or re-export",
+            )
+
+    def _run(self, name: str, inputs: dict[str, Array]) -> dict[str, torch.Tensor]:
+        return {k: _torch(v) for k, v in self.engines[name](inputs).items()}
+
+    def text_encoder(self, name: str, input_ids: torch.Tensor) -> TextEncoderOutput:
+        engine = self.engines[name]
+        out = self._run(name, {"input_ids": input_ids.to(torch.int64)})
+        names = [t.name for t in engine.outputs]
+        penultimate = next((out[n] for n in names if n.startswith("hidden_states.")), None)
+        return TextEncoderOutput(out["last_hidden_state"], penultimate, out.get("text_embeds"))
+
+    def _unet(self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        inputs = {
+            "sample": sample.float(),
+            "timestep": timestep.float(),
+            "encoder_hidden_states": cond.encoder_hidden_states.float(),
+        }
+        if cond.text_embeds is not None:
+            inputs["text_embeds"] = cond.text_embeds.float()
+            inputs["time_ids"] = cond.time_ids.float()
+        return self._run("unet", inputs)["out_sample"]
+
+    def _transformer(self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        inputs = {
+            "hidden_states": sample.float(),
+            "encoder_hidden_states": cond.encoder_hidden_states.float(),
+            "pooled_projections": cond.pooled_projections.float(),
+            "timestep": timestep.float(),
+        }
+        return self._run("transformer", inputs)["out_hidden_states"]
+
+    def vae_encode(self, image: torch.Tensor) -> torch.Tensor:
+        self._require("vae_encoder", "img2img and inpainting")
+        return self._run("vae_encoder", {"sample": image.float()})["latent_parameters"]
+
+    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        self._require("vae_decoder", "decoding images (use output_type='latent' without it)")
+        return self._run("vae_decoder", {"latent_sample": latents.float()})["sample"]
+
+    def _require(self, name: str, what: str) -> None:
+        if name not in self.engines:
+            raise EngineInputError(f"this artifact has no {name}, which {what} needs; export it with that component")
+
+
+def make_engines(
+    manifest: Manifest, folder: Path, engine: str = "onnxruntime", device: str = "cpu", threads: int | None = None
+) -> dict[str, Engine]:
+    """One engine per exported component."""
+    if engine not in ENGINES:
+        raise ArgumentError("--engine", f"must be one of {', '.join(ENGINES)}, got {engine!r}")
+    engines: dict[str, Engine] = {}
+    for name, record in manifest.components.items():
+        if engine == "onnxruntime":
+            from difflower.runtimes.onnxruntime_engine import OnnxRuntimeEngine
+
+            engines[name] = OnnxRuntimeEngine(record, folder, device=device, threads=threads)
+        else:
+            from difflower.runtimes.torch_engine import TorchEngine
+
+            engines[name] = TorchEngine.from_source(record, Path(manifest.source["path"]), device=device)
+    return engines
+
+
+def load_artifact(
+    path: Path | str,
+    engine: str | None = None,
+    device: str = "cpu",
+    threads: int | None = None,
+    scheduler: str | None = None,
+) -> DiffusionPipeline:
+    """The pipeline of an exported artifact folder, running on `engine` (default: the backend's own)."""
+    folder = Path(path)
+    manifest = Manifest.read(folder)
+    engine = engine or {"onnx": "onnxruntime"}.get(manifest.backend, manifest.backend)
+    engines = make_engines(manifest, folder, engine, device, threads)
+    model_index = read_json(folder / "model_index.json")
+    tokenizers: dict[str, Any] = {}
+    for suffix in ("", "_2", "_3"):
+        name = "tokenizer" + suffix
+        entry = model_index.get(name)
+        if isinstance(entry, list) and entry[1] is not None and (folder / name).is_dir():
+            tokenizers[name] = load_tokenizer(folder / name, entry[1])
+    scheduler_path = folder / "scheduler" / "scheduler_config.json"
+    scheduler_config = read_json(scheduler_path)
+    components: dict[str, Any] = {**engines, **tokenizers}
+    pipe = DiffusionPipeline(
+        PipelineSpec(**_spec_fields(manifest.pipeline)),
+        EngineModelCalls(engines, manifest),
+        tokenizers_by_encoder(tokenizers),
+        load_scheduler(scheduler_config, source=scheduler_path),
+        scheduler_config,
+        components=components,
+    )
+    pipe.manifest = manifest
+    if scheduler is not None:
+        pipe.set_scheduler(scheduler)
+    return pipe
+
+
+def _spec_fields(raw: dict[str, Any]) -> dict[str, Any]:
+    fields = dict(raw)
+    for key in ("latents_mean", "latents_std"):
+        if fields.get(key) is not None:
+            fields[key] = tuple(fields[key])
+    return fields
