@@ -99,6 +99,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         components=args.components,
         static=args.static or (),
         precision=args.precision,
+        attention=args.attention,
         cfg=not args.no_cfg,
         allow_mismatch=args.allow_mismatch,
         overwrite=args.overwrite,
@@ -207,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", type=Path, required=True, help="artifact folder to write")
     exp.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
     exp.add_argument("--static", action="append", metavar="BxHxW", help="static shape bucket (repeatable)")
+    exp.add_argument(
+        "--attention",
+        choices=("sdpa", "math", "onnxruntime"),
+        default="sdpa",
+        help="attention variant: onnxruntime = ORT's fused MultiHeadAttention (faster on ORT, ORT-only graph)",
+    )
     exp.add_argument("--components", nargs="+", default=None, help="export only these components")
     exp.add_argument("--no-cfg", action="store_true", help="static denoiser batch without guidance doubling")
     exp.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

@@ -35,6 +35,8 @@ from difflower.exporters.specs import (
     example_inputs,
     load_export_module,
 )
+from difflower.graph_passes.attention_variant import apply_attention_variant
+from difflower.graph_passes.base import PassResult
 from difflower.manifest import Bucket, ComponentRecord, Manifest, source_record
 from difflower.reference.loading import read_model_index, read_vae_config
 from difflower.validate.gates import component_verdict
@@ -58,6 +60,7 @@ def export_onnx(
     components: Sequence[str] | None = None,
     static: Sequence[Bucket | str] = (),
     precision: str = "fp32",
+    attention: str = "sdpa",
     cfg: bool = True,
     allow_mismatch: bool = False,
     overwrite: bool = False,
@@ -68,7 +71,9 @@ def export_onnx(
     `static` buckets (BxHxW in pixels, images per prompt) fix the graph's shapes: one bucket
     gives fully static graphs, several give dynamic graphs limited to those buckets at run
     time. `cfg` says whether the denoiser runs negative and positive prompts as one batch
-    (its static batch is then doubled).
+    (its static batch is then doubled). `attention` picks the attention variant of our own
+    modules (see difflower.graph_passes.attention_variant): "onnxruntime" emits ONNX Runtime's
+    fused MultiHeadAttention, faster on ORT but not readable by other ONNX consumers.
     """
     if precision != "fp32":
         raise ArgumentError(
@@ -86,10 +91,13 @@ def export_onnx(
     with atomic_directory(out, overwrite) as tmp:
         _copy_support_files(index.root, tmp)
         records: dict[str, ComponentRecord] = {}
+        passes: list[dict[str, Any]] = []
         bar = tqdm(specs, disable=not progress, desc="export", unit="component")
         for spec in bar:
             bar.set_description(f"exporting {spec.name}")
-            records[spec.name] = _export_component(spec, index.root, tmp, plan, factor, precision)
+            record, applied = _export_component(spec, index.root, tmp, plan, factor, precision, attention)
+            records[spec.name] = record
+            passes += [{"component": spec.name, **p.to_json()} for p in applied]
         bar.close()
         manifest = Manifest(
             family=index.family,
@@ -99,6 +107,7 @@ def export_onnx(
             pipeline=_pipeline_facts(index),
             components=records,
             shapes=plan.to_json(),
+            passes=passes,
             versions=_versions(),
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         )
@@ -133,30 +142,35 @@ def _copy_support_files(root: Path, out: Path) -> None:
 
 
 def _export_component(
-    spec: ComponentSpec, root: Path, out: Path, plan: ShapePlan, factor: int, precision: str
-) -> ComponentRecord:
-    """Export one component, check it in ONNX Runtime, free it; returns its manifest record."""
+    spec: ComponentSpec, root: Path, out: Path, plan: ShapePlan, factor: int, precision: str, attention: str
+) -> tuple[ComponentRecord, list[PassResult]]:
+    """Export one component, check it in ONNX Runtime, free it; returns its record and the passes applied."""
     start = time.perf_counter()
     folder = out / spec.name
     folder.mkdir()
     module = load_export_module(spec, root)
+    applied = []
+    if spec.kind != "text_encoder" and attention != "sdpa":  # text encoders are transformers' own modules
+        applied.append(apply_attention_variant(module, attention, where=spec.name))
     bucket = plan.buckets[0] if plan.buckets else _default_bucket(root, factor)
     dims = plan.dims(bucket, factor)
     inputs = example_inputs(spec, dims)
     dynamic = None if plan.static else _dynamic_axes(spec)
     path = folder / "model.onnx"
-    param_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
-    _torch_export(module, inputs, spec, path, dynamic, external=param_bytes > PROTOBUF_LIMIT)
-    if param_bytes > PROTOBUF_LIMIT:
+    large = sum(p.numel() * p.element_size() for p in module.parameters()) > PROTOBUF_LIMIT
+
+    # 1. the reference outputs first, so the module can be freed before anything else is loaded
+    with torch.no_grad():
+        expected = module(*inputs.values())
+    _torch_export(module, inputs, spec, path, dynamic, external=large, contrib=attention == "onnxruntime")
+    del module
+    gc.collect()
+    if large:
         _consolidate_external_data(path)
     seconds = time.perf_counter() - start
 
-    # component parity: the exported graph in ONNX Runtime vs the reference module
-    with torch.no_grad():
-        expected = module(*inputs.values())
-    del module
-    gc.collect()
-    session = _session(path)
+    # 2. component parity: the exported graph in ONNX Runtime vs the reference module
+    session = _session(path, low_memory=large)
     got = session.run(None, {k: v.numpy() for k, v in inputs.items()})
     del session
     parity = _parity(spec, precision, expected, got)
@@ -164,7 +178,7 @@ def _export_component(
     outputs_spec = [concrete(t, dims) if plan.static else t for t in spec.outputs]
     files = sorted(str(p.relative_to(out)) for p in folder.iterdir())
     gc.collect()
-    return ComponentRecord(
+    record = ComponentRecord(
         name=spec.name,
         kind=spec.kind,
         files=files,
@@ -175,6 +189,7 @@ def _export_component(
         size_bytes=sum((out / f).stat().st_size for f in files),
         config={"class_name": spec.class_name, "source": spec.source, **spec.facts},
     )
+    return record, applied
 
 
 def _default_bucket(root: Path, factor: int) -> Bucket:
@@ -197,7 +212,9 @@ def _dynamic_axes(spec: ComponentSpec) -> dict[str, dict[int, str]]:
     }
 
 
-def _torch_export(module, inputs, spec: ComponentSpec, path: Path, dynamic, external: bool) -> None:
+def _torch_export(
+    module, inputs, spec: ComponentSpec, path: Path, dynamic, external: bool, contrib: bool = False
+) -> None:
     with warnings.catch_warnings():
         # The TorchScript exporter's deprecation notice and tracer warnings about Python values
         # taken from shapes (expected: shapes are config- or input-derived, never tensor values).
@@ -213,34 +230,58 @@ def _torch_export(module, inputs, spec: ComponentSpec, path: Path, dynamic, exte
             do_constant_folding=True,
             dynamo=False,
             external_data=external,
+            custom_opsets={"com.microsoft": 1} if contrib else None,
         )
 
 
 def _consolidate_external_data(path: Path) -> None:
-    """Gather the per-tensor files torch wrote into one `model.onnx_data`, as optimum lays it out."""
+    """Gather the per-tensor files torch wrote into one `model.onnx_data`, as optimum lays it out.
+
+    Streams one tensor at a time: a 10 GB UNet never sits in memory twice.
+    """
     import onnx
+    from onnx.external_data_helper import ExternalDataInfo
 
     folder = path.parent
-    before = {p for p in folder.iterdir() if p.name != path.name}
-    model = onnx.load(str(path), load_external_data=True)
-    for stale in before:
-        stale.unlink()
-    onnx.save_model(
-        model,
-        str(path),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location="model.onnx_data",
-        size_threshold=1024,
-    )
-    (folder / "model.onnx_data").chmod(0o644)  # onnx writes it owner-only; it is an ordinary artifact file
+    model = onnx.load(str(path), load_external_data=False)
+    data_path = folder / "model.onnx_data"
+    sources: set[Path] = set()
+    with open(data_path, "wb") as sink:
+        for tensor in model.graph.initializer:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                info = ExternalDataInfo(tensor)
+                source = folder / info.location
+                sources.add(source)
+                with open(source, "rb") as handle:
+                    handle.seek(info.offset or 0)
+                    data = handle.read(info.length) if info.length else handle.read()
+            elif len(tensor.raw_data) >= 1024:  # tensors under 1 KB stay inline, as onnx's own helper does
+                data = tensor.raw_data
+            else:
+                continue
+            offset = sink.tell()
+            sink.write(data)
+            tensor.ClearField("raw_data")
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(len(data)))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+    onnx.save_model(model, str(path))
+    for source in sources - {data_path}:
+        source.unlink()
+    data_path.chmod(0o644)
 
 
-def _session(path: Path):
+def _session(path: Path, low_memory: bool = False):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if low_memory:
+        # Pre-packed GEMM weights are a second copy of every matrix; a multi-GB component
+        # is checked without them (the arithmetic is the same).
+        options.add_session_config_entry("session.disable_prepacking", "1")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

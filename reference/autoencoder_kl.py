@@ -14,7 +14,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import nn
 
-from difflower.reference.attention import AttentionBackend, merge_heads, multi_head_attention, split_heads
+from difflower.reference.attention import AttentionBackend, attend
 from difflower.reference.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
 VAE_CLASS_NAMES = ("AutoencoderKL",)
@@ -76,11 +76,8 @@ class VAEAttention(nn.Module):
         batch, channels, height, width = hidden_states.shape
         hidden_states = self.group_norm(hidden_states)
         hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)  # (B, HW, C)
-        query = split_heads(self.to_q(hidden_states), 1)
-        key = split_heads(self.to_k(hidden_states), 1)
-        value = split_heads(self.to_v(hidden_states), 1)
-        out = merge_heads(multi_head_attention(query, key, value, self.attention_backend))  # (B, HW, C)
-        out = self.to_out[0](out)
+        q, k, v = self.to_q(hidden_states), self.to_k(hidden_states), self.to_v(hidden_states)
+        out = self.to_out[0](attend(q, k, v, 1, self.attention_backend))  # (B, HW, C)
         out = out.transpose(1, 2).reshape(batch, channels, height, width)  # (B, C, H, W)
         return out + residual
 

@@ -44,7 +44,7 @@ _WORDS = (
 
 @dataclass(frozen=True)
 class TinyCLIP:
-    """A tiny CLIP text encoder config (transformers' CLIPTextConfig fields we set)."""
+    """A CLIP text encoder config (transformers' CLIPTextConfig fields we set); tiny by default."""
 
     hidden_size: int = 32
     intermediate_size: int = 64
@@ -52,6 +52,8 @@ class TinyCLIP:
     num_attention_heads: int = 4
     projection_dim: int = 32
     with_projection: bool = False
+    hidden_act: str = "quick_gelu"
+    vocab_size: int | None = None  # None: the local tokenizer's size; real-size benchmarks use CLIP's 49408
 
 
 @dataclass(frozen=True)
@@ -264,7 +266,36 @@ def _save_model(folder: Path, cls: type[nn.Module], config: Any, class_name: str
     raw = {"_class_name": class_name, "_diffusers_version": DIFFUSERS_LAYOUT_VERSION, **config_to_dict(config)}
     (folder / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / f"{WEIGHTS_NAME}.safetensors"))
+    del model
+    save_weights(state, folder)
+
+
+# safetensors serializes a whole file in memory: real-size models are written in shards.
+MAX_SHARD_BYTES = 2 * 1024**3
+
+
+def save_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """Write `state` as diffusers does: one safetensors file, or shards with an index past `max_shard_bytes`."""
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    if total <= max_shard_bytes:
+        save_file(state, str(folder / f"{WEIGHTS_NAME}.safetensors"))
+        return
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        name = f"{WEIGHTS_NAME}-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / name))
+        weight_map.update({key: name for key in shard})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / f"{WEIGHTS_NAME}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def build_clip_tokenizer() -> Any:
@@ -301,14 +332,14 @@ def _save_clip(folder: Path, spec: TinyCLIP, tokenizer: Any, seed: int) -> str:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=spec.vocab_size or len(tokenizer),
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.num_hidden_layers,
         num_attention_heads=spec.num_attention_heads,
         max_position_embeddings=77,
         projection_dim=spec.projection_dim,
-        hidden_act="quick_gelu",
+        hidden_act=spec.hidden_act,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

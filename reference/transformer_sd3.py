@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from difflower.reference.attention import AttentionBackend, merge_heads, multi_head_attention, split_heads
+from difflower.reference.attention import AttentionBackend, attend, merge_heads, split_heads
 from difflower.reference.embeddings import CombinedTimestepTextProjEmbeddings, PatchEmbed
 from difflower.reference.normalization import AdaLayerNormContinuous, AdaLayerNormZero, RMSNorm, SD35AdaLayerNormZeroX
 
@@ -106,11 +106,11 @@ class JointAttention(nn.Module):
             self.norm_added_k = RMSNorm(head_dim, eps=1e-6) if rms else None
 
     def _qkv(self, x: torch.Tensor, to_q: nn.Linear, to_k: nn.Linear, to_v: nn.Linear, norm_q, norm_k):
-        query = split_heads(to_q(x), self.heads)  # (B, heads, N, d)
-        key = split_heads(to_k(x), self.heads)
-        value = split_heads(to_v(x), self.heads)
+        """Projections in the merged (B, N, heads * d) layout, RMS-normed per head when configured."""
+        query, key, value = to_q(x), to_k(x), to_v(x)
         if norm_q is not None:
-            query, key = norm_q(query), norm_k(key)
+            query = merge_heads(norm_q(split_heads(query, self.heads)))  # norm over each head's d
+            key = merge_heads(norm_k(split_heads(key, self.heads)))
         return query, key, value
 
     def forward(
@@ -128,10 +128,10 @@ class JointAttention(nn.Module):
                 self.norm_added_q,
                 self.norm_added_k,
             )
-            query = torch.cat([query, c_query], dim=2)  # (B, heads, N + T, d)
-            key = torch.cat([key, c_key], dim=2)
-            value = torch.cat([value, c_value], dim=2)
-        out = merge_heads(multi_head_attention(query, key, value, self.attention_backend))  # (B, N [+ T], inner)
+            query = torch.cat([query, c_query], dim=1)  # (B, N + T, inner)
+            key = torch.cat([key, c_key], dim=1)
+            value = torch.cat([value, c_value], dim=1)
+        out = attend(query, key, value, self.heads, self.attention_backend)  # (B, N [+ T], inner)
         context_out = None
         if encoder_hidden_states is not None:
             out, context_out = out[:, :n_image], out[:, n_image:]

@@ -1,14 +1,13 @@
 """Engine `onnxruntime`: an exported `model.onnx` in an ONNX Runtime session.
 
 CPU by default; CUDA and TensorRT execution providers when this onnxruntime build has them.
-Threads default to the machine's physical cores, and ORT's worker threads do not busy-wait
+Threads default to ORT's own choice, the machine's physical cores, and its workers do not busy-wait
 between calls (`session.intra_op.allow_spinning=0`), so they do not steal the cores torch and
 the scheduler use in the same process between denoiser calls.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -23,16 +22,6 @@ PROVIDERS = {
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
 }
-
-
-def physical_cores() -> int:
-    """Physical cores (hyper-threads share execution units; more ORT threads only contend)."""
-    try:
-        import psutil
-
-        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    except ImportError:
-        return os.cpu_count() or 1
 
 
 def providers_for(device: str) -> list[str]:
@@ -69,7 +58,7 @@ class OnnxRuntimeEngine(Engine):
             raise CheckpointError(self.path, "not found; the artifact is incomplete, re-export it")
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        options.intra_op_num_threads = threads or physical_cores()
+        options.intra_op_num_threads = threads or 0  # 0: ORT's own default, the physical cores
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         try:

@@ -202,7 +202,7 @@ def test_missing_manifest_and_wrong_reference(onnx_dirs, tiny_dirs, tmp_path):
 
 def test_interrupted_export_leaves_no_folder(tiny_dirs, tmp_path, monkeypatch):
     real = onnx_exporter._export_component
-    calls = []
+    calls: list[str] = []
 
     def interrupt_second(*args, **kwargs):
         calls.append(args[0].name)
@@ -219,15 +219,15 @@ def test_interrupted_export_leaves_no_folder(tiny_dirs, tmp_path, monkeypatch):
 def test_parity_miss_fails_the_export_unless_allowed(tiny_dirs, tmp_path, monkeypatch):
     real = onnx_exporter._torch_export
 
-    def export_perturbed(module, inputs, spec, path, dynamic, external):
+    def export_perturbed(module, inputs, spec, path, dynamic, external, contrib=False):
         """Write a graph whose weights differ from the reference: the backend computes something else."""
         if spec.name != "unet":
-            return real(module, inputs, spec, path, dynamic, external)
+            return real(module, inputs, spec, path, dynamic, external, contrib)
         weight = module.unet.conv_out.weight
         original = weight.detach().clone()
         with torch.no_grad():
             weight.add_(0.05)
-        real(module, inputs, spec, path, dynamic, external)
+        real(module, inputs, spec, path, dynamic, external, contrib)
         with torch.no_grad():
             weight.copy_(original)
 
@@ -273,3 +273,23 @@ def test_cli_export_generate_info(tiny_dirs, tmp_path, capsys):
     assert "backend onnx" in text and "sample float32[2,4,8,8]" in text
     assert main(["export", str(tiny_dirs["sd"]), "--backend", "tflite", "--out", str(tmp_path / "t")]) == 2
     assert "argument --backend: 'tflite' is not available" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_onnxruntime_fused_attention_variant(tiny_dirs, tmp_path, family):
+    """ORT's fused MultiHeadAttention: same numbers, recorded as a pass, fewer Softmax nodes in the graph."""
+    import onnx
+
+    out = tmp_path / "fused"
+    manifest = export_onnx(tiny_dirs[family], out, attention="onnxruntime", progress=False)
+    denoiser = "transformer" if family == "sd3" else "unet"
+    applied = {p["component"]: p for p in manifest.passes}
+    assert applied[denoiser]["name"] == "attention" and applied[denoiser]["rewrites"]["attention modules"] > 0
+    graph = onnx.load(str(out / denoiser / "model.onnx"), load_external_data=False).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("MultiHeadAttention") == applied[denoiser]["rewrites"]["attention modules"]
+    assert ops.count("Softmax") == 0
+    assert all(r.parity["passed"] for r in manifest.components.values())
+    assert_run_matches(
+        load_pipeline(tiny_dirs[family]), load_artifact(out), prompt="a cat", num_inference_steps=3, progress=False
+    )

@@ -1,0 +1,29 @@
+"""What every graph pass returns, and the error it raises when an expected rewrite did not fire."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from difflower.errors import DifflowerError
+
+
+class PassDidNotFire(DifflowerError):
+    """A pass found nothing to rewrite where it expected to: silently doing nothing is a bug."""
+
+
+@dataclass
+class PassResult:
+    """What a pass rewrote, how many times, and parity before/after where it measured it."""
+
+    name: str
+    rewrites: dict[str, int]
+    settings: dict[str, Any] = field(default_factory=dict)
+    parity: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.rewrites.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
