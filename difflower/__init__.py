@@ -1,8 +1,8 @@
 """difflower: lower Stable-Diffusion-family models to accelerator backends, with proven parity."""
 
-from difflower.api import load
+from difflower.api import export, load, validate
 from difflower.errors import ArgumentError, CheckpointError, DifflowerError
 
 __version__ = "0.1.0"
 
-__all__ = ["ArgumentError", "CheckpointError", "DifflowerError", "__version__", "load"]
+__all__ = ["ArgumentError", "CheckpointError", "DifflowerError", "__version__", "export", "load", "validate"]

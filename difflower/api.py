@@ -37,11 +37,13 @@ def load(
     scheduler: str | None = None,
     engine: str | None = None,
     threads: int | None = None,
+    **engine_options: Any,
 ) -> Any:
     """The pipeline for whatever `path` holds.
 
     An artifact folder (with difflower.json) runs its backend's engines (`engine` overrides:
-    "onnxruntime" or "torch"); a diffusers-format checkpoint runs the eager reference.
+    "onnxruntime", "torch", ...; `engine_options` are that engine's own settings); a
+    diffusers-format checkpoint runs the eager reference.
     `scheduler` swaps the scheduler by name (`euler`, `dpm++2m-karras`, ...).
     """
     from difflower.manifest import MANIFEST_NAME
@@ -51,9 +53,25 @@ def load(
     if (path / MANIFEST_NAME).is_file():
         from difflower.runtimes.pipeline import load_artifact
 
-        return load_artifact(path, engine=engine, device=str(device), threads=threads, scheduler=scheduler)
+        return load_artifact(
+            path, engine=engine, device=str(device), threads=threads, scheduler=scheduler, **engine_options
+        )
     if (path / "model_index.json").is_file():
         return load_pipeline(path, dtype=parse_dtype(dtype), device=device, variant=variant, scheduler=scheduler)
     if not path.exists():
         raise CheckpointError(path, "not found")
     raise CheckpointError(path, "holds neither model_index.json (a diffusers checkpoint) nor difflower.json")
+
+
+def export(model: str | Path, backend: str, out: str | Path, **options: Any):
+    """Export a checkpoint to a backend artifact; see difflower.exporters.export."""
+    from difflower.exporters import export as _export
+
+    return _export(model, backend, out, **options)
+
+
+def validate(artifact: str | Path, reference: str | Path, **options: Any):
+    """Parity of an artifact against the eager reference; see difflower.validate.parity."""
+    from difflower.validate.parity import validate_artifact
+
+    return validate_artifact(artifact, reference, **options)

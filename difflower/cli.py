@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from difflower.errors import ArgumentError, DifflowerError
+from difflower.exporters import BACKENDS
+from difflower.runtimes.pipeline import ENGINES
 
 
 def _cmd_tiny(args: argparse.Namespace) -> int:
@@ -62,6 +64,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         scheduler=args.scheduler,
         engine=args.engine,
         threads=args.threads,
+        **_engine_options(args),
     )
     start = time.perf_counter()
     result = pipe(
@@ -85,16 +88,25 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-BACKENDS = ("onnx",)
+def _engine_options(args: argparse.Namespace) -> dict:
+    """Engine settings given on the command line (only those set, so engines refuse what they lack)."""
+    options = {}
+    for pair in getattr(args, "engine_option", None) or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ArgumentError("--engine-option", f"expected KEY=VALUE, got {pair!r}")
+        options[key.replace("-", "_")] = value
+    if getattr(args, "data_parallel", False):
+        options["data_parallel"] = True
+    return options
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    if args.backend not in BACKENDS:
-        raise ArgumentError("--backend", f"{args.backend!r} is not available; this difflower exports to {BACKENDS}")
-    from difflower.exporters.onnx import export_onnx
+    from difflower.exporters import export
 
-    manifest = export_onnx(
+    manifest = export(
         args.model,
+        args.backend,
         args.out,
         components=args.components,
         static=args.static or (),
@@ -103,15 +115,18 @@ def _cmd_export(args: argparse.Namespace) -> int:
         cfg=not args.no_cfg,
         allow_mismatch=args.allow_mismatch,
         overwrite=args.overwrite,
+        quantize=args.quantize,
+        auto_cast=args.auto_cast,
+        auto_cast_type=args.auto_cast_type,
     )
     print(f"wrote {args.out} ({manifest.backend}, {manifest.precision}, {manifest.shapes['graph']} shapes)")
-    print(f"  {'component':<16} {'export s':>8} {'MB':>9} {'max abs':>9}  parity")
+    print(f"  {'component':<16} {'export s':>8} {'MB':>9}  parity")
     for record in manifest.components.values():
         p = record.parity
         verdict = "ok" if p["passed"] else "MISSED (kept by --allow-mismatch)"
         print(
-            f"  {record.name:<16} {record.export_seconds:>8.1f} {record.size_bytes / 2**20:>9.1f} "
-            f"{p['max_abs']:>9.2e}  {p['gate']}: {verdict}"
+            f"  {record.name:<16} {record.export_seconds:>8.1f} {record.size_bytes / 2**20:>9.1f}  "
+            f"{p['summary']}; {p['gate']}: {verdict}"
         )
     return 0
 
@@ -129,7 +144,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         prompt=args.prompt,
         seed=args.seed,
         engine=args.engine,
+        device=args.device,
         allow_source_mismatch=args.allow_mismatch,
+        engine_options=_engine_options(args),
     )
     print(render(report))
     if args.json is not None:
@@ -166,6 +183,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--engine", choices=ENGINES, default=None, help="for artifacts: the engine to run them on")
+    parser.add_argument("--threads", type=int, default=None, help="engine threads (default: the engine's own)")
+    parser.add_argument("--engine-option", action="append", metavar="KEY=VALUE", help="an engine setting (repeatable)")
+    parser.add_argument("--data-parallel", action="store_true", help="neuron: split the CFG batch over two cores")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="difflower",
@@ -197,14 +221,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--strength", type=float, default=None, help="img2img/inpainting strength in [0, 1]")
     gen.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
     gen.add_argument("--device", default="cpu")
-    gen.add_argument("--engine", choices=("onnxruntime", "torch"), default=None, help="for artifacts")
-    gen.add_argument("--threads", type=int, default=None, help="engine threads (default: physical cores)")
+    _add_engine_flags(gen)
     gen.add_argument("-o", "--output", type=Path, required=True, help="output image (.png)")
     gen.set_defaults(handler=_cmd_generate)
 
     exp = commands.add_parser("export", help="export a checkpoint to a backend artifact, checked against the reference")
     exp.add_argument("model", type=Path, metavar="MODEL", help="diffusers-format checkpoint folder")
     exp.add_argument("--backend", required=True, help=f"one of {', '.join(BACKENDS)}")
+    exp.add_argument("--quantize", default=None, help="backend compression, e.g. int8-weight, int4-weight, int8")
+    exp.add_argument("--auto-cast", default=None, choices=("none", "matmul", "all"), help="neuron: ops to cast")
+    exp.add_argument("--auto-cast-type", default=None, choices=("bf16", "fp16", "tf32"), help="neuron: cast type")
     exp.add_argument("--out", type=Path, required=True, help="artifact folder to write")
     exp.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
     exp.add_argument("--static", action="append", metavar="BxHxW", help="static shape bucket (repeatable)")
@@ -226,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--steps", type=int, default=4)
     val.add_argument("--prompt", default="a watercolor painting of a lighthouse at sunset")
     val.add_argument("--seed", type=int, default=0)
-    val.add_argument("--engine", choices=("onnxruntime", "torch"), default=None)
+    _add_engine_flags(val)
+    val.add_argument("--device", default="cpu")
     val.add_argument("--json", type=Path, default=None, help="write the full report here")
     val.add_argument("--allow-mismatch", action="store_true", help="compare even if MODEL is not the source")
     val.set_defaults(handler=_cmd_validate)

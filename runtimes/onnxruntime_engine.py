@@ -74,6 +74,14 @@ class OnnxRuntimeEngine(Engine):
         self._check_graph_matches_manifest()
         self._output_names = [t.name for t in record.outputs]
 
+    @classmethod
+    def open(
+        cls, record: ComponentRecord, folder: Path, manifest, device: str = "cpu", threads: int | None = None, **options
+    ) -> OnnxRuntimeEngine:
+        if options:
+            raise ArgumentError(f"--engine-option {next(iter(options))}", "is not an option of the onnxruntime engine")
+        return cls(record, folder, device=device, threads=threads)
+
     def _check_graph_matches_manifest(self) -> None:
         """The graph's declared inputs must be the manifest's (an edited manifest is caught here)."""
         graph = {i.name: i for i in self.session.get_inputs()}
@@ -99,3 +107,6 @@ class OnnxRuntimeEngine(Engine):
         feeds = {name: to_numpy(value, dtypes[name]) for name, value in inputs.items()}
         outputs = self.session.run(self._output_names, feeds)
         return dict(zip(self._output_names, outputs, strict=True))
+
+
+ENGINE = OnnxRuntimeEngine

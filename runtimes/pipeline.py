@@ -9,8 +9,9 @@ eager reference does with the same seed.
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,8 +25,8 @@ from difflower.reference.prompts import Conditioning, TextEncoderOutput
 from difflower.reference.schedulers import load_scheduler
 from difflower.runtimes.engine import Array, Engine, EngineInputError
 
-EngineName = Literal["onnxruntime", "torch"]
-ENGINES: tuple[str, ...] = ("onnxruntime", "torch")
+# Engine names; each is `difflower.runtimes.<name>_engine` with a module attribute ENGINE.
+ENGINES: tuple[str, ...] = ("onnxruntime", "torch", "openvino", "torchscript", "neuron", "tensorrt", "coreml")
 
 
 def _torch(x: Array) -> torch.Tensor:
@@ -108,23 +109,38 @@ class EngineModelCalls:
             raise EngineInputError(f"this artifact has no {name}, which {what} needs; export it with that component")
 
 
+def engine_class(name: str):
+    """The engine class named `name` (module `difflower.runtimes.<name>_engine`, attribute ENGINE)."""
+    if name not in ENGINES:
+        raise ArgumentError("--engine", f"must be one of {', '.join(ENGINES)}, got {name!r}")
+    try:
+        module = importlib.import_module(f"difflower.runtimes.{name}_engine")
+    except ModuleNotFoundError as err:
+        if err.name == f"difflower.runtimes.{name}_engine":
+            raise ArgumentError("--engine", f"the {name} engine is not part of this difflower yet") from None
+        raise ArgumentError("--engine", f"the {name} engine needs the {err.name!r} package; install it") from None
+    return module.ENGINE
+
+
+def default_engine(backend: str) -> str:
+    """The engine that runs an artifact of `backend` when none is asked for."""
+    return {"onnx": "onnxruntime"}.get(backend, backend)
+
+
 def make_engines(
-    manifest: Manifest, folder: Path, engine: str = "onnxruntime", device: str = "cpu", threads: int | None = None
+    manifest: Manifest,
+    folder: Path,
+    engine: str | None = None,
+    device: str = "cpu",
+    threads: int | None = None,
+    **options: Any,
 ) -> dict[str, Engine]:
-    """One engine per exported component."""
-    if engine not in ENGINES:
-        raise ArgumentError("--engine", f"must be one of {', '.join(ENGINES)}, got {engine!r}")
-    engines: dict[str, Engine] = {}
-    for name, record in manifest.components.items():
-        if engine == "onnxruntime":
-            from difflower.runtimes.onnxruntime_engine import OnnxRuntimeEngine
-
-            engines[name] = OnnxRuntimeEngine(record, folder, device=device, threads=threads)
-        else:
-            from difflower.runtimes.torch_engine import TorchEngine
-
-            engines[name] = TorchEngine.from_source(record, Path(manifest.source["path"]), device=device)
-    return engines
+    """One engine per exported component; `options` are the engine's own (e.g. a cache dir)."""
+    cls = engine_class(engine or default_engine(manifest.backend))
+    return {
+        name: cls.open(record, folder, manifest, device=device, threads=threads, **options)
+        for name, record in manifest.components.items()
+    }
 
 
 def load_artifact(
@@ -133,12 +149,12 @@ def load_artifact(
     device: str = "cpu",
     threads: int | None = None,
     scheduler: str | None = None,
+    **engine_options: Any,
 ) -> DiffusionPipeline:
     """The pipeline of an exported artifact folder, running on `engine` (default: the backend's own)."""
     folder = Path(path)
     manifest = Manifest.read(folder)
-    engine = engine or {"onnx": "onnxruntime"}.get(manifest.backend, manifest.backend)
-    engines = make_engines(manifest, folder, engine, device, threads)
+    engines = make_engines(manifest, folder, engine, device, threads, **engine_options)
     model_index = read_json(folder / "model_index.json")
     tokenizers: dict[str, Any] = {}
     for suffix in ("", "_2", "_3"):

@@ -26,10 +26,18 @@ class TorchEngine(Engine):
         self.module = module.to(self.device)
 
     @classmethod
-    def from_source(cls, record: ComponentRecord, source: Path, device: str = "cpu") -> TorchEngine:
+    def open(
+        cls, record: ComponentRecord, folder: Path, manifest, device: str = "cpu", threads: int | None = None, **options
+    ) -> TorchEngine:
+        """The reference module of `record`, loaded from the artifact's source checkpoint."""
+        from difflower.errors import ArgumentError
         from difflower.exporters.specs import load_export_module, spec_for_record
 
-        return cls(record, load_export_module(spec_for_record(record), source), device)
+        if options:
+            raise ArgumentError(f"--engine-option {next(iter(options))}", "is not an option of the torch engine")
+        if threads:
+            torch.set_num_threads(threads)
+        return cls(record, load_export_module(spec_for_record(record), Path(manifest.source["path"])), device)
 
     @torch.no_grad()
     def run(self, inputs: Mapping[str, Array]) -> dict[str, torch.Tensor]:
@@ -40,3 +48,6 @@ class TorchEngine(Engine):
             args.append(value.to(self.device, torch_dtype(spec.dtype)))
         outputs = self.module(*args)
         return {spec.name: out for spec, out in zip(self.outputs, outputs, strict=True)}
+
+
+ENGINE = TorchEngine

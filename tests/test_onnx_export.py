@@ -201,23 +201,25 @@ def test_missing_manifest_and_wrong_reference(onnx_dirs, tiny_dirs, tmp_path):
 
 
 def test_interrupted_export_leaves_no_folder(tiny_dirs, tmp_path, monkeypatch):
-    real = onnx_exporter._export_component
+    from difflower.exporters import common
+
+    real = common._export_component
     calls: list[str] = []
 
     def interrupt_second(*args, **kwargs):
-        calls.append(args[0].name)
+        calls.append(args[1].name)
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(onnx_exporter, "_export_component", interrupt_second)
+    monkeypatch.setattr(common, "_export_component", interrupt_second)
     with pytest.raises(KeyboardInterrupt):
         export_onnx(tiny_dirs["sd"], tmp_path / "out", progress=False)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_parity_miss_fails_the_export_unless_allowed(tiny_dirs, tmp_path, monkeypatch):
-    real = onnx_exporter._torch_export
+    real = onnx_exporter.torch_export
 
     def export_perturbed(module, inputs, spec, path, dynamic, external, contrib=False):
         """Write a graph whose weights differ from the reference: the backend computes something else."""
@@ -231,7 +233,7 @@ def test_parity_miss_fails_the_export_unless_allowed(tiny_dirs, tmp_path, monkey
         with torch.no_grad():
             weight.copy_(original)
 
-    monkeypatch.setattr(onnx_exporter, "_torch_export", export_perturbed)
+    monkeypatch.setattr(onnx_exporter, "torch_export", export_perturbed)
     with pytest.raises(ExportParityError, match=r"parity gate missed by unet .*nothing was written"):
         export_onnx(tiny_dirs["sd"], tmp_path / "out", components=["unet"], progress=False)
     assert not (tmp_path / "out").exists()

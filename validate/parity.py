@@ -89,8 +89,10 @@ def validate_artifact(
     seed: int = 0,
     guidance_scale: float | None = None,
     engine: str | None = None,
+    device: str = "cpu",
     allow_source_mismatch: bool = False,
     progress: bool = False,
+    engine_options: dict[str, Any] | None = None,
 ) -> ValidationReport:
     """Validate `artifact` against the eager pipeline of `reference` (see the module docstring)."""
     from difflower.exporters.specs import example_inputs, load_export_module, spec_for_record
@@ -101,7 +103,7 @@ def validate_artifact(
     manifest = Manifest.read(artifact)
     if not allow_source_mismatch:
         check_source(manifest, reference)
-    pipe = load_artifact(artifact, engine=engine)
+    pipe = load_artifact(artifact, engine=engine, device=device, **(engine_options or {}))
     eager = load_pipeline(reference)
     spec = pipe.spec
     bucket = manifest.buckets[0] if manifest.buckets else None
