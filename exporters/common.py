@@ -18,7 +18,7 @@ import gc
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -68,6 +68,7 @@ class ExportOptions:
     overwrite: bool = False
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+    source_root: Path | None = None  # set by run_export: the checkpoint folder being exported
 
     @property
     def plan(self) -> ShapePlan:
@@ -125,6 +126,7 @@ def run_export(backend: BackendExporter, model: Path | str, out: Path | str, opt
     for bucket in plan.buckets:
         if bucket.height % multiple or bucket.width % multiple:
             raise ArgumentError("--static", f"{bucket}: height and width must be multiples of {multiple}")
+    options = replace(options, source_root=index.root)
     backend.check_options(options, index)
 
     with atomic_directory(out, options.overwrite) as tmp:
