@@ -14,21 +14,28 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 # torch is pinned to 2.13.0 in pyproject.toml: a bare `torch` could pull a multi-GB CUDA build.
-# The demo runs every backend this machine can run: ONNX Runtime on the CPU.
+# The demo and the tests use every backend this machine runs: ONNX Runtime, OpenVINO and
+# TorchScript on the CPU (Core ML prediction, TensorRT and Neuron need other hardware).
+BACKENDS := onnx openvino torchscript
+
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[onnx]'
+	$(BIN)/python -m pip install --quiet -e '.[onnx,openvino]'
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[test,onnx]'
+	$(BIN)/python -m pip install --quiet -e '.[test,onnx,openvino]'
 	touch $@
 
 demo: $(VENV)/.installed
 	$(BIN)/difflower tiny $(DEMO)/tiny-sd --family sd --seed 0 --overwrite
 	$(BIN)/difflower generate $(DEMO)/tiny-sd --prompt "$(PROMPT)" --steps 20 --seed 0 -o $(DEMO)/eager.png
-	$(BIN)/difflower export $(DEMO)/tiny-sd --backend onnx --out $(DEMO)/tiny-sd-onnx --overwrite
-	$(BIN)/difflower generate $(DEMO)/tiny-sd-onnx --prompt "$(PROMPT)" --steps 20 --seed 0 -o $(DEMO)/onnx.png
-	$(BIN)/difflower validate $(DEMO)/tiny-sd-onnx --reference $(DEMO)/tiny-sd --steps 20 --json $(DEMO)/validate-onnx.json
+	set -e; for backend in $(BACKENDS); do \
+	  $(BIN)/difflower export $(DEMO)/tiny-sd --backend $$backend --out $(DEMO)/tiny-sd-$$backend --overwrite; \
+	  $(BIN)/difflower generate $(DEMO)/tiny-sd-$$backend --prompt "$(PROMPT)" --steps 20 --seed 0 \
+	    -o $(DEMO)/$$backend.png; \
+	  $(BIN)/difflower validate $(DEMO)/tiny-sd-$$backend --reference $(DEMO)/tiny-sd --steps 20 \
+	    --json $(DEMO)/validate-$$backend.json; \
+	done
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q

@@ -68,10 +68,3 @@ def export(model: str | Path, backend: str, out: str | Path, **options: Any):
     from difflower.exporters import export as _export
 
     return _export(model, backend, out, **options)
-
-
-def validate(artifact: str | Path, reference: str | Path, **options: Any):
-    """Parity of an artifact against the eager reference; see difflower.validate.parity."""
-    from difflower.validate.parity import validate_artifact
-
-    return validate_artifact(artifact, reference, **options)

@@ -74,6 +74,14 @@ class ExportOptions:
     def plan(self) -> ShapePlan:
         return ShapePlan(self.buckets, cfg=self.cfg)
 
+    @property
+    def effective_precision(self) -> str:
+        """What the gates judge: the storage precision, or the quantization asked for."""
+        quantize = self.extra.get("quantize")
+        if quantize:
+            return "int4" if quantize.startswith("int4") else "int8"
+        return self.precision
+
 
 @dataclass
 class ComponentExport:
@@ -84,7 +92,12 @@ class ComponentExport:
 
 
 class BackendExporter(Protocol):
-    """One backend's part of an export."""
+    """One backend's part of an export.
+
+    A backend that can only build fixed shapes (a traced or compiled graph) may also set a class
+    attribute `static_only = True`: with no --static it then gets the checkpoint's native size at
+    one image (`default_bucket`) as its one static bucket, recorded as such in the manifest.
+    """
 
     name: str  # the manifest's `backend`
 
@@ -119,9 +132,11 @@ def parse_buckets(static: Sequence[Bucket | str]) -> tuple[Bucket, ...]:
 def run_export(backend: BackendExporter, model: Path | str, out: Path | str, options: ExportOptions) -> Manifest:
     """Export checkpoint `model` to an artifact folder `out` with `backend` (see the module docstring)."""
     index = read_model_index(model)
+    factor = read_vae_config(index.root / "vae").downscale_factor
+    if not options.buckets and getattr(backend, "static_only", False):
+        options = replace(options, buckets=(default_bucket(index.root, factor),))
     plan = options.plan
     specs = _select(component_specs(index), options.components)
-    factor = read_vae_config(index.root / "vae").downscale_factor
     multiple = factor * (2 if index.family == "sd3" else 1)
     for bucket in plan.buckets:
         if bucket.height % multiple or bucket.width % multiple:
@@ -143,7 +158,7 @@ def run_export(backend: BackendExporter, model: Path | str, out: Path | str, opt
         manifest = Manifest(
             family=index.family,
             backend=backend.name,
-            precision=options.precision,
+            precision=options.effective_precision,
             source=source_record(index.root),
             pipeline=_pipeline_facts(index),
             components=records,
@@ -225,7 +240,7 @@ def _export_component(
     got = run(inputs)
     del run
     gc.collect()
-    parity = component_parity(spec, options.precision, expected, got)
+    parity = component_parity(spec, options.effective_precision, expected, got)
     files = sorted(str(p.relative_to(out)) for p in folder.rglob("*") if p.is_file())
     record = ComponentRecord(
         name=spec.name,

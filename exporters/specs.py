@@ -305,9 +305,13 @@ def load_export_module(spec: ComponentSpec, root: Path) -> nn.Module:
     elif spec.kind == "transformer":
         module = TransformerExport(load_sd3_transformer(folder, torch.float32))
     elif spec.kind == "vae_encoder":
-        module = VAEEncoderExport(load_vae(folder, torch.float32))
+        vae = load_vae(folder, torch.float32)
+        vae.decoder = vae.post_quant_conv = None  # only the encoder half is exported (and carried)
+        module = VAEEncoderExport(vae)
     else:
-        module = VAEDecoderExport(load_vae(folder, torch.float32))
+        vae = load_vae(folder, torch.float32)
+        vae.encoder = vae.quant_conv = None  # only the decoder half is exported (and carried)
+        module = VAEDecoderExport(vae)
     # torch.onnx.export restores the wrapper's train/eval mode recursively afterwards: a wrapper left
     # in training mode would switch dropout on in the wrapped model (T5's).
     return module.eval().requires_grad_(False)

@@ -46,7 +46,10 @@ class EngineModelCalls:
 
     def prepare_run(self, batch: int, height: int, width: int, guidance: bool) -> None:
         """Refuse, before any work, a request outside the artifact's static buckets."""
-        buckets = self.manifest.buckets
+        buckets = list(self.manifest.buckets)
+        reshaped = {getattr(e, "bucket", None) for e in self.engines.values()} - {None}
+        if reshaped:  # engines fixed to a size at load (OpenVINO's static reshape)
+            buckets = sorted(reshaped, key=str)
         if not buckets:
             return
         cfg = self.manifest.shapes.get("cfg_doubles_denoiser_batch", True)

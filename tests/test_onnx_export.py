@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("onnx", reason="the onnx extra is not installed")
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+
+from parity_helpers import assert_run_matches, sample_image, sample_mask  # noqa: E402
 
 from difflower.cli import main  # noqa: E402
 from difflower.errors import ArgumentError, CheckpointError  # noqa: E402
@@ -20,7 +21,6 @@ from difflower.manifest import Manifest  # noqa: E402
 from difflower.reference.pipeline import load_pipeline  # noqa: E402
 from difflower.runtimes.engine import EngineInputError  # noqa: E402
 from difflower.runtimes.pipeline import load_artifact  # noqa: E402
-from difflower.validate.metrics import compare  # noqa: E402
 from difflower.validate.parity import validate_artifact  # noqa: E402
 
 FAMILIES = ("sd", "sdxl", "sd3")
@@ -39,31 +39,6 @@ def onnx_dirs(tiny_dirs, tmp_path_factory):
     return out
 
 
-def image(h=64, w=64):
-    import PIL.Image
-
-    y, x = np.mgrid[0:h, 0:w]
-    return PIL.Image.fromarray(np.stack([x * 4, y * 4, (x + y) * 2], -1).clip(0, 255).astype(np.uint8))
-
-
-def mask(h=64, w=64):
-    import PIL.Image
-
-    m = np.zeros((h, w), np.uint8)
-    m[:, w // 2 :] = 255
-    return PIL.Image.fromarray(m)
-
-
-def assert_run_matches(eager, artifact, **kwargs):
-    """Same seed through both pipelines: final latents within DESIGN's fp32 gate, image PSNR >= 40 dB."""
-    a = artifact(generator=torch.Generator().manual_seed(11), output_type="np", return_trajectory=True, **kwargs)
-    e = eager(generator=torch.Generator().manual_seed(11), output_type="np", return_trajectory=True, **kwargs)
-    torch.testing.assert_close(a.trajectory[-1], e.trajectory[-1], atol=1e-4, rtol=1e-2)
-    psnr = compare(a.images, e.images).psnr
-    assert psnr is None or psnr >= 40
-    return a, e
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("shapes", ["dynamic", "static"])
 def test_txt2img_on_onnxruntime_matches_eager(tiny_dirs, onnx_dirs, family, shapes):
@@ -78,7 +53,7 @@ def test_txt2img_on_onnxruntime_matches_eager(tiny_dirs, onnx_dirs, family, shap
 def test_other_tasks_on_onnxruntime(tiny_dirs, onnx_dirs, family, task):
     artifact = load_artifact(onnx_dirs[(family, "dynamic")])
     eager = load_pipeline(tiny_dirs[family])
-    extra = {"image": image()} if task == "img2img" else {"image": image(), "mask_image": mask()}
+    extra = {"image": sample_image()} if task == "img2img" else {"image": sample_image(), "mask_image": sample_mask()}
     assert_run_matches(eager, artifact, prompt="a tree", num_inference_steps=4, strength=0.75, progress=False, **extra)
 
 

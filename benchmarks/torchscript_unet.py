@@ -1,0 +1,143 @@
+"""Real-size TorchScript benchmark (issue 8): one CFG step of the SD1.5 UNet, random weights.
+
+    python benchmarks/torchscript_unet.py   # torch eager vs the torchscript artifact vs it frozen
+
+The UNet is exported with `--backend torchscript` (no --static: the checkpoint's 512x512 at one
+image, batch 2 with CFG) into $DIFFLOWER_BENCH_DIR (default /tmp/difflower-bench) and run
+through the torchscript engine; `torch.jit.freeze` of the same traced module is timed beside
+it, as the evidence for saving graphs unfrozen. The three run interleaved in one process on
+the same inputs, after warm-up (TorchScript's profiling executor optimizes on its first two
+calls). The 1-minute load average before and after is recorded: the figures are only as
+good as the machine was quiet. Results: benchmarks/results/torchscript-sd15-step.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from onnx_unet import CACHE, checkpoint  # noqa: E402
+
+from difflower.validate.bench import machine_info  # noqa: E402
+
+
+def _export(source: Path, artifact: Path) -> dict:
+    """Export the UNet unless an earlier run did; what its manifest recorded either way."""
+    from difflower.exporters import export
+    from difflower.manifest import Manifest
+
+    cached = (artifact / "difflower.json").is_file()
+    if not cached:
+        export(source, "torchscript", artifact, components=["unet"], overwrite=True)
+    manifest = Manifest.read(artifact)
+    record = manifest.components["unet"]
+    return {
+        "cached_from_an_earlier_run": cached,
+        "export_seconds": record.export_seconds,
+        "shapes": manifest.shapes,
+        "size_gib": record.size_bytes / 2**30,
+        "parity": record.parity["summary"],
+    }
+
+
+def interleave(runners: dict[str, Callable[[], torch.Tensor]], rounds: int):
+    """Call every runner once per round, in turn: ({name: seconds per round}, {name: last output})."""
+    seconds: dict[str, list[float]] = {name: [] for name in runners}
+    outputs: dict[str, torch.Tensor] = {}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            outputs[name] = run()
+            seconds[name].append(time.perf_counter() - start)
+    return seconds, outputs
+
+
+def sd15_step(runs: int, warmup: int) -> dict:
+    """Eager vs torchscript (vs frozen torchscript), interleaved: medians, ratios, parity."""
+    from difflower.exporters.specs import UNetExport
+    from difflower.exporters.torchscript import FILE, load_traced
+    from difflower.manifest import Manifest
+    from difflower.reference.loading import load_unet
+    from difflower.runtimes.torchscript_engine import TorchScriptEngine
+    from difflower.validate.metrics import compare
+
+    load_before = os.getloadavg()
+    source = checkpoint("sd15")
+    artifact = CACHE / "sd15-torchscript-unet"
+    exported = _export(source, artifact)
+
+    gen = torch.Generator().manual_seed(0)
+    inputs = {
+        "sample": torch.randn(2, 4, 64, 64, generator=gen),
+        "timestep": torch.full((2,), 500.0),
+        "encoder_hidden_states": torch.randn(2, 77, 768, generator=gen),
+    }
+    eager = UNetExport(load_unet(source / "unet", torch.float32), text_time=False).eval().requires_grad_(False)
+    manifest = Manifest.read(artifact)
+    engine = TorchScriptEngine.open(manifest.components["unet"], artifact, manifest)
+    frozen = torch.jit.freeze(load_traced(artifact / "unet" / FILE, "cpu"))
+
+    def run_eager():
+        with torch.no_grad():
+            return eager(*inputs.values())[0]
+
+    def run_frozen():
+        with torch.no_grad():
+            return frozen(*inputs.values())[0]
+
+    runners = {
+        "torch_eager": run_eager,
+        "torchscript": lambda: engine(inputs)["out_sample"],
+        "torchscript_frozen": run_frozen,
+    }
+    warmup_s, outputs = interleave(runners, warmup)
+    times, _ = interleave(runners, runs)
+    median = {name: statistics.median(t) for name, t in times.items()}
+    return {
+        "benchmark": "sd15 unet, one CFG step (batch 2, 4x64x64 latents = 512x512 px, 77x768 context), fp32",
+        "median_s": median,
+        "ratio_vs_torch_eager": {name: median[name] / median["torch_eager"] for name in runners},
+        "runs_s": times,
+        "warmup_s": warmup_s,
+        "parity_vs_eager": {
+            name: compare(out, outputs["torch_eager"]).to_json()
+            for name, out in outputs.items()
+            if name != "torch_eager"
+        },
+        "export": exported,
+        "threads": torch.get_num_threads(),
+        "load_average_1_5_15": {"before": load_before, "after": os.getloadavg()},
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    args = parser.parse_args()
+    CACHE.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(os.cpu_count() or 1)
+    result = sd15_step(args.runs, args.warmup)
+    result["machine"] = machine_info()
+    out = HERE / "results" / "torchscript-sd15-step.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

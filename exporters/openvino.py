@@ -1,0 +1,131 @@
+"""OpenVINO: every component converted from the reference module to IR, `<component>/openvino_model.xml/.bin`.
+
+The layout optimum-intel reads. `openvino.convert_model` traces the same wrapper modules the
+other backends export (example inputs from the specs), with symbolic dims left dynamic or,
+with one `--static` bucket, reshaped to it at export. `--precision fp16` stores weights in
+fp16 (OpenVINO computes in its inference precision, recorded per engine). Compression with
+nncf (`--quantize`) is opt-in: see difflower.graph_passes.openvino_compression.
+
+Parity is checked with the CPU plugin forced to f32 inference, so the check measures the
+conversion (and the compression asked for), not a bf16 default of the machine's CPU.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from difflower.errors import ArgumentError
+from difflower.exporters.common import ComponentExport, ComponentRunner, ExportOptions
+from difflower.exporters.specs import ComponentSpec
+from difflower.graph_passes.openvino_compression import (
+    QUANTIZE_MODES,
+    calibration_dataset,
+    compress_component,
+    compression_applies,
+)
+from difflower.reference.loading import ModelIndex
+
+PRECISIONS = ("fp32", "fp16")
+XML = "openvino_model.xml"
+
+
+def _ov_type(dtype: str):
+    import openvino as ov
+
+    return {"int64": ov.Type.i64, "int32": ov.Type.i32, "float32": ov.Type.f32, "float16": ov.Type.f16}[dtype]
+
+
+def convert(module: torch.nn.Module, inputs: dict[str, torch.Tensor], spec: ComponentSpec, static: bool):
+    """openvino.convert_model of a wrapper module: named inputs (symbolic dims dynamic unless static),
+    named outputs, as the spec says."""
+    import openvino as ov
+
+    declared = []
+    for tensor in spec.inputs:
+        if static:
+            shape = ov.PartialShape(list(inputs[tensor.name].shape))
+        else:
+            shape = ov.PartialShape([d if isinstance(d, int) else -1 for d in tensor.shape])
+        declared.append((tensor.name, shape, _ov_type(tensor.dtype)))
+    with torch.no_grad(), warnings.catch_warnings():
+        # Tracer warnings about Python values taken from shapes (expected: shapes are config- or
+        # input-derived, never tensor values).
+        warnings.simplefilter("ignore")
+        model = ov.convert_model(module, example_input=tuple(inputs.values()), input=declared)
+    for port, tensor in zip(model.outputs, spec.outputs, strict=True):
+        port.get_tensor().set_names({tensor.name})
+    return model
+
+
+class OpenVINOExporter:
+    """BackendExporter for OpenVINO IR, checked on the CPU plugin at f32."""
+
+    name = "openvino"
+
+    def check_options(self, options: ExportOptions, index: ModelIndex) -> None:
+        if options.precision not in PRECISIONS:
+            raise ArgumentError("--precision", f"openvino stores weights as {' or '.join(PRECISIONS)}")
+        if options.attention == "onnxruntime":
+            raise ArgumentError("--attention", "onnxruntime's fused attention is an ONNX Runtime operator")
+        unknown = set(options.extra) - {"quantize", "calibration_prompts", "calibration_steps"}
+        if unknown:
+            raise ArgumentError(f"--{sorted(unknown)[0].replace('_', '-')}", "is not an option of the openvino backend")
+        quantize = options.extra.get("quantize")
+        if quantize is not None and quantize not in QUANTIZE_MODES:
+            raise ArgumentError("--quantize", f"openvino offers {', '.join(QUANTIZE_MODES)}; got {quantize!r}")
+        if quantize == "int8" and not any(c in ("unet", "transformer") for c in options.components or ("unet",)):
+            raise ArgumentError("--quantize", "int8 (hybrid) quantizes the denoiser: include it in --components")
+
+    def export_component(
+        self,
+        module: torch.nn.Module,
+        inputs: dict[str, torch.Tensor],
+        spec: ComponentSpec,
+        folder: Path,
+        options: ExportOptions,
+    ) -> ComponentExport:
+        import openvino as ov
+
+        model = convert(module, inputs, spec, static=options.plan.static)
+        quantize = options.extra.get("quantize")
+        passes = []
+        if quantize is not None and compression_applies(quantize, spec.kind):
+            dataset = None
+            if quantize == "int8" and spec.kind in ("unet", "transformer"):
+                dataset = calibration_dataset(
+                    options.source_root,
+                    spec,
+                    options.plan,
+                    prompts=int(options.extra.get("calibration_prompts", 8)),
+                    steps=int(options.extra.get("calibration_steps", 10)),
+                )
+            model, result = compress_component(model, spec.kind, quantize, dataset)
+            passes.append(result)
+        ov.save_model(model, str(folder / XML), compress_to_fp16=options.precision == "fp16")
+        return ComponentExport(passes=passes, notes={"quantize": quantize} if quantize else {})
+
+    def runner(self, folder: Path, spec: ComponentSpec, options: ExportOptions) -> ComponentRunner:
+        import openvino as ov
+
+        compiled = ov.Core().compile_model(str(folder / XML), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        names = [t.name for t in spec.outputs]
+
+        def run(feeds: Mapping[str, torch.Tensor]) -> list[np.ndarray]:
+            result = compiled({k: v.numpy() for k, v in feeds.items()})
+            return [result[compiled.output(name)] for name in names]
+
+        return run
+
+    def versions(self) -> dict[str, str]:
+        import nncf
+        import openvino as ov
+
+        return {"openvino": ov.get_version(), "nncf": nncf.__version__}
+
+
+EXPORTER = OpenVINOExporter

@@ -1,0 +1,133 @@
+"""Engine `openvino`: an IR component compiled by OpenVINO on CPU, GPU, NPU or AUTO.
+
+Options (`difflower.load(..., engine options)` or `--engine-option KEY=VALUE`):
+- `cache_dir`: OpenVINO's compiled-model cache; a second load of the same artifact skips
+  compilation (the engine reports `loaded_from_cache`);
+- `performance_hint`: `latency` (default) or `throughput`;
+- `static`: (batch, height, width) to reshape a dynamic artifact at load, the largest single
+  speed-up on OpenVINO CPU; the engine then refuses other sizes, and a static artifact refuses
+  any reshape to another size.
+
+fp32 artifacts are compiled with f32 inference precision, so a CPU with bf16 units does not
+silently compute in bf16; compressed and fp16 artifacts use the plugin's default.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from difflower.errors import ArgumentError, CheckpointError
+from difflower.manifest import Bucket, ComponentRecord, Manifest
+from difflower.runtimes.engine import Array, Engine, to_numpy
+
+XML = "openvino_model.xml"
+DEVICES = {"cpu": "CPU", "gpu": "GPU", "npu": "NPU", "auto": "AUTO"}
+HINTS = {"latency": "LATENCY", "throughput": "THROUGHPUT"}
+
+
+def parse_static(value: Any) -> Bucket | None:
+    """(b, h, w), "BxHxW" or a Bucket -> Bucket."""
+    if value is None or isinstance(value, Bucket):
+        return value
+    if isinstance(value, str):
+        return Bucket.parse(value, "static")
+    try:
+        batch, height, width = (int(v) for v in value)
+    except (TypeError, ValueError):
+        raise ArgumentError("static", f"expected (batch, height, width), got {value!r}") from None
+    return Bucket(batch, height, width)
+
+
+class OpenVINOEngine(Engine):
+    """One component's IR, compiled on an OpenVINO device."""
+
+    backend = "openvino"
+
+    def __init__(
+        self,
+        record: ComponentRecord,
+        folder: Path,
+        manifest: Manifest,
+        device: str = "cpu",
+        threads: int | None = None,
+        cache_dir: str | None = None,
+        performance_hint: str = "latency",
+        static: Any = None,
+    ):
+        import openvino as ov
+
+        super().__init__(record)
+        self.path = Path(folder) / record.name / XML
+        if not self.path.is_file():
+            raise CheckpointError(self.path, "not found; the artifact is incomplete, re-export it")
+        if device.lower() not in DEVICES:
+            raise ArgumentError("--device", f"openvino runs on {', '.join(DEVICES)}; got {device!r}")
+        if performance_hint not in HINTS:
+            raise ArgumentError("performance_hint", f"must be {' or '.join(HINTS)}, got {performance_hint!r}")
+        core = ov.Core()
+        if cache_dir:
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+            core.set_property({"CACHE_DIR": str(cache_dir)})
+        try:
+            model = core.read_model(str(self.path))
+        except RuntimeError as err:
+            raise CheckpointError(
+                self.path, f"OpenVINO cannot read it ({str(err).splitlines()[0][:200]}); re-export the artifact"
+            ) from None
+        self.bucket = parse_static(static)
+        if self.bucket is not None:
+            self.record = self._reshaped_record(manifest, self.bucket)
+            model.reshape({t.name: list(t.shape) for t in self.record.inputs})
+        config: dict[str, Any] = {"PERFORMANCE_HINT": HINTS[performance_hint]}
+        if manifest.precision == "fp32" and device.lower() in ("cpu", "auto"):
+            config["INFERENCE_PRECISION_HINT"] = "f32"
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        start = time.perf_counter()
+        self.compiled = core.compile_model(model, DEVICES[device.lower()], config)
+        self.compile_seconds = time.perf_counter() - start
+        self.loaded_from_cache = bool(self.compiled.get_property("LOADED_FROM_CACHE")) if cache_dir else False
+        self._outputs = [(t.name, self.compiled.output(t.name)) for t in self.record.outputs]
+
+    @classmethod
+    def open(
+        cls, record: ComponentRecord, folder: Path, manifest: Manifest, device: str = "cpu", threads=None, **options
+    ) -> OpenVINOEngine:
+        unknown = set(options) - {"cache_dir", "performance_hint", "static"}
+        if unknown:
+            raise ArgumentError(f"--engine-option {sorted(unknown)[0]}", "is not an option of the openvino engine")
+        return cls(record, folder, manifest, device=device, threads=threads, **options)
+
+    def _reshaped_record(self, manifest: Manifest, bucket: Bucket) -> ComponentRecord:
+        """The record with every symbolic dim fixed for `bucket` (refusing to re-size a static artifact)."""
+        from difflower.exporters.specs import ShapePlan, concrete
+
+        if manifest.buckets and bucket not in manifest.buckets:
+            built = ", ".join(str(b) for b in manifest.buckets)
+            raise ArgumentError(
+                "static", f"this artifact was built static for {built}; it cannot be reshaped to {bucket}"
+            )
+        plan = ShapePlan(
+            cfg=manifest.shapes.get("cfg_doubles_denoiser_batch", True),
+            t5_sequence_length=int(manifest.shapes.get("t5_sequence_length", 256)),
+        )
+        dims = plan.dims(bucket, manifest.pipeline["vae_scale_factor"])
+        return replace(
+            self.record,
+            inputs=[concrete(t, dims) for t in self.record.inputs],
+            outputs=[concrete(t, dims) for t in self.record.outputs],
+        )
+
+    def run(self, inputs: Mapping[str, Array]) -> dict[str, np.ndarray]:
+        dtypes = {t.name: t.dtype for t in self.inputs}
+        result = self.compiled({name: to_numpy(value, dtypes[name]) for name, value in inputs.items()})
+        return {name: result[port] for name, port in self._outputs}
+
+
+ENGINE = OpenVINOEngine
