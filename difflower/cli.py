@@ -156,6 +156,33 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from difflower.validate.bench import bench, plot, render
+
+    report = bench(
+        args.artifacts,
+        args.reference,
+        steps=args.steps,
+        runs=args.runs,
+        warmup=args.warmup,
+        prompt=args.prompt,
+        seed=args.seed,
+    )
+    print(render(report))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"  report: {args.json}")
+    if args.plot is not None:
+        try:
+            print(f"  chart: {plot(report, args.plot)}")
+        except ModuleNotFoundError:
+            raise ArgumentError("--plot", "needs matplotlib: pip install 'difflower[bench]'") from None
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from difflower.manifest import Manifest
 
@@ -257,6 +284,18 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--json", type=Path, default=None, help="write the full report here")
     val.add_argument("--allow-mismatch", action="store_true", help="compare even if MODEL is not the source")
     val.set_defaults(handler=_cmd_validate)
+
+    ben = commands.add_parser("bench", help="one benchmark protocol for the reference and artifacts")
+    ben.add_argument("artifacts", type=Path, nargs="*", metavar="ARTIFACT")
+    ben.add_argument("--reference", type=Path, default=None, metavar="MODEL", help="the eager baseline")
+    ben.add_argument("--steps", type=int, default=4, help="steps of the end-to-end run")
+    ben.add_argument("--runs", type=int, default=3, help="timed runs per component (median reported)")
+    ben.add_argument("--warmup", type=int, default=1)
+    ben.add_argument("--prompt", default="a watercolor painting of a lighthouse at sunset")
+    ben.add_argument("--seed", type=int, default=0)
+    ben.add_argument("--json", type=Path, default=None, help="write the report here")
+    ben.add_argument("--plot", type=Path, default=None, metavar="FILE.png", help="latency chart")
+    ben.set_defaults(handler=_cmd_bench)
 
     info = commands.add_parser("info", help="summarise an artifact's manifest")
     info.add_argument("artifact", type=Path, metavar="ARTIFACT")

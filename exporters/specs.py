@@ -292,29 +292,42 @@ class VAEDecoderExport(nn.Module):
         return (self.vae.decode(latent_sample)[0],)
 
 
-def load_export_module(spec: ComponentSpec, root: Path) -> nn.Module:
-    """The reference module of `spec`, wrapped for export, in eval mode, fp32, on the CPU."""
-    folder = Path(root) / spec.source
+def wrap_module(spec: ComponentSpec, model: nn.Module) -> nn.Module:
+    """An already-loaded component (text encoder, denoiser or whole VAE) in its export wrapper,
+    in eval mode. The wrapper shares the model's weights; it copies nothing."""
     if spec.kind == "text_encoder":
-        model = load_text_encoder(folder, spec.class_name, torch.float32)
         module: nn.Module = TextEncoderExport(
             model, spec.class_name == "T5EncoderModel", bool(spec.facts.get("with_projection"))
         )
     elif spec.kind == "unet":
-        module = UNetExport(load_unet(folder, torch.float32), spec.facts["text_time"])
+        module = UNetExport(model, spec.facts["text_time"])
     elif spec.kind == "transformer":
-        module = TransformerExport(load_sd3_transformer(folder, torch.float32))
+        module = TransformerExport(model)
     elif spec.kind == "vae_encoder":
-        vae = load_vae(folder, torch.float32)
-        vae.decoder = vae.post_quant_conv = None  # only the encoder half is exported (and carried)
-        module = VAEEncoderExport(vae)
+        module = VAEEncoderExport(model)
     else:
-        vae = load_vae(folder, torch.float32)
-        vae.encoder = vae.quant_conv = None  # only the decoder half is exported (and carried)
-        module = VAEDecoderExport(vae)
+        module = VAEDecoderExport(model)
     # torch.onnx.export restores the wrapper's train/eval mode recursively afterwards: a wrapper left
     # in training mode would switch dropout on in the wrapped model (T5's).
     return module.eval().requires_grad_(False)
+
+
+def load_export_module(spec: ComponentSpec, root: Path) -> nn.Module:
+    """The reference module of `spec`, loaded fp32 on the CPU and wrapped for export."""
+    folder = Path(root) / spec.source
+    if spec.kind == "text_encoder":
+        model = load_text_encoder(folder, spec.class_name, torch.float32)
+    elif spec.kind == "unet":
+        model = load_unet(folder, torch.float32)
+    elif spec.kind == "transformer":
+        model = load_sd3_transformer(folder, torch.float32)
+    else:
+        model = load_vae(folder, torch.float32)
+        if spec.kind == "vae_encoder":
+            model.decoder = model.post_quant_conv = None  # only the encoder half is exported (and carried)
+        else:
+            model.encoder = model.quant_conv = None  # only the decoder half is exported (and carried)
+    return wrap_module(spec, model)
 
 
 # -- example inputs --------------------------------------------------------------------------
