@@ -163,7 +163,7 @@ def encode_sdxl(
         return Conditioning(
             _repeat(e, images_per_prompt),
             text_embeds=_repeat(p, images_per_prompt),
-            time_ids=ids.to(e.dtype).repeat(batch * images_per_prompt, 1),
+            time_ids=ids.to(e.device, e.dtype).repeat(batch * images_per_prompt, 1),
         )
 
     positive = build(embeds, pooled, time_ids)

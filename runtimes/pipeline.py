@@ -175,6 +175,7 @@ def load_artifact(
         load_scheduler(scheduler_config, source=scheduler_path),
         scheduler_config,
         components=components,
+        device=device if str(device).startswith("cuda") else "cpu",  # the loop's tensors live beside the engines
     )
     pipe.manifest = manifest
     if scheduler is not None:

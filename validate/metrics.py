@@ -51,7 +51,7 @@ def compare(actual: torch.Tensor | np.ndarray, expected: torch.Tensor | np.ndarr
     denom = float(af.norm() * ef.norm())
     cosine = float(af @ ef) / denom if denom > 0 else (1.0 if float(af.norm()) == float(ef.norm()) else 0.0)
     rmse = float(torch.sqrt(torch.mean((af - ef) ** 2)))
-    psnr = None if rmse == 0 else (20 * math.log10(scale / rmse) if scale > 0 else -math.inf)
+    psnr = None if rmse == 0 else (20 * math.log10(scale / rmse) if scale > 0 and scale / rmse > 0 else -math.inf)
     if nonfinite:
         psnr, cosine = -math.inf, 0.0
     return Metrics(max_abs, max_rel, cosine, psnr, nonfinite)
