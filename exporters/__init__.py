@@ -48,8 +48,9 @@ def export(
     *,
     components: Sequence[str] | None = None,
     static: Sequence[Any] = (),
-    precision: str = "fp32",
+    precision: str | None = None,
     attention: str = "sdpa",
+    fuse_qkv: bool = False,
     cfg: bool = True,
     allow_mismatch: bool = False,
     overwrite: bool = False,
@@ -58,17 +59,20 @@ def export(
 ):
     """Export checkpoint `model` to `backend` at `out`; returns the Manifest written.
 
+    `precision` defaults to the backend's own default (fp32; fp16 for coreml).
     `backend_options` are the backend's own settings (e.g. `quantize` for openvino); a backend
     refuses the ones it does not know.
     """
     from difflower.exporters.common import ExportOptions, parse_buckets, run_export
 
     exporter = get_exporter(backend)
+    precision = precision or getattr(exporter, "default_precision", "fp32")
     options = ExportOptions(
         components=tuple(components or ()),
         buckets=parse_buckets(static),
         precision=precision,
         attention=attention,
+        fuse_qkv=fuse_qkv,
         cfg=cfg,
         allow_mismatch=allow_mismatch,
         overwrite=overwrite,

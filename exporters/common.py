@@ -39,6 +39,8 @@ from difflower.exporters.specs import (
 )
 from difflower.graph_passes.attention_variant import apply_attention_variant
 from difflower.graph_passes.base import PassResult
+from difflower.graph_passes.calibration import DENOISERS
+from difflower.graph_passes.fuse_qkv import fuse_qkv
 from difflower.manifest import Bucket, ComponentRecord, Manifest, source_record
 from difflower.reference.loading import ModelIndex, read_model_index, read_vae_config
 from difflower.validate.gates import component_verdict
@@ -63,6 +65,7 @@ class ExportOptions:
     buckets: tuple[Bucket, ...] = ()
     precision: str = "fp32"
     attention: str = "sdpa"
+    fuse_qkv: bool = False  # the fuse_qkv module pass on the denoiser
     cfg: bool = True
     allow_mismatch: bool = False
     overwrite: bool = False
@@ -73,6 +76,19 @@ class ExportOptions:
     @property
     def plan(self) -> ShapePlan:
         return ShapePlan(self.buckets, cfg=self.cfg)
+
+    def refuse_unknown(self, backend: str, allowed: set[str] | frozenset[str] | tuple[str, ...]) -> None:
+        """ArgumentError naming the first backend option that `backend` does not take."""
+        unknown = sorted(set(self.extra) - set(allowed))
+        if unknown:
+            raise ArgumentError(f"--{unknown[0].replace('_', '-')}", f"is not an option of the {backend} backend")
+
+    def refuse_quantize_mode(self, backend: str, modes: tuple[str, ...]) -> str | None:
+        """The --quantize asked for, refused unless it is one of `modes`."""
+        quantize = self.extra.get("quantize")
+        if quantize is not None and quantize not in modes:
+            raise ArgumentError("--quantize", f"{backend} offers {', '.join(modes)}; got {quantize!r}")
+        return quantize
 
     @property
     def effective_precision(self) -> str:
@@ -116,8 +132,10 @@ class BackendExporter(Protocol):
         """Write the component's files into `folder` (which exists and is empty)."""
         ...
 
-    def runner(self, folder: Path, spec: ComponentSpec, options: ExportOptions) -> ComponentRunner:
-        """Something that runs the files in `folder` on named inputs (for the parity check)."""
+    def runner(self, folder: Path, spec: ComponentSpec, options: ExportOptions) -> ComponentRunner | None:
+        """Something that runs the files in `folder` on named inputs (for the parity check), or
+        None where this machine cannot (the parity is then recorded as not measured, with the
+        reason from the component's notes["unmeasured"])."""
         ...
 
     def versions(self) -> dict[str, str]:
@@ -168,7 +186,7 @@ def run_export(backend: BackendExporter, model: Path | str, out: Path | str, opt
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         )
         manifest.write(tmp)
-        missed = [r for r in records.values() if not r.parity.get("passed", False)]
+        missed = [r for r in records.values() if r.parity.get("passed") is False]
         if missed and not options.allow_mismatch:
             names = ", ".join(f"{r.name} ({r.parity['summary']}; gate {r.parity['gate']})" for r in missed)
             raise ExportParityError(
@@ -229,6 +247,8 @@ def _export_component(
     # 1. the reference outputs first, so the module can be freed before the backend's files are loaded
     with torch.no_grad():
         expected = module(*inputs.values())
+    if options.fuse_qkv and spec.kind in DENOISERS:
+        applied.append(_fuse_qkv_checked(module, inputs, expected, spec))
     written = backend.export_component(module, inputs, spec, folder, options)
     applied += written.passes
     del module
@@ -237,10 +257,18 @@ def _export_component(
 
     # 2. component parity: the backend's files vs the reference module, same inputs
     run = backend.runner(folder, spec, options)
-    got = run(inputs)
-    del run
-    gc.collect()
-    parity = component_parity(spec, options.effective_precision, expected, got)
+    if run is None:  # this machine cannot run the backend's files (Core ML off macOS)
+        parity = {
+            "measured": False,
+            "passed": None,
+            "summary": written.notes.get("unmeasured", "not measured on this machine"),
+            "gate": f"{options.effective_precision} gates, to be checked with `difflower validate` where it runs",
+        }
+    else:
+        got = run(inputs)
+        del run
+        gc.collect()
+        parity = component_parity(spec, options.effective_precision, expected, got)
     files = sorted(str(p.relative_to(out)) for p in folder.rglob("*") if p.is_file())
     record = ComponentRecord(
         name=spec.name,
@@ -254,6 +282,18 @@ def _export_component(
         config={"class_name": spec.class_name, "source": spec.source, **spec.facts, **written.notes},
     )
     return record, applied
+
+
+def _fuse_qkv_checked(
+    module: torch.nn.Module, inputs: dict[str, torch.Tensor], expected: Sequence[torch.Tensor], spec: ComponentSpec
+) -> PassResult:
+    """Fuse the module's attention projections; the PassResult holds the fused-vs-unfused parity."""
+    result = fuse_qkv(module, where=spec.name)
+    with torch.no_grad():
+        fused = module(*inputs.values())
+    worst = max(float((a - b).abs().max()) for a, b in zip(fused, expected, strict=True))
+    result.parity = {"max_abs_vs_unfused": worst}
+    return result
 
 
 def component_parity(

@@ -261,9 +261,7 @@ class NeuronExporter:
         if problem:
             raise ArgumentError("--backend", f"neuron {problem}")
         check_traced_options(options, self.name)
-        unknown = set(options.extra) - set(OPTIONS)
-        if unknown:
-            raise ArgumentError(f"--{sorted(unknown)[0].replace('_', '-')}", "is not an option of the neuron backend")
+        options.refuse_unknown("neuron", OPTIONS)
         cast_settings(options.precision, options.extra)
 
     def export_component(

@@ -8,6 +8,7 @@ component whose weights pass the 2 GB protobuf limit gets its tensors in one
 
 from __future__ import annotations
 
+import gc
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +25,10 @@ from difflower.exporters.common import (
     run_export,
 )
 from difflower.exporters.specs import ComponentSpec
+from difflower.graph_passes.calibration import CALIBRATED, DENOISERS, denoiser_calibration
+from difflower.graph_passes.fp16 import convert_fp16, select_islands
+from difflower.graph_passes.onnx_quantize import ONNX_QUANTIZE_MODES, quantize_applies, quantize_onnx
+from difflower.graph_passes.static_shapes import static_shapes
 from difflower.manifest import Bucket, Manifest
 from difflower.reference.loading import ModelIndex
 
@@ -128,24 +133,43 @@ class OnnxExporter:
     name = "onnx"
 
     def check_options(self, options: ExportOptions, index: ModelIndex) -> None:
-        if options.precision != "fp32":
-            raise ArgumentError(
-                "--precision",
-                f"ONNX export supports fp32 for now; fp16 needs the fp16 graph pass ({options.precision!r})",
-            )
-        if options.extra:
-            raise ArgumentError(f"--{next(iter(options.extra))}", "is not an option of the onnx backend")
+        if options.precision not in ("fp32", "fp16"):
+            raise ArgumentError("--precision", f"onnx builds fp32 or fp16 graphs, not {options.precision!r}")
+        options.refuse_unknown("onnx", CALIBRATED)
+        quantize = options.refuse_quantize_mode("onnx", ONNX_QUANTIZE_MODES)
+        if quantize is not None and options.precision != "fp32":
+            raise ArgumentError("--quantize", "quantizes an fp32 graph: drop --precision fp16")
+        if quantize is not None and options.attention == "onnxruntime":
+            raise ArgumentError("--quantize", "the quantizer does not know ORT's fused attention: use --attention sdpa")
 
     def export_component(
         self, module: torch.nn.Module, inputs: dict[str, torch.Tensor], spec: ComponentSpec, folder: Path, options
     ) -> ComponentExport:
+        """Export with symbolic dims, then the graph passes: static shapes, fp16, quantization."""
         path = folder / "model.onnx"
         large = sum(p.numel() * p.element_size() for p in module.parameters()) > PROTOBUF_LIMIT
-        dynamic = None if options.plan.static else dynamic_axes(spec)
-        torch_export(module, inputs, spec, path, dynamic, external=large, contrib=options.attention == "onnxruntime")
+        torch_export(
+            module, inputs, spec, path, dynamic_axes(spec), external=large, contrib=options.attention == "onnxruntime"
+        )
         if large:
             consolidate_external_data(path)
-        return ComponentExport(notes={"external_data": large})
+        passes = []
+        if options.plan.static:
+            passes.append(static_shapes(path, {name: list(t.shape) for name, t in inputs.items()}))
+        if options.precision == "fp16":
+            islands = select_islands(module, inputs)
+            passes.append(convert_fp16(path, islands))
+        quantize = options.extra.get("quantize")
+        if quantize is not None and quantize_applies(quantize, spec.kind):
+            dataset = None
+            if quantize == "int8" and spec.kind in DENOISERS:
+                dataset = denoiser_calibration(options, spec)
+            # The reference's weights are not needed past this point; free them before the
+            # quantizer and its calibration session load their own copies (SD1.5: 3.4 GB each).
+            module.to("meta")
+            gc.collect()
+            passes.append(quantize_onnx(path, spec.kind, quantize, dataset))
+        return ComponentExport(passes=passes, notes={"external_data": large})
 
     def runner(self, folder: Path, spec: ComponentSpec, options: ExportOptions) -> ComponentRunner:
         path = folder / "model.onnx"
@@ -167,6 +191,8 @@ def export_onnx(
     static: Sequence[Bucket | str] = (),
     precision: str = "fp32",
     attention: str = "sdpa",
+    fuse_qkv: bool = False,
+    quantize: str | None = None,
     cfg: bool = True,
     allow_mismatch: bool = False,
     overwrite: bool = False,
@@ -186,10 +212,12 @@ def export_onnx(
         buckets=parse_buckets(static),
         precision=precision,
         attention=attention,
+        fuse_qkv=fuse_qkv,
         cfg=cfg,
         allow_mismatch=allow_mismatch,
         overwrite=overwrite,
         progress=progress,
+        extra={"quantize": quantize} if quantize else {},
     )
     return run_export(OnnxExporter(), model, out, options)
 

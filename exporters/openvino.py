@@ -22,12 +22,8 @@ import torch
 from difflower.errors import ArgumentError
 from difflower.exporters.common import ComponentExport, ComponentRunner, ExportOptions
 from difflower.exporters.specs import ComponentSpec
-from difflower.graph_passes.openvino_compression import (
-    QUANTIZE_MODES,
-    calibration_dataset,
-    compress_component,
-    compression_applies,
-)
+from difflower.graph_passes.calibration import CALIBRATED, denoiser_calibration
+from difflower.graph_passes.openvino_compression import QUANTIZE_MODES, compress_component, compression_applies
 from difflower.reference.loading import ModelIndex
 
 PRECISIONS = ("fp32", "fp16")
@@ -72,12 +68,8 @@ class OpenVINOExporter:
             raise ArgumentError("--precision", f"openvino stores weights as {' or '.join(PRECISIONS)}")
         if options.attention == "onnxruntime":
             raise ArgumentError("--attention", "onnxruntime's fused attention is an ONNX Runtime operator")
-        unknown = set(options.extra) - {"quantize", "calibration_prompts", "calibration_steps"}
-        if unknown:
-            raise ArgumentError(f"--{sorted(unknown)[0].replace('_', '-')}", "is not an option of the openvino backend")
-        quantize = options.extra.get("quantize")
-        if quantize is not None and quantize not in QUANTIZE_MODES:
-            raise ArgumentError("--quantize", f"openvino offers {', '.join(QUANTIZE_MODES)}; got {quantize!r}")
+        options.refuse_unknown("openvino", CALIBRATED)
+        quantize = options.refuse_quantize_mode("openvino", QUANTIZE_MODES)
         if quantize == "int8" and not any(c in ("unet", "transformer") for c in options.components or ("unet",)):
             raise ArgumentError("--quantize", "int8 (hybrid) quantizes the denoiser: include it in --components")
 
@@ -97,13 +89,7 @@ class OpenVINOExporter:
         if quantize is not None and compression_applies(quantize, spec.kind):
             dataset = None
             if quantize == "int8" and spec.kind in ("unet", "transformer"):
-                dataset = calibration_dataset(
-                    options.source_root,
-                    spec,
-                    options.plan,
-                    prompts=int(options.extra.get("calibration_prompts", 8)),
-                    steps=int(options.extra.get("calibration_steps", 10)),
-                )
+                dataset = denoiser_calibration(options, spec)
             model, result = compress_component(model, spec.kind, quantize, dataset)
             passes.append(result)
         ov.save_model(model, str(folder / XML), compress_to_fp16=options.precision == "fp16")

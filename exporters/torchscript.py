@@ -101,11 +101,7 @@ class TorchScriptExporter:
                 "--precision", f"torchscript traces the fp32 reference; {options.precision!r} needs the fp16 graph pass"
             )
         check_traced_options(options, self.name)
-        unknown = set(options.extra) - {"device"}
-        if unknown:
-            raise ArgumentError(
-                f"--{sorted(unknown)[0].replace('_', '-')}", "is not an option of the torchscript backend"
-            )
+        options.refuse_unknown("torchscript", {"device"})
         trace_device(options)
 
     def export_component(

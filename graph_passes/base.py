@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -27,3 +30,15 @@ class PassResult:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@contextlib.contextmanager
+def quieter(logger: logging.Logger, level: int = logging.WARNING) -> Iterator[None]:
+    """Raise `logger`'s level for a block: the libraries passes call log every step at INFO,
+    and the PassResult reports what happened instead."""
+    previous = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)

@@ -14,26 +14,15 @@ compressed nothing.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from difflower.exporters.specs import ComponentSpec, ShapePlan
-from difflower.graph_passes.base import PassDidNotFire, PassResult
+from difflower.graph_passes.base import PassDidNotFire, PassResult, quieter
+from difflower.graph_passes.calibration import DENOISERS
 
 QUANTIZE_MODES = ("int8-weight", "int4-weight", "int8")
-PROMPTS_FILE = Path(__file__).with_name("calibration_prompts.txt")
-DENOISERS = ("unet", "transformer")
-
-
-def calibration_prompts() -> list[str]:
-    """The repository's calibration prompt set."""
-    lines = PROMPTS_FILE.read_text(encoding="utf-8").splitlines()
-    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
 
 
 def compression_applies(mode: str, kind: str) -> bool:
@@ -58,22 +47,11 @@ def _count_low_bit_constants(model) -> dict[str, int]:
     return counts
 
 
-@contextlib.contextmanager
-def _quiet_nncf():
-    """nncf prints tables and progress bars at INFO; difflower reports the PassResult instead."""
-    from nncf.common.logging.logger import nncf_logger
-
-    level = nncf_logger.level
-    nncf_logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        nncf_logger.setLevel(level)
-
-
 def compress_component(model, kind: str, mode: str, dataset: list[dict[str, np.ndarray]] | None):
     """Compress one OpenVINO model in place of `model`; returns (model, PassResult)."""
-    with _quiet_nncf():
+    from nncf.common.logging.logger import nncf_logger
+
+    with quieter(nncf_logger, logging.ERROR):  # nncf prints tables and progress bars at INFO
         return _compress(model, kind, mode, dataset)
 
 
@@ -109,40 +87,3 @@ def _compress(model, kind: str, mode: str, dataset: list[dict[str, np.ndarray]] 
     if not counts:
         raise PassDidNotFire(f"openvino {mode}: nothing in the {kind} was compressed")
     return model, PassResult("openvino_compression", counts, settings)
-
-
-def calibration_dataset(
-    root: Path | None, spec: ComponentSpec, plan: ShapePlan, prompts: int = 8, steps: int = 10
-) -> list[dict[str, np.ndarray]]:
-    """Denoiser inputs recorded while the eager reference pipeline runs `prompts` calibration
-    prompts for `steps` steps each, at the artifact's shape (its static bucket, or native size)."""
-    from difflower.reference.pipeline import load_pipeline
-
-    if root is None:
-        raise PassDidNotFire("openvino int8: the source checkpoint is unknown, cannot calibrate")
-    pipe = load_pipeline(root)
-    bucket = plan.buckets[0] if plan.buckets else None
-    names = [t.name for t in spec.inputs]
-    samples: list[dict[str, np.ndarray]] = []
-    calls = pipe.calls
-    original = calls.denoiser
-
-    def record(sample: torch.Tensor, timestep: torch.Tensor, cond) -> torch.Tensor:
-        if spec.kind == "unet":
-            values = [sample, timestep, cond.encoder_hidden_states]
-            if cond.text_embeds is not None:
-                values += [cond.text_embeds, cond.time_ids]
-        else:
-            values = [sample, cond.encoder_hidden_states, cond.pooled_projections, timestep]
-        samples.append({n: v.detach().float().numpy().copy() for n, v in zip(names, values, strict=True)})
-        return original(sample, timestep, cond)
-
-    calls.denoiser = record
-    try:
-        for i, prompt in enumerate(calibration_prompts()[:prompts]):
-            size = {} if bucket is None else {"height": bucket.height, "width": bucket.width}
-            batch = 1 if bucket is None else bucket.batch
-            pipe([prompt] * batch, num_inference_steps=steps, seed=i, output_type="latent", progress=False, **size)
-    finally:
-        calls.denoiser = original
-    return samples

@@ -8,9 +8,13 @@ merged (B, N, heads * d) layout. The backend is an attribute of each module,
 - "math": plain matmul/softmax, for converters that cannot take SDPA;
 - "onnxruntime": the same math in torch, exported to ONNX as ONNX Runtime's fused
   `com.microsoft::MultiHeadAttention` (CPU and CUDA providers; measured 15% faster for a whole
-  SD1.5 UNet step on a 2-core CPU). Other ONNX consumers do not know that operator.
+  SD1.5 UNet step on a 2-core CPU). Other ONNX consumers do not know that operator;
+- "split-einsum": one einsum pair per head, the layout Apple's Neural Engine runs well
+  (ml-stable-diffusion's SPLIT_EINSUM, on our modules instead of a forked UNet);
+- "split-einsum-v2": the same with the queries cut into at most 4 chunks per head, so no
+  (Nq, Nk) score matrix is ever whole (SPLIT_EINSUM_V2).
 
-All three compute the same thing; they differ by float rounding only.
+All compute the same thing; they differ by float rounding only.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-AttentionBackend = Literal["sdpa", "math", "onnxruntime"]
-ATTENTION_BACKENDS: tuple[AttentionBackend, ...] = ("sdpa", "math", "onnxruntime")
+AttentionBackend = Literal["sdpa", "math", "onnxruntime", "split-einsum", "split-einsum-v2"]
+ATTENTION_BACKENDS: tuple[AttentionBackend, ...] = ("sdpa", "math", "onnxruntime", "split-einsum", "split-einsum-v2")
+QUERY_CHUNKS = 4  # split-einsum-v2
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -58,9 +63,27 @@ def multi_head_attention(
         out = torch.matmul(scores.softmax(dim=-1), value)  # (B, heads, Nq, d)
     elif backend in ("sdpa", "onnxruntime"):
         out = F.scaled_dot_product_attention(query, key, value)
+    elif backend in ("split-einsum", "split-einsum-v2"):
+        out = _split_einsum(query, key, value, chunked=backend == "split-einsum-v2")
     else:
         raise ValueError(f"unknown attention backend {backend!r}; use one of {ATTENTION_BACKENDS}")
     return out.to(out_dtype)
+
+
+def _split_einsum(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, chunked: bool) -> torch.Tensor:
+    """Per-head einsums (heads and chunk counts come from shapes fixed by the config/bucket)."""
+    scale = query.shape[-1] ** -0.5
+    tokens = query.shape[2]
+    size = -(-tokens // QUERY_CHUNKS) if chunked else tokens
+    heads = []
+    for h in range(query.shape[1]):
+        q, k, v = query[:, h], key[:, h], value[:, h]  # (B, N, d)
+        parts = []
+        for start in range(0, tokens, size):
+            weights = torch.einsum("bqd,bkd->bqk", q[:, start : start + size], k) * scale
+            parts.append(torch.einsum("bqk,bkd->bqd", weights.softmax(dim=-1), v))
+        heads.append(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
+    return torch.stack(heads, dim=1)  # (B, heads, N, d)
 
 
 class _OnnxRuntimeMultiHeadAttention(torch.autograd.Function):
@@ -110,7 +133,11 @@ class Attention(nn.Module):
         context_dim = cross_attention_dim if cross_attention_dim is not None else query_dim
         self.heads = heads
         self.upcast = upcast
+        self.is_cross = cross_attention_dim is not None
         self.attention_backend: AttentionBackend = "sdpa"
+        # Set by graph_passes.fuse_qkv: one projection for q|k|v (self) or k|v (cross).
+        self.to_qkv: nn.Linear | None = None
+        self.to_kv: nn.Linear | None = None
         self.to_q = nn.Linear(query_dim, inner_dim, bias=bias)
         self.to_k = nn.Linear(context_dim, inner_dim, bias=bias)
         self.to_v = nn.Linear(context_dim, inner_dim, bias=bias)
@@ -119,16 +146,23 @@ class Attention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """hidden_states (B, N, query_dim), context (B, M, context_dim) or None for self-attention."""
-        context = hidden_states if context is None else context
-        out = attend(
-            self.to_q(hidden_states),
-            self.to_k(context),
-            self.to_v(context),
-            self.heads,
-            self.attention_backend,
-            self.upcast,
-        )
+        query, key, value = self._project(hidden_states, context)
+        out = attend(query, key, value, self.heads, self.attention_backend, self.upcast)
         return self.to_out[0](out)
+
+    def _project(self, hidden_states: torch.Tensor, context: torch.Tensor | None):
+        if self.to_qkv is not None:
+            if context is None:
+                return self.to_qkv(hidden_states).chunk(3, dim=-1)
+            # a fused self-attention module used for cross-attention: split the one weight
+            inner = self.to_qkv.out_features // 3
+            q_weight, kv_weight = self.to_qkv.weight.split([inner, 2 * inner])
+            q_bias, kv_bias = (None, None) if self.to_qkv.bias is None else self.to_qkv.bias.split([inner, 2 * inner])
+            return (F.linear(hidden_states, q_weight, q_bias), *F.linear(context, kv_weight, kv_bias).chunk(2, dim=-1))
+        context = hidden_states if context is None else context
+        if self.to_kv is not None:
+            return (self.to_q(hidden_states), *self.to_kv(context).chunk(2, dim=-1))
+        return self.to_q(hidden_states), self.to_k(context), self.to_v(context)
 
 
 def set_attention_backend(model: nn.Module, backend: AttentionBackend) -> int:

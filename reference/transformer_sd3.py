@@ -90,6 +90,9 @@ class JointAttention(nn.Module):
         self.heads = heads
         self.context_pre_only = context_pre_only
         self.attention_backend: AttentionBackend = "sdpa"
+        # Set by graph_passes.fuse_qkv: one projection per stream for q|k|v.
+        self.to_qkv: nn.Linear | None = None
+        self.add_qkv: nn.Linear | None = None
         self.to_q = nn.Linear(dim, inner_dim)
         self.to_k = nn.Linear(dim, inner_dim)
         self.to_v = nn.Linear(dim, inner_dim)
@@ -105,9 +108,9 @@ class JointAttention(nn.Module):
             self.norm_added_q = RMSNorm(head_dim, eps=1e-6) if rms else None
             self.norm_added_k = RMSNorm(head_dim, eps=1e-6) if rms else None
 
-    def _qkv(self, x: torch.Tensor, to_q: nn.Linear, to_k: nn.Linear, to_v: nn.Linear, norm_q, norm_k):
+    def _qkv(self, x: torch.Tensor, fused: nn.Linear | None, to_q, to_k, to_v, norm_q, norm_k):
         """Projections in the merged (B, N, heads * d) layout, RMS-normed per head when configured."""
-        query, key, value = to_q(x), to_k(x), to_v(x)
+        query, key, value = fused(x).chunk(3, dim=-1) if fused is not None else (to_q(x), to_k(x), to_v(x))
         if norm_q is not None:
             query = merge_heads(norm_q(split_heads(query, self.heads)))  # norm over each head's d
             key = merge_heads(norm_k(split_heads(key, self.heads)))
@@ -117,11 +120,13 @@ class JointAttention(nn.Module):
         self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """hidden_states (B, N, D), encoder_hidden_states (B, T, D) -> (image out, text out or None)."""
-        query, key, value = self._qkv(hidden_states, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
+        projections = (self.to_qkv, self.to_q, self.to_k, self.to_v)
+        query, key, value = self._qkv(hidden_states, *projections, self.norm_q, self.norm_k)
         n_image = hidden_states.shape[1]
         if encoder_hidden_states is not None:
             c_query, c_key, c_value = self._qkv(
                 encoder_hidden_states,
+                self.add_qkv,
                 self.add_q_proj,
                 self.add_k_proj,
                 self.add_v_proj,

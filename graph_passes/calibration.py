@@ -1,0 +1,75 @@
+"""Calibration data for post-training quantization: denoiser inputs recorded while the eager
+reference pipeline runs the repository's prompt set (graph_passes/calibration_prompts.txt)."""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from difflower.exporters.specs import ComponentSpec, ShapePlan
+from difflower.graph_passes.base import PassDidNotFire
+
+PROMPTS_FILE = Path(__file__).with_name("calibration_prompts.txt")
+DENOISERS = ("unet", "transformer")
+# The export options of the backends that calibrate (their --quantize and the calibration size).
+CALIBRATED = frozenset({"quantize", "calibration_prompts", "calibration_steps"})
+
+
+def calibration_prompts() -> list[str]:
+    """The repository's calibration prompt set."""
+    lines = PROMPTS_FILE.read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def calibration_dataset(
+    root: Path | None, spec: ComponentSpec, plan: ShapePlan, prompts: int = 8, steps: int = 10
+) -> list[dict[str, np.ndarray]]:
+    """Denoiser inputs recorded while the eager reference pipeline runs `prompts` calibration
+    prompts for `steps` steps each, at the artifact's shape (its static bucket, or native size)."""
+    from difflower.reference.pipeline import load_pipeline
+
+    if root is None:
+        raise PassDidNotFire("int8 calibration: the source checkpoint is unknown, cannot calibrate")
+    pipe = load_pipeline(root)
+    bucket = plan.buckets[0] if plan.buckets else None
+    names = [t.name for t in spec.inputs]
+    samples: list[dict[str, np.ndarray]] = []
+    calls = pipe.calls
+    original = calls.denoiser
+
+    def record(sample: torch.Tensor, timestep: torch.Tensor, cond) -> torch.Tensor:
+        if spec.kind == "unet":
+            values = [sample, timestep, cond.encoder_hidden_states]
+            if cond.text_embeds is not None:
+                values += [cond.text_embeds, cond.time_ids]
+        else:
+            values = [sample, cond.encoder_hidden_states, cond.pooled_projections, timestep]
+        samples.append({n: v.detach().float().numpy().copy() for n, v in zip(names, values, strict=True)})
+        return original(sample, timestep, cond)
+
+    calls.denoiser = record
+    try:
+        for i, prompt in enumerate(calibration_prompts()[:prompts]):
+            size = {} if bucket is None else {"height": bucket.height, "width": bucket.width}
+            batch = 1 if bucket is None else bucket.batch
+            pipe([prompt] * batch, num_inference_steps=steps, seed=i, output_type="latent", progress=False, **size)
+    finally:
+        calls.denoiser = original
+    del pipe, calls
+    gc.collect()  # the eager pipeline's weights go before the caller loads the quantizer's
+    return samples
+
+
+def denoiser_calibration(options, spec: ComponentSpec) -> list[dict[str, np.ndarray]]:
+    """`calibration_dataset` for an export: its source checkpoint, shapes, and the
+    `calibration_prompts` / `calibration_steps` options (default 8 prompts x 10 steps)."""
+    return calibration_dataset(
+        options.source_root,
+        spec,
+        options.plan,
+        prompts=int(options.extra.get("calibration_prompts") or 8),
+        steps=int(options.extra.get("calibration_steps") or 10),
+    )

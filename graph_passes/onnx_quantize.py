@@ -1,0 +1,142 @@
+"""Artifact-level pass: int8 ONNX graphs for ONNX Runtime (`--quantize int8-weight|int8`).
+
+- `int8-weight`: dynamic quantization (onnxruntime.quantization.quantize_dynamic): int8
+  per-channel weights of every MatMul with a weight, activations quantized at run time.
+  Applies to the denoiser and the text encoders.
+- `int8`: static QDQ quantization of the denoiser (quantize_static, MinMax, per-channel int8
+  weights, uint8 activations) on Conv and MatMul, calibrated on denoiser inputs recorded while
+  the eager reference pipeline runs the repository's prompt set; the text encoders get int8
+  weights as above; the VAE stays fp32.
+
+Layers left in float, and why, are recorded in the PassResult:
+- MatMuls between two activations (attention scores and the values they weight): both sides
+  vary per call and per token; int8 on both loses most of the softmax's resolution;
+- the first and last layers of the denoiser (`conv_in`, `conv_out`, `proj_out` of the
+  transformer) and its time/condition embedding: small, and every error there reaches every
+  later layer or the output directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from difflower.graph_passes.base import PassDidNotFire, PassResult
+from difflower.graph_passes.calibration import DENOISERS
+
+ONNX_QUANTIZE_MODES = ("int8-weight", "int8")
+# Denoiser scopes kept in float (see the module docstring), by node-name fragment.
+SENSITIVE_SCOPES = ("/conv_in/", "/conv_out/", "/time_embedding/", "/add_embedding/", "/time_text_embed/", "/proj_out/")
+
+
+def quantize_applies(mode: str, kind: str) -> bool:
+    """Which components a mode touches: the denoiser and text encoders (never the VAE)."""
+    return kind in DENOISERS or kind == "text_encoder"
+
+
+def _excluded(model, kind: str, op_types: tuple[str, ...]) -> dict[str, str]:
+    """Nodes of `op_types` kept in float, with the reason for each."""
+    weights = {t.name for t in model.graph.initializer}
+    constants = {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    excluded: dict[str, str] = {}
+    for node in model.graph.node:
+        if node.op_type not in op_types:
+            continue
+        if node.op_type == "MatMul" and not any(i in weights or i in constants for i in node.input):
+            excluded[node.name] = "activation x activation MatMul (attention)"
+        elif kind in DENOISERS and any(scope in node.name for scope in SENSITIVE_SCOPES):
+            excluded[node.name] = "first/last layer or time embedding of the denoiser"
+    return excluded
+
+
+def _quantized_counts(path: Path, op_types: tuple[str, ...]) -> dict[str, int]:
+    """What the quantized graph computes in int8: integer ops, and QDQ-wrapped ops by type."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    producer = {o: n.op_type for n in model.graph.node for o in n.output}
+    counts = Counter(n.op_type for n in model.graph.node if n.op_type in ("MatMulInteger", "ConvInteger"))
+    for node in model.graph.node:
+        if node.op_type in op_types and len(node.input) > 1 and producer.get(node.input[1]) == "DequantizeLinear":
+            counts[f"{node.op_type} (QDQ)"] += 1
+    return dict(counts)
+
+
+class _Reader:
+    """onnxruntime's CalibrationDataReader over recorded denoiser inputs."""
+
+    def __init__(self, samples: list[dict[str, np.ndarray]]):
+        self._samples = iter(samples)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._samples, None)
+
+
+def quantize_onnx(path: Path, kind: str, mode: str, dataset: list[dict[str, np.ndarray]] | None = None) -> PassResult:
+    """Quantize the ONNX model at `path` in place; returns what was quantized and what was not."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    external = (path.parent / "model.onnx_data").exists()
+    static = mode == "int8" and kind in DENOISERS
+    op_types = ("Conv", "MatMul") if static else ("MatMul",)
+    model = onnx.load(str(path), load_external_data=False)
+    excluded = _excluded(model, kind, op_types)
+    del model
+    staging = path.parent / ".quantize"
+    staging.mkdir()
+    target = staging / path.name
+    settings: dict[str, Any] = {"mode": mode, "op_types": list(op_types), "library": "onnxruntime.quantization"}
+    logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))  # ORT logs every node at INFO
+    if static:
+        if not dataset:
+            raise PassDidNotFire(f"onnx int8: no calibration samples for the {kind}")
+        quantize_static(
+            path,
+            target,
+            _Reader(dataset),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(op_types),
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=list(excluded),
+            use_external_data_format=external,
+            calibrate_method=CalibrationMethod.MinMax,
+            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
+        )
+        settings.update(
+            format="QDQ",
+            weights="int8 symmetric per channel",
+            activations="uint8 asymmetric per tensor, MinMax",
+            calibration_samples=len(dataset),
+        )
+    else:
+        quantize_dynamic(
+            path,
+            target,
+            op_types_to_quantize=list(op_types),
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=list(excluded),
+            use_external_data_format=external,
+        )
+        settings.update(format="dynamic (MatMulInteger)", weights="int8 per channel")
+    if external:  # onnxruntime names its own data file: gather it into model.onnx_data
+        from difflower.exporters.onnx import consolidate_external_data
+
+        consolidate_external_data(target)
+    for produced in staging.iterdir():
+        produced.replace(path.parent / produced.name)
+    shutil.rmtree(staging)
+    counts = _quantized_counts(path, op_types)
+    if not counts:
+        raise PassDidNotFire(f"onnx {mode}: nothing in the {kind} was quantized")
+    reasons = Counter(excluded.values())
+    settings["excluded"] = {"count": len(excluded), "why": dict(reasons), "nodes": sorted(excluded)}
+    return PassResult("onnx_quantize", {**counts, "kept in float": len(excluded)}, settings)
