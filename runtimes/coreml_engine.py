@@ -1,0 +1,71 @@
+"""Engine `coreml`: a component's `model.mlpackage` run by Core ML (macOS only).
+
+`compute_units` (ALL, CPU_AND_GPU, CPU_ONLY, CPU_AND_NE; CLI `--compute-units`) says where
+Core ML may run it. On any other system, opening one is a clear error: conversion, saving,
+`difflower info` and the torch-side parity work everywhere, prediction needs a Mac.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from difflower.errors import ArgumentError
+from difflower.exporters.coreml import FILE, coreml_name
+from difflower.manifest import ComponentRecord
+from difflower.runtimes.engine import Array, Engine
+
+COMPUTE_UNITS = ("ALL", "CPU_AND_GPU", "CPU_ONLY", "CPU_AND_NE")
+
+
+def open_package(path: Path, compute_units: str = "ALL"):
+    """The Core ML model at `path`, loaded for prediction on `compute_units`."""
+    if compute_units not in COMPUTE_UNITS:
+        raise ArgumentError("--compute-units", f"must be one of {', '.join(COMPUTE_UNITS)}, got {compute_units!r}")
+    if platform.system() != "Darwin":
+        raise ArgumentError(
+            "--engine",
+            f"Core ML prediction needs macOS (this is {platform.system()}); here coreml artifacts can be "
+            "exported, inspected with `difflower info` and checked on the torch side; generate and validate on a Mac",
+        )
+    import coremltools as ct
+
+    return ct.models.MLModel(str(path), compute_units=getattr(ct.ComputeUnit, compute_units))
+
+
+class CoreMLEngine(Engine):
+    """One component's ML program behind the engine interface."""
+
+    backend = "coreml"
+
+    def __init__(self, record: ComponentRecord, model):
+        super().__init__(record)
+        self.model = model
+
+    @classmethod
+    def open(
+        cls,
+        record: ComponentRecord,
+        folder: Path,
+        manifest,
+        device: str = "cpu",
+        threads: int | None = None,
+        **options,
+    ) -> CoreMLEngine:
+        units = str(options.pop("compute_units", "ALL"))
+        if options:
+            raise ArgumentError(f"--engine-option {next(iter(options))}", "is not an option of the coreml engine")
+        return cls(record, open_package(Path(folder) / record.name / FILE, units))
+
+    def run(self, inputs: Mapping[str, Array]) -> dict[str, np.ndarray]:
+        feeds = {k: (v.cpu().numpy() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+        feeds = {k: v.astype(np.int32) if v.dtype == np.int64 else v for k, v in feeds.items()}  # no int64 in Core ML
+        out = self.model.predict(feeds)
+        return {t.name: np.asarray(out[coreml_name(t.name)], dtype=np.float32) for t in self.outputs}
+
+
+ENGINE = CoreMLEngine
