@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[test,onnx,openvino,bench]'
+	$(BIN)/python -m pip install --quiet -e '.[test,onnx,openvino,coreml,bench,tensorrt-tools]'
 	touch $@
 
 demo: $(VENV)/.installed

@@ -96,6 +96,8 @@ def _engine_options(args: argparse.Namespace) -> dict:
         if not sep or not key:
             raise ArgumentError("--engine-option", f"expected KEY=VALUE, got {pair!r}")
         options[key.replace("-", "_")] = value
+    if getattr(args, "compute_units", None):
+        options["compute_units"] = args.compute_units
     if getattr(args, "data_parallel", False):
         options["data_parallel"] = True
     return options
@@ -112,10 +114,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
         static=args.static or (),
         precision=args.precision,
         attention=args.attention,
+        fuse_qkv=args.fuse_qkv,
         cfg=not args.no_cfg,
         allow_mismatch=args.allow_mismatch,
         overwrite=args.overwrite,
         quantize=args.quantize,
+        calibration_prompts=args.calibration_prompts,
+        calibration_steps=args.calibration_steps,
         auto_cast=args.auto_cast,
         auto_cast_type=args.auto_cast_type,
     )
@@ -123,7 +128,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     print(f"  {'component':<16} {'export s':>8} {'MB':>9}  parity")
     for record in manifest.components.values():
         p = record.parity
-        verdict = "ok" if p["passed"] else "MISSED (kept by --allow-mismatch)"
+        verdict = {True: "ok", False: "MISSED (kept by --allow-mismatch)", None: "not measured here"}[p["passed"]]
         print(
             f"  {record.name:<16} {record.export_seconds:>8.1f} {record.size_bytes / 2**20:>9.1f}  "
             f"{p['summary']}; {p['gate']}: {verdict}"
@@ -200,13 +205,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
     for record in manifest.components.values():
         ins = ", ".join(f"{t.name} {t.dtype}[{','.join(map(str, t.shape))}]" for t in record.inputs)
         outs = ", ".join(f"{t.name}[{','.join(map(str, t.shape))}]" for t in record.outputs)
-        verdict = "ok" if record.parity.get("passed") else "MISSED"
-        print(
-            f"  {record.name}: {record.size_bytes / 2**20:.1f} MB, parity {verdict} "
-            f"(max abs {record.parity.get('max_abs', float('nan')):.2e})"
-        )
+        verdict = {True: "ok", False: "MISSED", None: "not measured"}[record.parity.get("passed", False)]
+        detail = record.parity.get("summary", "")
+        print(f"  {record.name}: {record.size_bytes / 2**20:.1f} MB, parity {verdict} ({detail})")
         print(f"    in:  {ins}")
         print(f"    out: {outs}")
+        if record.config.get("ops"):  # backends that list their program's operations (Core ML)
+            print("    ops: " + ", ".join(f"{op} x{n}" for op, n in record.config["ops"].items()))
     return 0
 
 
@@ -215,6 +220,9 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="engine threads (default: the engine's own)")
     parser.add_argument("--engine-option", action="append", metavar="KEY=VALUE", help="an engine setting (repeatable)")
     parser.add_argument("--data-parallel", action="store_true", help="neuron: split the CFG batch over two cores")
+    parser.add_argument(
+        "--compute-units", choices=("ALL", "CPU_AND_GPU", "CPU_ONLY", "CPU_AND_NE"), help="coreml (macOS): where to run"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -259,14 +267,19 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--auto-cast", default=None, choices=("none", "matmul", "all"), help="neuron: ops to cast")
     exp.add_argument("--auto-cast-type", default=None, choices=("bf16", "fp16", "tf32"), help="neuron: cast type")
     exp.add_argument("--out", type=Path, required=True, help="artifact folder to write")
-    exp.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "bf16"))
+    exp.add_argument(
+        "--precision", default=None, choices=("fp32", "fp16", "bf16"), help="default: fp32 (coreml: fp16 compute)"
+    )
     exp.add_argument("--static", action="append", metavar="BxHxW", help="static shape bucket (repeatable)")
     exp.add_argument(
         "--attention",
-        choices=("sdpa", "math", "onnxruntime"),
+        choices=("sdpa", "math", "onnxruntime", "split-einsum", "split-einsum-v2"),
         default="sdpa",
         help="attention variant: onnxruntime = ORT's fused MultiHeadAttention (faster on ORT, ORT-only graph)",
     )
+    exp.add_argument("--fuse-qkv", action="store_true", help="fuse the denoiser's attention projections (one matmul)")
+    exp.add_argument("--calibration-prompts", type=int, default=None, help="int8: prompts to calibrate on (default 8)")
+    exp.add_argument("--calibration-steps", type=int, default=None, help="int8: steps per calibration prompt (10)")
     exp.add_argument("--components", nargs="+", default=None, help="export only these components")
     exp.add_argument("--no-cfg", action="store_true", help="static denoiser batch without guidance doubling")
     exp.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
