@@ -29,7 +29,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from onnx_unet import CACHE, checkpoint  # noqa: E402
+from onnx_unet import CACHE, checkpoint, sd15_step_inputs  # noqa: E402
 
 from difflower.exporters import export  # noqa: E402
 from difflower.manifest import Manifest  # noqa: E402
@@ -82,12 +82,7 @@ def main() -> None:
         exports["int8_qdq_static"] = {"skipped": QDQ_OOM}
     gc.collect()
 
-    gen = torch.Generator().manual_seed(0)
-    inputs = {
-        "sample": torch.randn(2, 4, 64, 64, generator=gen),
-        "timestep": torch.full((2,), 500.0),
-        "encoder_hidden_states": torch.randn(2, 77, 768, generator=gen),
-    }
+    inputs = sd15_step_inputs()
     report: dict = {
         "benchmark": "sd15 unet, one CFG step (batch 2, 4x64x64 latents = 512x512 px), onnxruntime CPU",
         "machine": machine_info(),

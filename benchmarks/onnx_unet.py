@@ -41,6 +41,16 @@ def checkpoint(family: str) -> Path:
     return path
 
 
+def sd15_step_inputs() -> dict[str, torch.Tensor]:
+    """One CFG step of the SD1.5 UNet at 512x512: batch 2, 4x64x64 latents, seeded."""
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "sample": torch.randn(2, 4, 64, 64, generator=gen),
+        "timestep": torch.full((2,), 500.0),
+        "encoder_hidden_states": torch.randn(2, 77, 768, generator=gen),
+    }
+
+
 def _median_seconds(fn, runs: int) -> tuple[float, list[float]]:
     times = []
     for _ in range(runs):
@@ -75,12 +85,7 @@ def sd15_step(runs: int, warmup: int) -> dict:
         "onnxruntime_fused_attention": _export_unet(source, artifacts["onnxruntime_fused_attention"], "onnxruntime"),
     }
 
-    gen = torch.Generator().manual_seed(0)
-    inputs = {
-        "sample": torch.randn(2, 4, 64, 64, generator=gen),
-        "timestep": torch.full((2,), 500.0),
-        "encoder_hidden_states": torch.randn(2, 77, 768, generator=gen),
-    }
+    inputs = sd15_step_inputs()
     unet = load_unet(source / "unet", torch.float32)
 
     def eager():

@@ -31,7 +31,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from onnx_unet import CACHE, checkpoint  # noqa: E402
+from onnx_unet import CACHE, checkpoint, sd15_step_inputs  # noqa: E402
 
 import difflower  # noqa: E402
 from difflower.manifest import Manifest  # noqa: E402
@@ -112,12 +112,7 @@ def time_group(runners: dict, inputs: dict, runs: int, warmup: int) -> dict:
 
 
 def unet_step(exports: dict, source: Path, runs: int = 5, warmup: int = 2) -> dict:
-    gen = torch.Generator().manual_seed(0)
-    inputs = {
-        "sample": torch.randn(2, 4, 64, 64, generator=gen),
-        "timestep": torch.full((2,), 500.0),
-        "encoder_hidden_states": torch.randn(2, 77, 768, generator=gen),
-    }
+    inputs = sd15_step_inputs()
     unet = load_unet(source / "unet", torch.float32)
 
     def eager():

@@ -28,7 +28,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from onnx_unet import CACHE, checkpoint  # noqa: E402
+from onnx_unet import CACHE, checkpoint, sd15_step_inputs  # noqa: E402
 
 from difflower.validate.bench import machine_info  # noqa: E402
 
@@ -78,12 +78,7 @@ def sd15_step(runs: int, warmup: int) -> dict:
     artifact = CACHE / "sd15-torchscript-unet"
     exported = _export(source, artifact)
 
-    gen = torch.Generator().manual_seed(0)
-    inputs = {
-        "sample": torch.randn(2, 4, 64, 64, generator=gen),
-        "timestep": torch.full((2,), 500.0),
-        "encoder_hidden_states": torch.randn(2, 77, 768, generator=gen),
-    }
+    inputs = sd15_step_inputs()
     eager = UNetExport(load_unet(source / "unet", torch.float32), text_time=False).eval().requires_grad_(False)
     manifest = Manifest.read(artifact)
     engine = TorchScriptEngine.open(manifest.components["unet"], artifact, manifest)

@@ -136,9 +136,18 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_validate(args: argparse.Namespace) -> int:
+def _write_json(path: Path | None, data: dict, label: str) -> None:
+    """Write a command's JSON report to `path` (if given), creating its folder."""
+    if path is None:
+        return
     import json
 
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    print(f"  {label}: {path}")
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
     from difflower.validate.parity import validate_artifact
     from difflower.validate.report import render
 
@@ -154,16 +163,11 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         engine_options=_engine_options(args),
     )
     print(render(report))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report.to_json(), indent=2) + "\n")
-        print(f"  full report: {args.json}")
+    _write_json(args.json, report.to_json(), "full report")
     return 0 if report.passed else 1
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    import json
-
     from difflower.validate.bench import bench, plot, render
 
     report = bench(
@@ -176,10 +180,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     print(render(report))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"  report: {args.json}")
+    _write_json(args.json, report, "report")
     if args.plot is not None:
         try:
             print(f"  chart: {plot(report, args.plot)}")

@@ -205,7 +205,7 @@ def compress(model, mode: str):
         settings = {"mode": mode, "weights": "int8 linear symmetric, per channel"}
     ops = [op for op in compressed._mil_program.functions["main"].operations if op.op_type.startswith("constexpr_")]
     if not ops:
-        raise PassDidNotFire(f"coreml {mode}: no weight was compressed")
+        raise PassDidNotFire(f"coreml {mode}: no weight was compressed; export without --quantize")
     # what each compressed weight decompresses to: at most 2**N distinct values (256 for int8)
     settings["max_distinct_values_per_weight"] = max(_distinct_values(op) for op in ops)
     return compressed, PassResult("coreml_compression", dict(Counter(op.op_type for op in ops)), settings)

@@ -33,7 +33,7 @@ from difflower.exporters.common import ComponentExport, ComponentRunner, ExportO
 from difflower.exporters.onnx import OnnxExporter
 from difflower.exporters.specs import ComponentSpec, ShapePlan
 from difflower.graph_passes.base import PassDidNotFire, PassResult
-from difflower.graph_passes.calibration import DENOISERS, denoiser_calibration
+from difflower.graph_passes.calibration import CALIBRATED, DENOISERS, denoiser_calibration
 from difflower.graph_passes.tensorrt_sanitize import sanitize_for_tensorrt
 from difflower.manifest import Bucket
 from difflower.reference.loading import ModelIndex
@@ -41,7 +41,7 @@ from difflower.reference.loading import ModelIndex
 FILE = "model.plan"
 TRT_PRECISIONS = ("fp32", "fp16", "bf16")
 TRT_QUANTIZE_MODES = ("fp8", "int8")
-EXTRA = {"quantize", "calibration_prompts", "calibration_steps", "cache_dir"}
+EXTRA = CALIBRATED | {"cache_dir"}
 
 Profiles = dict[str, dict[str, list[int]]]
 
@@ -215,10 +215,8 @@ class TensorRTExporter:
         options.refuse_unknown("tensorrt", EXTRA)
         if options.attention == "onnxruntime":
             raise ArgumentError("--attention", "onnxruntime's fused attention is an ORT-only operator: use sdpa")
-        quantize = options.extra.get("quantize")
+        quantize = options.refuse_quantize_mode("tensorrt", TRT_QUANTIZE_MODES)
         if quantize is not None:
-            if quantize not in TRT_QUANTIZE_MODES:
-                raise ArgumentError("--quantize", f"tensorrt offers {', '.join(TRT_QUANTIZE_MODES)}; got {quantize!r}")
             try:
                 import modelopt.onnx.quantization  # noqa: F401
             except ImportError:

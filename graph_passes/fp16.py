@@ -169,7 +169,10 @@ def island_nodes(graph_nodes: Iterable, islands: list[Island]) -> tuple[list[str
                 break
     unmatched = [m for m, n in counts.items() if n == 0]
     if unmatched:
-        raise PassDidNotFire(f"fp16: no ONNX node carries the scope of fp32 island(s) {', '.join(unmatched)}")
+        raise PassDidNotFire(
+            f"fp16: no ONNX node carries the scope of fp32 island(s) {', '.join(unmatched)}, so they cannot be "
+            "kept in fp32; export with --precision fp32 and report the model"
+        )
     return names, [Island(**{**asdict(i), "nodes": counts[i.module]}) for i in islands]
 
 

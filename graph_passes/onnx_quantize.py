@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from difflower.graph_passes.base import PassDidNotFire, PassResult
+from difflower.graph_passes.base import PassDidNotFire, PassResult, quieter
 from difflower.graph_passes.calibration import DENOISERS
 
 ONNX_QUANTIZE_MODES = ("int8-weight", "int8")
@@ -88,45 +88,45 @@ def quantize_onnx(path: Path, kind: str, mode: str, dataset: list[dict[str, np.n
     model = onnx.load(str(path), load_external_data=False)
     excluded = _excluded(model, kind, op_types)
     del model
+    if static and not dataset:
+        raise PassDidNotFire(f"onnx int8: no calibration samples for the {kind}")
     staging = path.parent / ".quantize"
     staging.mkdir()
     target = staging / path.name
     settings: dict[str, Any] = {"mode": mode, "op_types": list(op_types), "library": "onnxruntime.quantization"}
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))  # ORT logs every node at INFO
-    if static:
-        if not dataset:
-            raise PassDidNotFire(f"onnx int8: no calibration samples for the {kind}")
-        quantize_static(
-            path,
-            target,
-            _Reader(dataset),
-            quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=list(op_types),
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            nodes_to_exclude=list(excluded),
-            use_external_data_format=external,
-            calibrate_method=CalibrationMethod.MinMax,
-            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
-        )
-        settings.update(
-            format="QDQ",
-            weights="int8 symmetric per channel",
-            activations="uint8 asymmetric per tensor, MinMax",
-            calibration_samples=len(dataset),
-        )
-    else:
-        quantize_dynamic(
-            path,
-            target,
-            op_types_to_quantize=list(op_types),
-            per_channel=True,
-            weight_type=QuantType.QInt8,
-            nodes_to_exclude=list(excluded),
-            use_external_data_format=external,
-        )
-        settings.update(format="dynamic (MatMulInteger)", weights="int8 per channel")
+    with quieter(logging.getLogger()):  # onnxruntime's quantizer logs every node at INFO on the root logger
+        if static:
+            quantize_static(
+                path,
+                target,
+                _Reader(dataset),
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=list(op_types),
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=list(excluded),
+                use_external_data_format=external,
+                calibrate_method=CalibrationMethod.MinMax,
+                extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
+            )
+            settings.update(
+                format="QDQ",
+                weights="int8 symmetric per channel",
+                activations="uint8 asymmetric per tensor, MinMax",
+                calibration_samples=len(dataset),
+            )
+        else:
+            quantize_dynamic(
+                path,
+                target,
+                op_types_to_quantize=list(op_types),
+                per_channel=True,
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=list(excluded),
+                use_external_data_format=external,
+            )
+            settings.update(format="dynamic (MatMulInteger)", weights="int8 per channel")
     if external:  # onnxruntime names its own data file: gather it into model.onnx_data
         from difflower.exporters.onnx import consolidate_external_data
 
@@ -136,7 +136,7 @@ def quantize_onnx(path: Path, kind: str, mode: str, dataset: list[dict[str, np.n
     shutil.rmtree(staging)
     counts = _quantized_counts(path, op_types)
     if not counts:
-        raise PassDidNotFire(f"onnx {mode}: nothing in the {kind} was quantized")
+        raise PassDidNotFire(f"onnx {mode}: nothing in the {kind} was quantized; export without --quantize")
     reasons = Counter(excluded.values())
     settings["excluded"] = {"count": len(excluded), "why": dict(reasons), "nodes": sorted(excluded)}
     return PassResult("onnx_quantize", {**counts, "kept in float": len(excluded)}, settings)

@@ -48,7 +48,10 @@ def static_shapes(path: Path, shapes: Mapping[str, Sequence[int]]) -> PassResult
         after, optimizer = _fold_with_onnxslim(path, shapes, external)
     left = {op: after[op] for op in SHAPE_OPS if after[op]}
     if left:
-        raise PassDidNotFire(f"static_shapes: {path} still computes shapes after folding ({left})")
+        raise PassDidNotFire(
+            f"static_shapes: {path} still computes shapes after folding ({left}); export it without --static "
+            "(dynamic shapes run everywhere) and report the model"
+        )
     if sum(after.values()) >= sum(before.values()):
         raise PassDidNotFire(f"static_shapes: folding removed no node from {path} ({sum(before.values())} nodes)")
     return PassResult(

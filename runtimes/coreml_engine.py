@@ -17,7 +17,7 @@ import torch
 from difflower.errors import ArgumentError
 from difflower.exporters.coreml import FILE, coreml_name
 from difflower.manifest import ComponentRecord
-from difflower.runtimes.engine import Array, Engine
+from difflower.runtimes.engine import Array, Engine, refuse_options
 
 COMPUTE_UNITS = ("ALL", "CPU_AND_GPU", "CPU_ONLY", "CPU_AND_NE")
 
@@ -57,8 +57,7 @@ class CoreMLEngine(Engine):
         **options,
     ) -> CoreMLEngine:
         units = str(options.pop("compute_units", "ALL"))
-        if options:
-            raise ArgumentError(f"--engine-option {next(iter(options))}", "is not an option of the coreml engine")
+        refuse_options("coreml", options)
         return cls(record, open_package(Path(folder) / record.name / FILE, units))
 
     def run(self, inputs: Mapping[str, Array]) -> dict[str, np.ndarray]:

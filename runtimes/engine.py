@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from difflower.errors import DifflowerError
+from difflower.errors import ArgumentError, DifflowerError
 from difflower.manifest import ComponentRecord, TensorSpec
 
 Array = np.ndarray | torch.Tensor
@@ -25,6 +25,25 @@ _DTYPES = {
     "int64": (np.int64, torch.int64),
     "int32": (np.int32, torch.int32),
 }
+
+
+def refuse_options(backend: str, options: Mapping[str, Any], allowed: tuple[str, ...] = ()) -> None:
+    """ArgumentError naming the first engine option (outside `allowed`) the `backend` engine does not take."""
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ArgumentError(f"--engine-option {unknown[0]}", f"is not an option of the {backend} engine")
+
+
+def flag_option(value: Any, name: str) -> bool:
+    """A boolean engine option, from Python (True) or the command line ("true", "0", ...)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ArgumentError(f"--engine-option {name}", f"expected true or false, got {value!r}")
 
 
 class EngineInputError(DifflowerError):

@@ -29,6 +29,7 @@ import torch
 from difflower.errors import ArgumentError
 from difflower.exporters.torchscript import load_traced
 from difflower.manifest import ComponentRecord
+from difflower.runtimes.engine import flag_option, refuse_options
 from difflower.runtimes.torchscript_engine import TorchScriptEngine
 
 FILE = "model.neuron"
@@ -97,18 +98,6 @@ class CfgSplit:
         return tuple(torch.cat(outputs, dim=0) for outputs in zip(*results, strict=True))
 
 
-def _flag(value, name: str) -> bool:
-    """A boolean engine option, from Python (True) or the command line ("true")."""
-    if isinstance(value, bool):
-        return value
-    text = str(value).lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ArgumentError(f"--engine-option {name}", f"expected true or false, got {value!r}")
-
-
 def cores_for(record: ComponentRecord, data_parallel: bool) -> list[int]:
     """The NeuronCores `record`'s replicas go on: two for a split denoiser with data parallelism."""
     halves = int(record.config.get("cfg_halves", 1))
@@ -142,15 +131,14 @@ class NeuronEngine(TorchScriptEngine):
         data_parallel: bool | str = False,
         **options,
     ) -> NeuronEngine:
-        if options:
-            raise ArgumentError(f"--engine-option {next(iter(options))}", "is not an option of the neuron engine")
+        refuse_options("neuron", options)
         if device not in ("cpu", "neuron"):
             raise ArgumentError(
                 "--device", "the neuron engine places components on NeuronCores itself; leave it at cpu"
             )
         if threads:
             raise ArgumentError("--threads", "the neuron engine runs on NeuronCores and has no CPU thread setting")
-        cores = cores_for(record, _flag(data_parallel, "data_parallel"))
+        cores = cores_for(record, flag_option(data_parallel, "data_parallel"))
         problem = neuron_unavailable()
         if problem:
             raise ArgumentError("--engine", f"neuron {problem}")

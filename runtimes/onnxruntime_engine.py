@@ -15,7 +15,7 @@ import numpy as np
 
 from difflower.errors import ArgumentError, CheckpointError
 from difflower.manifest import ComponentRecord
-from difflower.runtimes.engine import Array, Engine, to_numpy
+from difflower.runtimes.engine import Array, Engine, refuse_options, to_numpy
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -78,8 +78,7 @@ class OnnxRuntimeEngine(Engine):
     def open(
         cls, record: ComponentRecord, folder: Path, manifest, device: str = "cpu", threads: int | None = None, **options
     ) -> OnnxRuntimeEngine:
-        if options:
-            raise ArgumentError(f"--engine-option {next(iter(options))}", "is not an option of the onnxruntime engine")
+        refuse_options("onnxruntime", options)
         return cls(record, folder, device=device, threads=threads)
 
     def _check_graph_matches_manifest(self) -> None:

@@ -24,7 +24,7 @@ import numpy as np
 
 from difflower.errors import ArgumentError, CheckpointError
 from difflower.manifest import Bucket, ComponentRecord, Manifest
-from difflower.runtimes.engine import Array, Engine, to_numpy
+from difflower.runtimes.engine import Array, Engine, refuse_options, to_numpy
 
 XML = "openvino_model.xml"
 DEVICES = {"cpu": "CPU", "gpu": "GPU", "npu": "NPU", "auto": "AUTO"}
@@ -99,9 +99,7 @@ class OpenVINOEngine(Engine):
     def open(
         cls, record: ComponentRecord, folder: Path, manifest: Manifest, device: str = "cpu", threads=None, **options
     ) -> OpenVINOEngine:
-        unknown = set(options) - {"cache_dir", "performance_hint", "static"}
-        if unknown:
-            raise ArgumentError(f"--engine-option {sorted(unknown)[0]}", "is not an option of the openvino engine")
+        refuse_options("openvino", options, allowed=("cache_dir", "performance_hint", "static"))
         return cls(record, folder, manifest, device=device, threads=threads, **options)
 
     def _reshaped_record(self, manifest: Manifest, bucket: Bucket) -> ComponentRecord:

@@ -17,7 +17,7 @@ import torch
 from difflower.errors import ArgumentError
 from difflower.exporters.tensorrt import FILE, require_tensorrt
 from difflower.manifest import ComponentRecord
-from difflower.runtimes.engine import Array, Engine
+from difflower.runtimes.engine import Array, Engine, flag_option, refuse_options
 
 
 def _trt_dtype_to_torch(trt, dtype) -> torch.dtype:
@@ -116,9 +116,8 @@ class TensorRTEngine(Engine):
         threads: int | None = None,
         **options,
     ) -> TensorRTEngine:
-        graphs = str(options.pop("cuda_graphs", "1")).lower() not in ("0", "false", "no")
-        if options:
-            raise ArgumentError(f"--engine-option {next(iter(options))}", "is not an option of the tensorrt engine")
+        graphs = flag_option(options.pop("cuda_graphs", True), "cuda_graphs")
+        refuse_options("tensorrt", options)
         if not str(device).startswith("cuda"):
             raise ArgumentError(
                 "--device", f"the tensorrt engine runs on an NVIDIA GPU: use --device cuda, not {device}"

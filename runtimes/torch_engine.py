@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from difflower.manifest import ComponentRecord
-from difflower.runtimes.engine import Array, Engine, torch_dtype
+from difflower.runtimes.engine import Array, Engine, refuse_options, torch_dtype
 
 
 class TorchEngine(Engine):
@@ -30,11 +30,9 @@ class TorchEngine(Engine):
         cls, record: ComponentRecord, folder: Path, manifest, device: str = "cpu", threads: int | None = None, **options
     ) -> TorchEngine:
         """The reference module of `record`, loaded from the artifact's source checkpoint."""
-        from difflower.errors import ArgumentError
         from difflower.exporters.specs import load_export_module, spec_for_record
 
-        if options:
-            raise ArgumentError(f"--engine-option {next(iter(options))}", "is not an option of the torch engine")
+        refuse_options("torch", options)
         if threads:
             torch.set_num_threads(threads)
         return cls(record, load_export_module(spec_for_record(record), Path(manifest.source["path"])), device)

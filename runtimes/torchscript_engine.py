@@ -15,6 +15,7 @@ import torch
 from difflower.errors import ArgumentError
 from difflower.exporters.torchscript import FILE, load_traced
 from difflower.manifest import ComponentRecord
+from difflower.runtimes.engine import refuse_options
 from difflower.runtimes.torch_engine import TorchEngine
 
 
@@ -45,8 +46,7 @@ class TorchScriptEngine(TorchEngine):
     def open(
         cls, record: ComponentRecord, folder: Path, manifest, device: str = "cpu", threads: int | None = None, **options
     ) -> TorchScriptEngine:
-        if options:
-            raise ArgumentError(f"--engine-option {next(iter(options))}", "is not an option of the torchscript engine")
+        refuse_options("torchscript", options)
         target = engine_device(record, device)
         if threads:
             torch.set_num_threads(threads)
