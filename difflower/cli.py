@@ -123,6 +123,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         calibration_steps=args.calibration_steps,
         auto_cast=args.auto_cast,
         auto_cast_type=args.auto_cast_type,
+        chunk_unet=args.chunk_unet or None,
     )
     print(f"wrote {args.out} ({manifest.backend}, {manifest.precision}, {manifest.shapes['graph']} shapes)")
     print(f"  {'component':<16} {'export s':>8} {'MB':>9}  parity")
@@ -279,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="attention variant: onnxruntime = ORT's fused MultiHeadAttention (faster on ORT, ORT-only graph)",
     )
     exp.add_argument("--fuse-qkv", action="store_true", help="fuse the denoiser's attention projections (one matmul)")
+    exp.add_argument(
+        "--chunk-unet", action="store_true", help="coreml: the UNet as two chained packages (iOS, < 1 GiB each)"
+    )
     exp.add_argument("--calibration-prompts", type=int, default=None, help="int8: prompts to calibrate on (default 8)")
     exp.add_argument("--calibration-steps", type=int, default=None, help="int8: steps per calibration prompt (10)")
     exp.add_argument("--components", nargs="+", default=None, help="export only these components")

@@ -38,7 +38,7 @@ from difflower.exporters.specs import (
     load_export_module,
 )
 from difflower.graph_passes.attention_variant import apply_attention_variant
-from difflower.graph_passes.base import PassResult
+from difflower.graph_passes.base import PassResult, measured
 from difflower.graph_passes.calibration import DENOISERS
 from difflower.graph_passes.fuse_qkv import fuse_qkv
 from difflower.manifest import Bucket, ComponentRecord, Manifest, source_record
@@ -238,17 +238,20 @@ def _export_component(
     folder.mkdir()
     module = load_export_module(spec, root)
     applied: list[PassResult] = []
-    if spec.kind != "text_encoder" and options.attention != "sdpa":  # text encoders are transformers' modules
-        applied.append(apply_attention_variant(module, options.attention, where=spec.name))
     bucket = plan.buckets[0] if plan.buckets else default_bucket(root, factor)
     dims = plan.dims(bucket, factor)
     inputs = example_inputs(spec, dims)
 
-    # 1. the reference outputs first, so the module can be freed before the backend's files are loaded
+    # 1. the reference outputs first, so the module can be freed before the backend's files are
+    #    loaded; module passes then record their own parity against them
     with torch.no_grad():
         expected = module(*inputs.values())
+    if spec.kind != "text_encoder" and options.attention != "sdpa":  # text encoders are transformers' modules
+        result = apply_attention_variant(module, options.attention, where=spec.name)
+        applied.append(measured(result, module, inputs, expected))
     if options.fuse_qkv and spec.kind in DENOISERS:
-        applied.append(_fuse_qkv_checked(module, inputs, expected, spec))
+        result = fuse_qkv(module, where=spec.name)
+        applied.append(measured(result, module, inputs, expected, key="max_abs_vs_unfused"))
     written = backend.export_component(module, inputs, spec, folder, options)
     applied += written.passes
     del module
@@ -282,18 +285,6 @@ def _export_component(
         config={"class_name": spec.class_name, "source": spec.source, **spec.facts, **written.notes},
     )
     return record, applied
-
-
-def _fuse_qkv_checked(
-    module: torch.nn.Module, inputs: dict[str, torch.Tensor], expected: Sequence[torch.Tensor], spec: ComponentSpec
-) -> PassResult:
-    """Fuse the module's attention projections; the PassResult holds the fused-vs-unfused parity."""
-    result = fuse_qkv(module, where=spec.name)
-    with torch.no_grad():
-        fused = module(*inputs.values())
-    worst = max(float((a - b).abs().max()) for a, b in zip(fused, expected, strict=True))
-    result.parity = {"max_abs_vs_unfused": worst}
-    return result
 
 
 def component_parity(

@@ -8,7 +8,13 @@ coremltools from the traced reference modules.
   the analysis finds an island is converted in fp32 whole, and the manifest says which
   islands made it so.
 - `--attention split-einsum|split-einsum-v2` (Apple's Neural Engine layouts) is a module pass
-  on our own modules: same checkpoint, same function; its torch-side parity is recorded.
+  on our own modules: same checkpoint, same function; its torch-side parity is recorded. On a
+  UNet it brings the Neural Engine layout with it (graph_passes.ane_layout: the transformer
+  blocks on (B, C, 1, S), every Linear a 1x1 convolution), as in Apple's ml-stable-diffusion.
+- `--chunk-unet` (iOS): the UNet as two chained packages, `unet/chunk1/model.mlpackage` and
+  `unet/chunk2/model.mlpackage`, split where their weights balance (graph_passes.chunk_unet);
+  the manifest lists each chunk's inputs, outputs, stages and weight bytes, and the `coreml`
+  engine chains them.
 - `--quantize palettize-N` (N in 2, 4, 6, 8: k-means look-up tables) or `int8-weight`
   (linear symmetric) through coremltools.optimize.coreml.
 - `minimum_deployment_target` is macOS 14 / iOS 17 (the first with ML program palettization
@@ -34,7 +40,9 @@ import torch
 from difflower.errors import ArgumentError
 from difflower.exporters.common import ComponentExport, ComponentRunner, ExportOptions
 from difflower.exporters.specs import ComponentSpec
-from difflower.graph_passes.base import PassDidNotFire, PassResult
+from difflower.graph_passes.ane_layout import apply_ane_layout
+from difflower.graph_passes.base import PassDidNotFire, PassResult, measured
+from difflower.graph_passes.chunk_unet import split_unet
 from difflower.graph_passes.fp16 import select_islands
 from difflower.reference.loading import ModelIndex
 
@@ -118,14 +126,16 @@ class CoreMLExporter:
             raise ArgumentError("--precision", f"coreml computes in fp16 or fp32, not {options.precision!r}")
         if options.attention not in COREML_ATTENTION:
             raise ArgumentError("--attention", f"coreml takes {', '.join(COREML_ATTENTION)}; got {options.attention!r}")
-        options.refuse_unknown("coreml", {"quantize"})
+        options.refuse_unknown("coreml", {"quantize", "chunk_unet"})
         options.refuse_quantize_mode("coreml", COREML_QUANTIZE)
+        if options.extra.get("chunk_unet") and not (index.root / "unet").is_dir():
+            raise ArgumentError(
+                "--chunk-unet", "splits a UNet, and this checkpoint's denoiser is not one: drop the flag"
+            )
 
     def export_component(
         self, module: torch.nn.Module, inputs: dict[str, torch.Tensor], spec: ComponentSpec, folder: Path, options
     ) -> ComponentExport:
-        import coremltools as ct
-
         _numpy2_compat()
         notes: dict[str, Any] = {"minimum_deployment_target": "macOS14 / iOS17", "unmeasured": UNMEASURED}
         passes: list[PassResult] = []
@@ -135,36 +145,42 @@ class CoreMLExporter:
             if islands:
                 precision = "fp32"
                 notes["fp32_because_of_islands"] = [{"module": i.module, "reason": i.reason} for i in islands]
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer notes on shape-derived Python values (static here)
-            expected = module(*inputs.values())
-            traced = torch.jit.trace(module, tuple(inputs.values()), strict=False)
-            got = traced(*inputs.values())
-            notes["torch_parity_max_abs"] = max(float((a - b).abs().max()) for a, b in zip(got, expected, strict=True))
-            model = ct.convert(
-                traced,
-                inputs=[ct.TensorType(name=n, shape=tuple(t.shape), dtype=t.numpy().dtype) for n, t in inputs.items()],
-                outputs=[ct.TensorType(name=coreml_name(t.name)) for t in spec.outputs],
-                convert_to="mlprogram",
-                compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32,
-                minimum_deployment_target=_target(),
-                skip_model_load=True,
-            )
         notes["compute_precision"] = precision
-        quantize = options.extra.get("quantize")
-        if quantize is not None:
-            model, result = compress(model, quantize)
+        with torch.no_grad():
+            expected = module(*inputs.values())
+        if options.attention.startswith("split-einsum") and spec.kind == "unet":
+            passes.append(measured(apply_ane_layout(module, spec.name), module, inputs, expected))
+        parts = [(module, inputs, [coreml_name(t.name) for t in spec.outputs], folder)]
+        if options.extra.get("chunk_unet"):
+            chunks, result = split_unet(module, inputs, expected, 2 if precision == "fp16" else 4)
             passes.append(result)
-        model.save(str(folder / FILE))
-        notes["ops"] = mil_ops(folder / FILE)
+            parts = [(c.module, c.inputs, c.outputs, folder / c.name) for c in chunks]
+            notes["chunks"] = [{**c.describe(), "file": f"{c.name}/{FILE}"} for c in chunks]
+        parity, ops = 0.0, Counter()
+        for part, part_inputs, outputs, where in parts:
+            model, part_parity = _convert(part, part_inputs, outputs, precision)
+            parity = max(parity, part_parity)
+            quantize = options.extra.get("quantize")
+            if quantize is not None:
+                model, result = compress(model, quantize)
+                passes.append(result)
+            where.mkdir(exist_ok=True)
+            model.save(str(where / FILE))
+            part_ops = mil_ops(where / FILE)
+            ops.update(part_ops)
+            for chunk in notes.get("chunks", []):
+                if where.name == chunk["name"]:
+                    chunk["ops"] = part_ops
+        notes["torch_parity_max_abs"] = parity  # each traced module vs the module it traced
+        notes["ops"] = dict(ops.most_common())
         return ComponentExport(passes=passes, notes=notes)
 
     def runner(self, folder: Path, spec: ComponentSpec, options: ExportOptions) -> ComponentRunner | None:
         if platform.system() != "Darwin":
             return None
-        from difflower.runtimes.coreml_engine import open_package
+        from difflower.runtimes.coreml_engine import open_component
 
-        model = open_package(folder / FILE, "ALL")
+        model = open_component(folder, "ALL")
         names = [t.name for t in spec.outputs]
 
         def run(inputs: dict[str, torch.Tensor]) -> list[np.ndarray]:
@@ -177,6 +193,29 @@ class CoreMLExporter:
         import coremltools
 
         return {"coremltools": coremltools.__version__}
+
+
+def _convert(module: torch.nn.Module, inputs: dict[str, torch.Tensor], outputs: list[str], precision: str):
+    """`module` traced on `inputs` and converted to an ML program; and the traced module's
+    largest difference from `module` on those inputs."""
+    import coremltools as ct
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer notes on shape-derived Python values (static here)
+        expected = module(*inputs.values())
+        traced = torch.jit.trace(module, tuple(inputs.values()), strict=False)
+        got = traced(*inputs.values())
+        parity = max(float((a - b).abs().max()) for a, b in zip(got, expected, strict=True))
+        model = ct.convert(
+            traced,
+            inputs=[ct.TensorType(name=n, shape=tuple(t.shape), dtype=t.numpy().dtype) for n, t in inputs.items()],
+            outputs=[ct.TensorType(name=n) for n in outputs],
+            convert_to="mlprogram",
+            compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32,
+            minimum_deployment_target=_target(),
+            skip_model_load=True,
+        )
+    return model, parity
 
 
 def _distinct_values(op) -> int:

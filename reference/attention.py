@@ -15,6 +15,11 @@ merged (B, N, heads * d) layout. The backend is an attribute of each module,
   (Nq, Nk) score matrix is ever whole (SPLIT_EINSUM_V2).
 
 All compute the same thing; they differ by float rounding only.
+
+Layouts: the modules take tokens as (B, N, C) (the reference's layout) or, when a spatial
+transformer runs in the Neural Engine layout (graph_passes.ane_layout), as (B, C, 1, N): every
+Linear is then applied as a 1x1 convolution of the same weight, and the split-einsum backends
+take Apple's channels-first per-head einsums. The input's rank says which (4 = channels-first).
 """
 
 from __future__ import annotations
@@ -86,6 +91,49 @@ def _split_einsum(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, c
     return torch.stack(heads, dim=1)  # (B, heads, N, d)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A Linear's weight on (B, N, in) tokens, or as a 1x1 convolution on (B, in, 1, N)."""
+    if x.ndim == 4:
+        return F.conv2d(x, weight[:, :, None, None], bias)
+    return F.linear(x, weight, bias)
+
+
+def apply_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`layer` in either layout (see `linear`)."""
+    return layer(x) if x.ndim == 3 else linear(x, layer.weight, layer.bias)
+
+
+def feature_dim(x: torch.Tensor) -> int:
+    """The channel axis: last for (B, N, C) tokens, 1 for (B, C, 1, N)."""
+    return 1 if x.ndim == 4 else -1
+
+
+def _attend_channels(query, key, value, heads: int, backend: AttentionBackend, upcast: bool) -> torch.Tensor:
+    """`attend` on the channels-first layout: (B, H*d, 1, Nq), (B, H*d, 1, Nk) x2 -> (B, H*d, 1, Nq)."""
+    if backend not in ("split-einsum", "split-einsum-v2"):
+        tokens = [x.flatten(2).transpose(1, 2) for x in (query, key, value)]  # (B, N, H*d)
+        out = attend(*tokens, heads, "sdpa" if backend == "onnxruntime" else backend, upcast)
+        return out.transpose(1, 2).unsqueeze(2)
+    out_dtype = query.dtype
+    if upcast and out_dtype in (torch.float16, torch.bfloat16):
+        query, key, value = query.float(), key.float(), value.float()
+    head_dim = query.shape[1] // heads
+    scale = head_dim**-0.5
+    tokens = query.shape[3]
+    size = -(-tokens // QUERY_CHUNKS) if backend == "split-einsum-v2" else tokens
+    key = key.transpose(1, 3)  # (B, Nk, 1, H*d)
+    outs = []
+    for h in range(heads):
+        channels = slice(h * head_dim, (h + 1) * head_dim)
+        q, k, v = query[:, channels], key[..., channels], value[:, channels]  # (B,d,1,Nq) (B,Nk,1,d) (B,d,1,Nk)
+        parts = []
+        for start in range(0, tokens, size):
+            weights = torch.einsum("bchq,bkhc->bkhq", q[..., start : start + size], k) * scale  # (B, Nk, 1, q)
+            parts.append(torch.einsum("bkhq,bchk->bchq", weights.softmax(dim=1), v))  # (B, d, 1, q)
+        outs.append(torch.cat(parts, dim=3) if len(parts) > 1 else parts[0])
+    return torch.cat(outs, dim=1).to(out_dtype)
+
+
 class _OnnxRuntimeMultiHeadAttention(torch.autograd.Function):
     """SDPA in torch; ONNX Runtime's fused MultiHeadAttention operator when exported to ONNX."""
 
@@ -109,7 +157,10 @@ def attend(
     backend: AttentionBackend = "sdpa",
     upcast: bool = False,
 ) -> torch.Tensor:
-    """Attention over merged projections: (B, Nq, H*d), (B, Nk, H*d), (B, Nk, H*d) -> (B, Nq, H*d)."""
+    """Attention over merged projections: (B, Nq, H*d), (B, Nk, H*d), (B, Nk, H*d) -> (B, Nq, H*d);
+    or the same channels-first, (B, H*d, 1, N) each (the Neural Engine layout)."""
+    if query.ndim == 4:
+        return _attend_channels(query, key, value, heads, backend, upcast)
     if backend == "onnxruntime" and not (upcast and query.dtype in (torch.float16, torch.bfloat16)):
         return _OnnxRuntimeMultiHeadAttention.apply(query, key, value, heads)
     q, k, v = split_heads(query, heads), split_heads(key, heads), split_heads(value, heads)
@@ -145,24 +196,29 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(inner_dim, query_dim)])
 
     def forward(self, hidden_states: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """hidden_states (B, N, query_dim), context (B, M, context_dim) or None for self-attention."""
+        """hidden_states (B, N, query_dim), context (B, M, context_dim) or None for self-attention;
+        or both channels-first, (B, query_dim, 1, N) and (B, context_dim, 1, M)."""
         query, key, value = self._project(hidden_states, context)
         out = attend(query, key, value, self.heads, self.attention_backend, self.upcast)
-        return self.to_out[0](out)
+        return apply_linear(self.to_out[0], out)
 
     def _project(self, hidden_states: torch.Tensor, context: torch.Tensor | None):
+        dim = feature_dim(hidden_states)
         if self.to_qkv is not None:
             if context is None:
-                return self.to_qkv(hidden_states).chunk(3, dim=-1)
+                return apply_linear(self.to_qkv, hidden_states).chunk(3, dim=dim)
             # a fused self-attention module used for cross-attention: split the one weight
             inner = self.to_qkv.out_features // 3
             q_weight, kv_weight = self.to_qkv.weight.split([inner, 2 * inner])
             q_bias, kv_bias = (None, None) if self.to_qkv.bias is None else self.to_qkv.bias.split([inner, 2 * inner])
-            return (F.linear(hidden_states, q_weight, q_bias), *F.linear(context, kv_weight, kv_bias).chunk(2, dim=-1))
+            query = linear(hidden_states, q_weight, q_bias)
+            return (query, *linear(context, kv_weight, kv_bias).chunk(2, dim=dim))
         context = hidden_states if context is None else context
         if self.to_kv is not None:
-            return (self.to_q(hidden_states), *self.to_kv(context).chunk(2, dim=-1))
-        return self.to_q(hidden_states), self.to_k(context), self.to_v(context)
+            return (apply_linear(self.to_q, hidden_states), *apply_linear(self.to_kv, context).chunk(2, dim=dim))
+        return tuple(
+            apply_linear(p, x) for p, x in ((self.to_q, hidden_states), (self.to_k, context), (self.to_v, context))
+        )
 
 
 def set_attention_backend(model: nn.Module, backend: AttentionBackend) -> int:

@@ -262,11 +262,19 @@ class UNet2DConditionModel(nn.Module):
         SDXL (`addition_embed_type="text_time"`) also needs `added_cond_kwargs` with
         `text_embeds` (B, pooled_dim) and `time_ids` (B, 6).
         """
-        config = self.config
-        if config.center_input_sample:
+        if self.config.center_input_sample:
             sample = 2 * sample - 1.0
+        emb = self.embed(sample, timestep, added_cond_kwargs)
+        sample, _ = self.run_stages(sample, [], emb, encoder_hidden_states)
+        return UNetOutput(sample) if return_dict else (sample,)
 
-        # 1. time embedding
+    def embed(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The time (and SDXL text-time) embedding every resnet receives: (B, time_embed_dim)."""
         if not torch.is_tensor(timestep):
             timestep = torch.tensor([timestep], dtype=torch.float32, device=sample.device)
         elif timestep.ndim == 0:
@@ -277,29 +285,49 @@ class UNet2DConditionModel(nn.Module):
             emb = emb + self._text_time_embedding(added_cond_kwargs, emb.dtype)
         if self.time_embed_act is not None:
             emb = self.time_embed_act(emb)
+        return emb
 
-        # 2. down path, keeping every skip connection
-        sample = self.conv_in(sample)
-        skips = [sample]
-        for block in self.down_blocks:
-            sample, block_skips = block(sample, emb, encoder_hidden_states)
-            skips.extend(block_skips)
+    def stages(self) -> list[str]:
+        """The forward pass after the embedding, in order: `conv_in`, each down block, `mid_block`,
+        each up block, `conv_out` (the head). `run_stages` runs any contiguous range of them."""
+        downs = [f"down_blocks.{i}" for i in range(len(self.down_blocks))]
+        ups = [f"up_blocks.{i}" for i in range(len(self.up_blocks))]
+        return ["conv_in", *downs, "mid_block", *ups, "conv_out"]
 
-        # 3. mid
-        sample = self.mid_block(sample, emb, encoder_hidden_states)
-
-        # 4. up path; each block consumes as many skips as it has resnets. Upsampling always goes to
-        #    the next skip's size (exactly 2x when the latent divides evenly, as diffusers does only for
-        #    odd sizes), so a traced graph stays valid for every latent size.
-        for block in self.up_blocks:
-            n = len(block.resnets)
-            block_skips, skips = skips[-n:], skips[:-n]
-            upsample_size = tuple(skips[-1].shape[2:]) if skips else None
-            sample = block(sample, block_skips, emb, encoder_hidden_states, upsample_size)
-
-        # 5. head
-        sample = self.conv_out(self.conv_act(self.conv_norm_out(sample)))
-        return UNetOutput(sample) if return_dict else (sample,)
+    def run_stages(
+        self,
+        sample: torch.Tensor,
+        skips: list[torch.Tensor],
+        emb: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        start: int = 0,
+        stop: int | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Stages `start:stop` of `stages()` from `sample` and the skip connections not yet
+        consumed; returns the new sample and the skips still pending."""
+        skips = list(skips)
+        for name in self.stages()[start:stop]:
+            if name == "conv_in":
+                sample = self.conv_in(sample)
+                skips = [sample]
+            elif name.startswith("down_blocks."):
+                # the down path keeps every skip connection
+                sample, block_skips = self.down_blocks[int(name.rsplit(".", 1)[1])](sample, emb, encoder_hidden_states)
+                skips.extend(block_skips)
+            elif name == "mid_block":
+                sample = self.mid_block(sample, emb, encoder_hidden_states)
+            elif name.startswith("up_blocks."):
+                # each up block consumes as many skips as it has resnets. Upsampling always goes
+                # to the next skip's size (exactly 2x when the latent divides evenly, as diffusers
+                # does only for odd sizes), so a traced graph stays valid for every latent size.
+                block = self.up_blocks[int(name.rsplit(".", 1)[1])]
+                n = len(block.resnets)
+                block_skips, skips = skips[-n:], skips[:-n]
+                upsample_size = tuple(skips[-1].shape[2:]) if skips else None
+                sample = block(sample, block_skips, emb, encoder_hidden_states, upsample_size)
+            else:  # the head
+                sample = self.conv_out(self.conv_act(self.conv_norm_out(sample)))
+        return sample, skips
 
     def _text_time_embedding(
         self, added_cond_kwargs: dict[str, torch.Tensor] | None, dtype: torch.dtype

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from difflower.reference.attention import Attention
+from difflower.reference.attention import Attention, apply_linear, feature_dim
 from difflower.reference.resnet import Downsample2D, ResnetBlock2D, TimeEmbeddingNorm, Upsample2D
 
 
@@ -39,7 +39,7 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states, gate = self.proj(hidden_states).chunk(2, dim=-1)
+        hidden_states, gate = apply_linear(self.proj, hidden_states).chunk(2, dim=feature_dim(hidden_states))
         return hidden_states * F.gelu(gate)
 
 
@@ -52,9 +52,20 @@ class FeedForward(nn.Module):
         self.net = nn.ModuleList([GEGLU(dim, inner_dim), nn.Identity(), nn.Linear(inner_dim, dim)])
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        for layer in self.net:
-            hidden_states = layer(hidden_states)
-        return hidden_states
+        geglu, _, out = self.net
+        return apply_linear(out, geglu(hidden_states))
+
+
+def layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """`norm` over the channels of (B, N, C) tokens, or of (B, C, 1, N) (axis 1, as Apple's
+    LayerNormANE: the Neural Engine layout keeps channels off the last axis)."""
+    if x.ndim == 3:
+        return norm(x)
+    mean = x.mean(dim=1, keepdim=True)
+    centered = x - mean
+    variance = centered.pow(2).mean(dim=1, keepdim=True)
+    out = centered * torch.rsqrt(variance + norm.eps)
+    return out * norm.weight.view(1, -1, 1, 1) + norm.bias.view(1, -1, 1, 1)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -85,17 +96,21 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        """hidden_states (B, HW, dim), encoder_hidden_states (B, T, cross_dim)."""
+        """hidden_states (B, HW, dim), encoder_hidden_states (B, T, cross_dim); or both
+        channels-first, (B, dim, 1, HW) and (B, cross_dim, 1, T) (the Neural Engine layout)."""
         context = encoder_hidden_states if self.only_cross_attention else None
-        hidden_states = hidden_states + self.attn1(self.norm1(hidden_states), context)
-        hidden_states = hidden_states + self.attn2(self.norm2(hidden_states), encoder_hidden_states)
-        return hidden_states + self.ff(self.norm3(hidden_states))
+        hidden_states = hidden_states + self.attn1(layer_norm(self.norm1, hidden_states), context)
+        hidden_states = hidden_states + self.attn2(layer_norm(self.norm2, hidden_states), encoder_hidden_states)
+        return hidden_states + self.ff(layer_norm(self.norm3, hidden_states))
 
 
 class Transformer2DModel(nn.Module):
     """Spatial transformer: GroupNorm, project in, transformer blocks, project out, residual.
 
     The projections are 1x1 convolutions (SD 1.x) or linears (`use_linear_projection`, SD 2.x/XL).
+    `layout` is "tokens" (the blocks see (B, HW, C), as diffusers) or "channels" (the blocks see
+    (B, C, 1, HW) and apply every Linear as a 1x1 convolution: the Neural Engine layout of Apple's
+    ml-stable-diffusion, set by graph_passes.ane_layout; same weights, same function).
     """
 
     def __init__(
@@ -113,6 +128,7 @@ class Transformer2DModel(nn.Module):
         super().__init__()
         inner_dim = heads * head_dim
         self.use_linear_projection = use_linear_projection
+        self.layout = "tokens"
         self.norm = nn.GroupNorm(norm_num_groups, in_channels, eps=1e-6)
         if use_linear_projection:
             self.proj_in = nn.Linear(in_channels, inner_dim)
@@ -129,6 +145,8 @@ class Transformer2DModel(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         """hidden_states (B, C, H, W) -> (B, C, H, W)."""
+        if self.layout == "channels":
+            return self._forward_channels(hidden_states, encoder_hidden_states)
         batch, _, height, width = hidden_states.shape
         residual = hidden_states
         hidden_states = self.norm(hidden_states)
@@ -145,6 +163,26 @@ class Transformer2DModel(nn.Module):
         hidden_states = hidden_states.reshape(batch, height, width, -1).permute(0, 3, 1, 2)  # (B, C, H, W)
         if not self.use_linear_projection:
             hidden_states = self.proj_out(hidden_states.contiguous())
+        return hidden_states + residual
+
+    def _forward_channels(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        """The same with the blocks on (B, C, 1, HW): no token transposes anywhere."""
+        batch, _, height, width = hidden_states.shape
+        residual = hidden_states
+        hidden_states = self.norm(hidden_states)
+        if not self.use_linear_projection:
+            hidden_states = self.proj_in(hidden_states)
+        hidden_states = hidden_states.reshape(batch, hidden_states.shape[1], 1, height * width)
+        context = encoder_hidden_states.transpose(1, 2).unsqueeze(2)  # (B, cross_dim, 1, T)
+        if self.use_linear_projection:
+            hidden_states = apply_linear(self.proj_in, hidden_states)
+        for block in self.transformer_blocks:
+            hidden_states = block(hidden_states, context)
+        if self.use_linear_projection:
+            hidden_states = apply_linear(self.proj_out, hidden_states)
+        hidden_states = hidden_states.reshape(batch, -1, height, width)
+        if not self.use_linear_projection:
+            hidden_states = self.proj_out(hidden_states)
         return hidden_states + residual
 
 

@@ -8,7 +8,7 @@ Core ML may run it. On any other system, opening one is a clear error: conversio
 from __future__ import annotations
 
 import platform
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,32 @@ def open_package(path: Path, compute_units: str = "ALL"):
     return ct.models.MLModel(str(path), compute_units=getattr(ct.ComputeUnit, compute_units))
 
 
+class ChunkedModel:
+    """A component exported as chained packages (`--chunk-unet`): each package is fed the
+    values it names from the component's inputs and the earlier packages' outputs; the last
+    package's outputs are the component's."""
+
+    def __init__(self, parts: list[tuple[list[str], Callable[[dict], dict]]]):
+        self.parts = parts
+
+    def predict(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        values = dict(feeds)
+        out: dict[str, np.ndarray] = {}
+        for names, predict in self.parts:
+            out = predict({n: values[n] for n in names})
+            values.update(out)
+        return out
+
+
+def open_component(folder: Path, compute_units: str = "ALL"):
+    """A component folder's model: its package, or its chunks chained in order."""
+    chunks = sorted(p.parent for p in Path(folder).glob(f"chunk*/{FILE}"))
+    if not chunks:
+        return open_package(Path(folder) / FILE, compute_units)
+    models = [open_package(chunk / FILE, compute_units) for chunk in chunks]
+    return ChunkedModel([([i.name for i in m.get_spec().description.input], m.predict) for m in models])
+
+
 class CoreMLEngine(Engine):
     """One component's ML program behind the engine interface."""
 
@@ -58,7 +84,7 @@ class CoreMLEngine(Engine):
     ) -> CoreMLEngine:
         units = str(options.pop("compute_units", "ALL"))
         refuse_options("coreml", options)
-        return cls(record, open_package(Path(folder) / record.name / FILE, units))
+        return cls(record, open_component(Path(folder) / record.name, units))
 
     def run(self, inputs: Mapping[str, Array]) -> dict[str, np.ndarray]:
         feeds = {k: (v.cpu().numpy() if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}

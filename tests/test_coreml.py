@@ -1,10 +1,13 @@
 """Core ML backend on the tiny checkpoints: conversion, saved packages reloaded as specs,
-attention variants against the reference in torch, palettization and int8 weights, and the
-clear error for prediction off macOS. Prediction parity needs macOS and skips elsewhere."""
+attention variants and the Neural Engine layout against the reference in torch, the chunked
+UNet, palettization and int8 weights, and the clear error for prediction off macOS. Prediction
+parity needs macOS and skips elsewhere."""
 
 from __future__ import annotations
 
 import platform
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +19,8 @@ from difflower.errors import ArgumentError  # noqa: E402
 from difflower.exporters import export  # noqa: E402
 from difflower.exporters.coreml import FILE, coreml_name, lut_sizes  # noqa: E402
 from difflower.exporters.specs import ShapePlan, component_specs, example_inputs, load_export_module  # noqa: E402
+from difflower.graph_passes.ane_layout import apply_ane_layout  # noqa: E402
+from difflower.graph_passes.base import PassDidNotFire  # noqa: E402
 from difflower.manifest import Bucket, Manifest  # noqa: E402
 from difflower.reference.attention import set_attention_backend  # noqa: E402
 from difflower.reference.loading import read_model_index  # noqa: E402
@@ -84,11 +89,110 @@ def test_compressed_weights_take_at_most_the_requested_values(tiny_dirs, tmp_pat
         assert sizes and set(sizes) == {values}
 
 
-def test_split_einsum_export_records_the_pass(tiny_dirs, tmp_path):
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+@pytest.mark.parametrize("variant", ["sdpa", "split-einsum-v2"])
+def test_ane_layout_loads_the_same_weights_and_matches_the_reference(tiny_dirs, family, variant):
+    index = read_model_index(tiny_dirs[family])
+    spec = next(s for s in component_specs(index) if s.kind == "unet")
+    model = load_export_module(spec, index.root)
+    inputs = example_inputs(spec, ShapePlan((Bucket(1, 64, 64),)).dims(Bucket(1, 64, 64), 8))
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        expected = model(*inputs.values())[0]
+        set_attention_backend(model, variant)
+        result = apply_ane_layout(model)
+        got = model(*inputs.values())[0]
+    assert {k: v.shape for k, v in model.state_dict().items()} == shapes  # the checkpoint loads unchanged
+    blocks = sum(len(m.transformer_blocks) for m in model.modules() if hasattr(m, "transformer_blocks"))
+    assert result.rewrites["transformer blocks"] == blocks > 0
+    assert result.rewrites["linears as 1x1 convolutions"] >= 10 * blocks  # q k v out x2, GEGLU, FF out
+    assert (got - expected).abs().max() <= 1e-4
+
+
+def test_ane_layout_needs_spatial_transformers(tiny_dirs):
+    index = read_model_index(tiny_dirs["sd3"])
+    spec = next(s for s in component_specs(index) if s.kind == "transformer")
+    with pytest.raises(PassDidNotFire, match="no spatial transformer"):
+        apply_ane_layout(load_export_module(spec, index.root))
+
+
+def test_split_einsum_export_lays_the_unet_out_for_the_neural_engine(tiny_dirs, coreml_dirs, tmp_path):
     manifest = export(tiny_dirs["sd"], "coreml", tmp_path / "out", components=["unet"], attention="split-einsum-v2")
-    result = next(p for p in manifest.passes if p["name"] == "attention")
-    assert result["settings"]["variant"] == "split-einsum-v2" and result["rewrites"]["attention modules"] > 0
+    passes = {p["name"]: p for p in manifest.passes}
+    assert passes["attention"]["settings"]["variant"] == "split-einsum-v2"
+    assert passes["attention"]["parity"]["max_abs_vs_reference"] <= 1e-4
+    layout = passes["ane_layout"]
+    assert layout["parity"]["max_abs_vs_reference"] <= 1e-4
     assert manifest.components["unet"].config["torch_parity_max_abs"] <= 1e-5
+    # every Linear of the transformer blocks became a 1x1 conv in the ML program
+    if not (coreml_dirs["sd"] / "difflower.json").exists():
+        export(tiny_dirs["sd"], "coreml", coreml_dirs["sd"], progress=False)
+    tokens = Manifest.read(coreml_dirs["sd"]).components["unet"].config["ops"]
+    channels = manifest.components["unet"].config["ops"]
+    moved = layout["rewrites"]["linears as 1x1 convolutions"]
+    assert tokens["linear"] - channels["linear"] == moved
+    assert channels["conv"] - tokens["conv"] == moved
+    assert channels["einsum"] > 0 and "einsum" not in tokens
+
+
+def test_chunked_unet_is_two_packages_that_chain_to_the_whole(tiny_dirs, tmp_path):
+    from difflower.graph_passes.chunk_unet import split_unet
+    from difflower.runtimes.coreml_engine import ChunkedModel
+
+    out = tmp_path / "chunked"
+    manifest = export(tiny_dirs["sdxl"], "coreml", out, components=["unet"], chunk_unet=True, progress=False)
+    record = manifest.components["unet"]
+    chunks = record.config["chunks"]
+    assert [c["name"] for c in chunks] == ["chunk1", "chunk2"]
+    assert chunks[0]["inputs"] == [t.name for t in record.inputs] and chunks[1]["outputs"] == ["out_sample"]
+    assert chunks[1]["stages"][-1] == "conv_out" and chunks[0]["stages"][0] == "conv_in"
+    for chunk in chunks:
+        package = ct.utils.load_spec(str(out / "unet" / chunk["file"]))
+        assert [i.name for i in package.description.input] == chunk["inputs"]
+        assert [o.name for o in package.description.output] == chunk["outputs"]
+    result = next(p for p in manifest.passes if p["name"] == "chunk_unet")
+    assert result["parity"]["max_abs_chained_vs_whole"] <= 1e-5
+    assert result["rewrites"]["skip connections handed over"] == len(chunks[0]["outputs"]) - 2
+
+    # the engine's chaining, with the torch halves standing in for the packages (prediction needs macOS)
+    index = read_model_index(tiny_dirs["sdxl"])
+    spec = next(s for s in component_specs(index) if s.kind == "unet")
+    module = load_export_module(spec, index.root)
+    inputs = example_inputs(spec, ShapePlan((Bucket(1, 64, 64),)).dims(Bucket(1, 64, 64), 8))
+    with torch.no_grad():
+        expected = module(*inputs.values())
+        halves, _ = split_unet(module, inputs, expected, bytes_per_weight=2)
+
+        def predictor(half):
+            def predict(feeds):
+                return dict(zip(half.outputs, half.module(*map(torch.as_tensor, feeds.values())), strict=True))
+
+            return predict
+
+        chained = ChunkedModel([(list(h.inputs), predictor(h)) for h in halves])
+        got = chained.predict({k: v.numpy() for k, v in inputs.items()})["out_sample"]
+    assert (got - expected[0]).abs().max() <= 1e-5
+
+
+def test_real_size_sd15_unet_halves_are_under_1_gib_in_fp16():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from real_configs import real_spec
+
+    from difflower.graph_passes.chunk_unet import PACKAGE_LIMIT, balanced_split
+    from difflower.reference.unet_2d_condition import UNet2DConditionModel
+
+    with torch.device("meta"):  # shapes only: no memory, no weights
+        unet = UNet2DConditionModel(real_spec("sd15").unet)
+    stop, first, second = balanced_split(unet, bytes_per_weight=2)
+    assert first + second == 2 * sum(p.numel() for p in unet.parameters())
+    assert max(first, second) < PACKAGE_LIMIT < first + second
+    assert unet.stages()[stop - 1] == "mid_block"
+
+
+def test_chunk_unet_refuses_a_transformer_checkpoint(tiny_dirs, tmp_path):
+    with pytest.raises(ArgumentError, match="--chunk-unet"):
+        export(tiny_dirs["sd3"], "coreml", tmp_path / "out", chunk_unet=True, progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(
