@@ -2,12 +2,12 @@
 
     python benchmarks/onnx_passes_sd15.py [--runs 5] [--warmup 2]
 
-Exports the UNet (random weights, SD1.5 config) five ways (the QDQ one only with --qdq: it
-needs more than this 24 GiB machine's memory): fp32 dynamic; + fuse_qkv;
+Exports the UNet (random weights, SD1.5 config) five ways: fp32 dynamic; + fuse_qkv;
 + fuse_qkv + static shapes (1x512x512); int8 weight-only (dynamic) and int8 static QDQ, both on
 top of fuse_qkv + static. Then times one CFG step (batch 2, 4x64x64 latents) in one process,
-interleaved, in two phases so that at most three sessions are loaded at once on a 24 GiB
-machine: the three fp32 graphs, then the best fp32 graph beside the two int8 graphs. Parity of
+interleaved, in two phases, each in a fresh process, so that at most three sessions are loaded
+at once on a 24 GiB machine: the three fp32 graphs, then the best fp32 graph beside the two
+int8 graphs. Parity of
 every graph's output against the fp32 dynamic graph (itself ~1e-6 from torch eager, see
 onnx-sd15-step.json) and the export's own component parity against the reference are recorded.
 Writes benchmarks/results/onnx-passes-sd15.json.
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import multiprocessing
 import resource
 import statistics
 import sys
@@ -52,9 +53,6 @@ CONFIGS = {
 }
 PHASES = (("fp32_dynamic", "fp32_fuse_qkv", "fp32_fuse_qkv_static"),
           ("fp32_fuse_qkv_static", "int8_weight_dynamic", "int8_qdq_static"))  # fmt: skip
-# On the 24 GiB machine onnxruntime's quantize_static was OOM-killed (3 tries) calibrating the
-# real-size UNet (its calibration session and model copies pass 23 GiB): opt in with --qdq.
-QDQ_OOM = "export OOM-killed (> 23 GiB RSS) inside onnxruntime.quantization.quantize_static on 23.5 GiB"
 
 
 def build(source: Path, name: str) -> dict:
@@ -66,20 +64,35 @@ def build(source: Path, name: str) -> dict:
     return {"seconds": round(time.perf_counter() - start, 1)}
 
 
+def time_phase(phase: tuple[str, ...], inputs, runs: int, warmup: int):
+    """Load the phase's graphs, then time one call of each, interleaved; their first outputs too."""
+    from difflower.runtimes.onnxruntime_engine import OnnxRuntimeEngine
+
+    engines, outputs = {}, {}
+    for name in phase:
+        folder = CACHE / f"sd15-passes-{name}"
+        engines[name] = OnnxRuntimeEngine(Manifest.read(folder).components["unet"], folder)
+        outputs[name] = engines[name](inputs)["out_sample"]
+    for _ in range(warmup - 1):
+        for engine in engines.values():
+            engine(inputs)
+    times: dict[str, list[float]] = {name: [] for name in phase}
+    for _ in range(runs):
+        for name, engine in engines.items():
+            start = time.perf_counter()
+            engine(inputs)
+            times[name].append(time.perf_counter() - start)
+    return times, outputs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--qdq", action="store_true", help="also the static QDQ int8 graph (needs > 24 GiB)")
     args = parser.parse_args()
-    configs = [n for n in CONFIGS if args.qdq or n != "int8_qdq_static"]
-    phases = [tuple(n for n in phase if n in configs) for phase in PHASES]
-    from difflower.runtimes.onnxruntime_engine import OnnxRuntimeEngine
-
+    configs, phases = list(CONFIGS), PHASES
     source = checkpoint("sd15")
     exports = {name: build(source, name) for name in configs}
-    if not args.qdq:
-        exports["int8_qdq_static"] = {"skipped": QDQ_OOM}
     gc.collect()
 
     inputs = sd15_step_inputs()
@@ -103,22 +116,11 @@ def main() -> None:
             "export_gate": f"{record.parity['gate']}: {'ok' if record.parity['passed'] else 'MISSED'}",
             "size_mib": round(record.size_bytes / 2**20, 1),
         }
+    spawn = multiprocessing.get_context("spawn")
     for phase in phases:
-        engines = {}
-        for name in phase:
-            folder = CACHE / f"sd15-passes-{name}"
-            engine = OnnxRuntimeEngine(Manifest.read(folder).components["unet"], folder)
-            engines[name] = engine
-            outputs[name] = torch.from_numpy(engine(inputs)["out_sample"])
-        for _ in range(args.warmup - 1):
-            for engine in engines.values():
-                engine(inputs)
-        times: dict[str, list[float]] = {name: [] for name in phase}
-        for _ in range(args.runs):
-            for name, engine in engines.items():
-                start = time.perf_counter()
-                engine(inputs)
-                times[name].append(time.perf_counter() - start)
+        with spawn.Pool(1) as pool:  # a fresh process per phase: the last phase's memory is gone
+            times, phase_outputs = pool.apply(time_phase, (phase, inputs, args.runs, args.warmup))
+        outputs.update({name: torch.from_numpy(out) for name, out in phase_outputs.items()})
         median = {name: statistics.median(t) for name, t in times.items()}
         base = phase[0]
         report["phases"].append({
@@ -127,12 +129,10 @@ def main() -> None:
             f"speedup_vs_{base}": {name: median[base] / m for name, m in median.items()},
         })  # fmt: skip
         print(json.dumps(report["phases"][-1]["median_s"]), flush=True)
-        del engines
-        gc.collect()
     report["parity_vs_fp32_dynamic"] = {
         name: compare(out, outputs["fp32_dynamic"]).to_json() for name, out in outputs.items() if name != "fp32_dynamic"
     }
-    report["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    report["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # the largest phase
     out = HERE / "results" / "onnx-passes-sd15.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")

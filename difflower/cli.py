@@ -214,6 +214,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(f"    out: {outs}")
         if record.config.get("ops"):  # backends that list their program's operations (Core ML)
             print("    ops: " + ", ".join(f"{op} x{n}" for op, n in record.config["ops"].items()))
+        for chunk in record.config.get("chunks", []):  # a denoiser exported as chained packages
+            size = f"{chunk['weight_bytes'] / 2**20:.1f} MiB of weights before compression"
+            print(f"    {chunk['name']}: {chunk['stages'][0]}..{chunk['stages'][-1]}, {size}, {chunk['file']}")
     return 0
 
 

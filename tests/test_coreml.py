@@ -135,7 +135,7 @@ def test_split_einsum_export_lays_the_unet_out_for_the_neural_engine(tiny_dirs, 
     assert channels["einsum"] > 0 and "einsum" not in tokens
 
 
-def test_chunked_unet_is_two_packages_that_chain_to_the_whole(tiny_dirs, tmp_path):
+def test_chunked_unet_is_two_packages_that_chain_to_the_whole(tiny_dirs, tmp_path, capsys):
     from difflower.graph_passes.chunk_unet import split_unet
     from difflower.runtimes.coreml_engine import ChunkedModel
 
@@ -153,6 +153,8 @@ def test_chunked_unet_is_two_packages_that_chain_to_the_whole(tiny_dirs, tmp_pat
     result = next(p for p in manifest.passes if p["name"] == "chunk_unet")
     assert result["parity"]["max_abs_chained_vs_whole"] <= 1e-5
     assert result["rewrites"]["skip connections handed over"] == len(chunks[0]["outputs"]) - 2
+    assert main(["info", str(out)]) == 0
+    assert "chunk2: up_blocks.0..conv_out" in capsys.readouterr().out
 
     # the engine's chaining, with the torch halves standing in for the packages (prediction needs macOS)
     index = read_model_index(tiny_dirs["sdxl"])

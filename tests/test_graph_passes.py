@@ -273,6 +273,29 @@ def test_int8_artifacts_meet_the_int8_gates(tiny_dirs, tmp_path, mode):
     assert report.passed, report
 
 
+def test_int8_calibration_gives_onnxruntimes_own_ranges(tiny_dirs, tmp_path):
+    """The priority-ordered calibration session (a 24 GiB machine fits the real-size UNet with it)
+    measures what onnxruntime's quantize_static would have measured itself."""
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator, load_tensors_data
+
+    from difflower.graph_passes.onnx_quantize import _calibrate, _Reader
+
+    export(tiny_dirs["sd"], "onnx", tmp_path / "fp32", components=["unet"], progress=False)
+    model = tmp_path / "fp32" / "unet" / "model.onnx"
+    names = [i.name for i in onnx.load(str(model), load_external_data=False).graph.input]
+    generator = torch.Generator().manual_seed(0)
+    shapes = {"sample": (2, 4, 8, 8), "timestep": (2,), "encoder_hidden_states": (2, 77, 32)}
+    dataset = [{n: torch.randn(shapes[n], generator=generator).numpy() for n in names} for _ in range(3)]
+    _calibrate(model, ("Conv", "MatMul"), dataset, tmp_path / "ranges.json", external=False)
+    ours = load_tensors_data(tmp_path / "ranges.json")
+    theirs = create_calibrator(model, ["Conv", "MatMul"], str(tmp_path / "aug.onnx"), CalibrationMethod.MinMax)
+    theirs.collect_data(_Reader(dataset))
+    theirs = theirs.compute_data()
+    assert len(ours.data) == len(theirs.data) > 100
+    for name, expected in theirs.data.items():
+        np.testing.assert_array_equal(ours.data[name].range_value, expected.range_value, err_msg=name)
+
+
 @pytest.mark.parametrize(
     ("options", "flag"),
     [
