@@ -113,7 +113,7 @@ def _attend_channels(query, key, value, heads: int, backend: AttentionBackend, u
     if backend not in ("split-einsum", "split-einsum-v2"):
         tokens = [x.flatten(2).transpose(1, 2) for x in (query, key, value)]  # (B, N, H*d)
         out = attend(*tokens, heads, "sdpa" if backend == "onnxruntime" else backend, upcast)
-        return out.transpose(1, 2).unsqueeze(2)
+        return out.transpose(1, 2).unsqueeze(2)  # (B, H*d, 1, Nq)
     out_dtype = query.dtype
     if upcast and out_dtype in (torch.float16, torch.bfloat16):
         query, key, value = query.float(), key.float(), value.float()

@@ -8,6 +8,7 @@ kind used by the SD 1.x / 2.x / XL UNets, and no processors, LoRA scales or chec
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,9 @@ from torch import nn
 
 from difflower.reference.attention import Attention, apply_linear, feature_dim
 from difflower.reference.resnet import Downsample2D, ResnetBlock2D, TimeEmbeddingNorm, Upsample2D
+
+# How a spatial transformer's blocks hold their tokens: (B, HW, C), or (B, C, 1, HW) for the Neural Engine.
+Layout = Literal["tokens", "channels"]
 
 
 @dataclass(frozen=True)
@@ -128,7 +132,7 @@ class Transformer2DModel(nn.Module):
         super().__init__()
         inner_dim = heads * head_dim
         self.use_linear_projection = use_linear_projection
-        self.layout = "tokens"
+        self.layout: Layout = "tokens"
         self.norm = nn.GroupNorm(norm_num_groups, in_channels, eps=1e-6)
         if use_linear_projection:
             self.proj_in = nn.Linear(in_channels, inner_dim)
@@ -172,7 +176,7 @@ class Transformer2DModel(nn.Module):
         hidden_states = self.norm(hidden_states)
         if not self.use_linear_projection:
             hidden_states = self.proj_in(hidden_states)
-        hidden_states = hidden_states.reshape(batch, hidden_states.shape[1], 1, height * width)
+        hidden_states = hidden_states.reshape(batch, hidden_states.shape[1], 1, height * width)  # (B, C, 1, HW)
         context = encoder_hidden_states.transpose(1, 2).unsqueeze(2)  # (B, cross_dim, 1, T)
         if self.use_linear_projection:
             hidden_states = apply_linear(self.proj_in, hidden_states)
@@ -180,7 +184,7 @@ class Transformer2DModel(nn.Module):
             hidden_states = block(hidden_states, context)
         if self.use_linear_projection:
             hidden_states = apply_linear(self.proj_out, hidden_states)
-        hidden_states = hidden_states.reshape(batch, -1, height, width)
+        hidden_states = hidden_states.reshape(batch, -1, height, width)  # (B, C, H, W)
         if not self.use_linear_projection:
             hidden_states = self.proj_out(hidden_states)
         return hidden_states + residual
