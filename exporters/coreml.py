@@ -128,10 +128,11 @@ class CoreMLExporter:
             raise ArgumentError("--attention", f"coreml takes {', '.join(COREML_ATTENTION)}; got {options.attention!r}")
         options.refuse_unknown("coreml", {"quantize", "chunk_unet"})
         options.refuse_quantize_mode("coreml", COREML_QUANTIZE)
-        if options.extra.get("chunk_unet") and not (index.root / "unet").is_dir():
-            raise ArgumentError(
-                "--chunk-unet", "splits a UNet, and this checkpoint's denoiser is not one: drop the flag"
-            )
+        if options.extra.get("chunk_unet"):
+            if not (index.root / "unet").is_dir():
+                raise ArgumentError("--chunk-unet", "splits a UNet, and this checkpoint's denoiser is not one")
+            if options.components and "unet" not in options.components:
+                raise ArgumentError("--chunk-unet", "splits the unet: include it in --components")
 
     def export_component(
         self, module: torch.nn.Module, inputs: dict[str, torch.Tensor], spec: ComponentSpec, folder: Path, options
@@ -146,18 +147,25 @@ class CoreMLExporter:
                 precision = "fp32"
                 notes["fp32_because_of_islands"] = [{"module": i.module, "reason": i.reason} for i in islands]
         notes["compute_precision"] = precision
-        with torch.no_grad():
-            expected = module(*inputs.values())
-        if options.attention.startswith("split-einsum") and spec.kind == "unet":
+        ane_layout = options.attention.startswith("split-einsum") and spec.kind == "unet"
+        chunked = bool(options.extra.get("chunk_unet")) and spec.kind == "unet"
+        if ane_layout or chunked:  # these passes record their parity against the module as it came
+            with torch.no_grad():
+                expected = module(*inputs.values())
+        if ane_layout:
             passes.append(measured(apply_ane_layout(module, spec.name), module, inputs, expected))
-        parts = [(module, inputs, [coreml_name(t.name) for t in spec.outputs], folder)]
-        if options.extra.get("chunk_unet"):
+        # (module, example inputs, output names, folder, the chunk's manifest entry)
+        parts = [(module, inputs, [coreml_name(t.name) for t in spec.outputs], folder, {})]
+        if chunked:
             chunks, result = split_unet(module, inputs, expected, 2 if precision == "fp16" else 4)
             passes.append(result)
-            parts = [(c.module, c.inputs, c.outputs, folder / c.name) for c in chunks]
             notes["chunks"] = [{**c.describe(), "file": f"{c.name}/{FILE}"} for c in chunks]
+            parts = [
+                (c.module, c.inputs, c.outputs, folder / c.name, n)
+                for c, n in zip(chunks, notes["chunks"], strict=True)
+            ]
         parity, ops = 0.0, Counter()
-        for part, part_inputs, outputs, where in parts:
+        for part, part_inputs, outputs, where, entry in parts:
             model, part_parity = _convert(part, part_inputs, outputs, precision)
             parity = max(parity, part_parity)
             quantize = options.extra.get("quantize")
@@ -168,9 +176,8 @@ class CoreMLExporter:
             model.save(str(where / FILE))
             part_ops = mil_ops(where / FILE)
             ops.update(part_ops)
-            for chunk in notes.get("chunks", []):
-                if where.name == chunk["name"]:
-                    chunk["ops"] = part_ops
+            if entry:
+                entry["ops"] = part_ops
         notes["torch_parity_max_abs"] = parity  # each traced module vs the module it traced
         notes["ops"] = dict(ops.most_common())
         return ComponentExport(passes=passes, notes=notes)

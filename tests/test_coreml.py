@@ -140,7 +140,8 @@ def test_chunked_unet_is_two_packages_that_chain_to_the_whole(tiny_dirs, tmp_pat
     from difflower.runtimes.coreml_engine import ChunkedModel
 
     out = tmp_path / "chunked"
-    manifest = export(tiny_dirs["sdxl"], "coreml", out, components=["unet"], chunk_unet=True, progress=False)
+    manifest = export(tiny_dirs["sdxl"], "coreml", out, chunk_unet=True, progress=False)
+    assert not any("chunks" in r.config for r in manifest.components.values() if r.name != "unet")
     record = manifest.components["unet"]
     chunks = record.config["chunks"]
     assert [c["name"] for c in chunks] == ["chunk1", "chunk2"]
@@ -191,9 +192,10 @@ def test_real_size_sd15_unet_halves_are_under_1_gib_in_fp16():
     assert unet.stages()[stop - 1] == "mid_block"
 
 
-def test_chunk_unet_refuses_a_transformer_checkpoint(tiny_dirs, tmp_path):
+@pytest.mark.parametrize(("family", "components"), [("sd3", None), ("sd", ["vae_decoder"])])
+def test_chunk_unet_needs_a_unet_to_split(tiny_dirs, tmp_path, family, components):
     with pytest.raises(ArgumentError, match="--chunk-unet"):
-        export(tiny_dirs["sd3"], "coreml", tmp_path / "out", chunk_unet=True, progress=False)
+        export(tiny_dirs[family], "coreml", tmp_path / "out", components=components, chunk_unet=True, progress=False)
     assert not (tmp_path / "out").exists()
 
 
