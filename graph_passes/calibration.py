@@ -50,11 +50,11 @@ def calibration_dataset(
         samples.append({n: v.detach().float().numpy().copy() for n, v in zip(names, values, strict=True)})
         return original(sample, timestep, cond)
 
+    size = {} if bucket is None else {"height": bucket.height, "width": bucket.width}
+    batch = 1 if bucket is None else bucket.batch
     calls.denoiser = record
     try:
         for i, prompt in enumerate(calibration_prompts()[:prompts]):
-            size = {} if bucket is None else {"height": bucket.height, "width": bucket.width}
-            batch = 1 if bucket is None else bucket.batch
             pipe([prompt] * batch, num_inference_steps=steps, seed=i, output_type="latent", progress=False, **size)
     finally:
         calls.denoiser = original

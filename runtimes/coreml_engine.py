@@ -74,13 +74,7 @@ class CoreMLEngine(Engine):
 
     @classmethod
     def open(
-        cls,
-        record: ComponentRecord,
-        folder: Path,
-        manifest,
-        device: str = "cpu",
-        threads: int | None = None,
-        **options,
+        cls, record: ComponentRecord, folder: Path, manifest, device: str = "cpu", threads: int | None = None, **options
     ) -> CoreMLEngine:
         units = str(options.pop("compute_units", "ALL"))
         refuse_options("coreml", options)
