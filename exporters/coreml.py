@@ -130,7 +130,7 @@ class CoreMLExporter:
         options.refuse_quantize_mode("coreml", COREML_QUANTIZE)
         if options.extra.get("chunk_unet"):
             if not (index.root / "unet").is_dir():
-                raise ArgumentError("--chunk-unet", "splits a UNet, and this checkpoint's denoiser is not one")
+                raise ArgumentError("--chunk-unet", "splits a UNet; this checkpoint has none: drop the flag")
             if options.components and "unet" not in options.components:
                 raise ArgumentError("--chunk-unet", "splits the unet: include it in --components")
 
