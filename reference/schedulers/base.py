@@ -12,12 +12,15 @@ run can start mid-schedule (img2img) without any `set_begin_index` call.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Literal, Protocol, runtime_checkable
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar, runtime_checkable
 
 import torch
 
 from difflower.errors import ArgumentError
+from difflower.reference.config import parse_config
 
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
 TimestepSpacing = Literal["linspace", "leading", "trailing"]
@@ -74,6 +77,61 @@ class Scheduler(Protocol):
     ) -> SchedulerRun: ...
 
 
+C = TypeVar("C")
+
+
+class SchedulerBase(Generic[C]):
+    """What every scheduler shares: the config it is built from, reading it from a
+    `scheduler_config.json` dict, and the checks before a run. A subclass sets the class
+    attributes, builds its tables in `__init__` (after `super().__init__(config)`) and makes a
+    run in `_run`; it keeps only its algorithm."""
+
+    class_name: ClassVar[str]
+    config_class: ClassVar[type]
+    # Fields diffusers writes that have no effect on the options difflower supports.
+    ignored_fields: ClassVar[frozenset[str]] = frozenset()
+    # Fields for variants difflower does not implement, with the only value accepted.
+    unsupported_fields: ClassVar[Mapping[str, Any]] = MappingProxyType({})
+    is_flow_matching: ClassVar[bool] = False
+    # Discrete schedules pick timesteps among the training ones: more steps than those cannot be
+    # honoured (diffusers raises for DDIM and DDPM; leading spacing would repeat t=1 thousands
+    # of times). Flow matching spaces continuous sigmas and takes any count.
+    max_steps_is_training_steps: ClassVar[bool] = True
+    # Only flow matching takes a dynamic time shift `mu`.
+    takes_mu: ClassVar[bool] = False
+
+    def __init__(self, config: C):
+        self._config = config
+
+    @classmethod
+    def from_raw(cls, raw: dict[str, Any], source: Path) -> Any:
+        """Parse a `scheduler_config.json` dict; raises CheckpointError naming `source` and the field."""
+        config = parse_config(
+            cls.config_class, raw, source, ignored=cls.ignored_fields, must_be_default=dict(cls.unsupported_fields)
+        )
+        return cls(config)
+
+    @property
+    def config(self) -> C:
+        return self._config
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int,
+        device: torch.device | str | None = None,
+        mu: float | None = None,
+    ) -> Any:
+        """A new run of `num_inference_steps` steps, its timesteps on `device` (the CPU by default)."""
+        limit = getattr(self._config, "num_train_timesteps", None) if self.max_steps_is_training_steps else None
+        check_num_inference_steps(num_inference_steps, limit)
+        if not self.takes_mu:
+            check_no_mu(mu, self.class_name)
+        return self._run(num_inference_steps, resolve_device(device), mu)
+
+    def _run(self, num_inference_steps: int, device: torch.device, mu: float | None) -> Any:
+        raise NotImplementedError
+
+
 def check_num_inference_steps(num_inference_steps: int, num_train_timesteps: int | None = None) -> None:
     """Raise ArgumentError unless 1 <= num_inference_steps (<= num_train_timesteps when given)."""
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
@@ -83,7 +141,8 @@ def check_num_inference_steps(num_inference_steps: int, num_train_timesteps: int
     if num_train_timesteps is not None and num_inference_steps > num_train_timesteps:
         raise ArgumentError(
             "num_inference_steps",
-            f"{num_inference_steps} is more than the {num_train_timesteps} timesteps the model was trained on",
+            f"{num_inference_steps} is more than the {num_train_timesteps} timesteps the model was trained on; "
+            f"use at most {num_train_timesteps}",
         )
 
 

@@ -7,24 +7,19 @@ dynamic thresholding (pixel-space models only) is rejected at load time.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from types import MappingProxyType
-from typing import Any
 
 import torch
 
 from difflower.errors import ArgumentError
-from difflower.reference.config import parse_config
 from difflower.reference.schedulers.base import (
     BetaSchedule,
     Generator,
     PredictionType,
+    SchedulerBase,
     TimestepSpacing,
-    check_no_mu,
-    check_num_inference_steps,
     check_step_index,
     randn_like_diffusers,
-    resolve_device,
 )
 from difflower.reference.schedulers.betas import add_noise_alpha_prod, alphas_cumprod_for, check_trained_betas
 from difflower.reference.schedulers.spacing import discrete_timesteps
@@ -53,7 +48,7 @@ class DDIMConfig:
         check_trained_betas(self.trained_betas, self.num_train_timesteps)
 
 
-class DDIMScheduler:
+class DDIMScheduler(SchedulerBase[DDIMConfig]):
     """DDIM; `eta` weighs the fresh noise of each step (0: deterministic DDIM, 1: DDPM-like).
 
     diffusers passes `eta` to every `step()` call; here it is fixed per scheduler so that
@@ -65,12 +60,11 @@ class DDIMScheduler:
     # Only read by dynamic thresholding, which is rejected below.
     ignored_fields = frozenset({"dynamic_thresholding_ratio", "sample_max_value"})
     unsupported_fields = MappingProxyType({"thresholding": False})
-    is_flow_matching = False
 
     def __init__(self, config: DDIMConfig, *, eta: float = 0.0):
         if eta < 0:
             raise ArgumentError("eta", f"must be >= 0, got {eta}")
-        self._config = config
+        super().__init__(config)
         self._eta = float(eta)
         self._alphas_cumprod = alphas_cumprod_for(
             config.beta_schedule,
@@ -83,36 +77,13 @@ class DDIMScheduler:
         # The "previous" alpha of the last step: 1 (fully denoised) or the first training alpha.
         self._final_alpha_cumprod = torch.tensor(1.0) if config.set_alpha_to_one else self._alphas_cumprod[0]
 
-    @classmethod
-    def from_raw(cls, raw: dict[str, Any], source: Path) -> DDIMScheduler:
-        """Parse a `scheduler_config.json` dict; raises CheckpointError naming `source` and the field."""
-        config = parse_config(
-            DDIMConfig,
-            raw,
-            source,
-            ignored=cls.ignored_fields,
-            must_be_default=dict(cls.unsupported_fields),
-        )
-        return cls(config)
-
-    @property
-    def config(self) -> DDIMConfig:
-        return self._config
-
     @property
     def eta(self) -> float:
         return self._eta
 
-    def set_timesteps(
-        self,
-        num_inference_steps: int,
-        device: torch.device | str | None = None,
-        mu: float | None = None,
-    ) -> DDIMRun:
+    def _run(self, num_inference_steps: int, device: torch.device, mu: float | None) -> DDIMRun:
         """A new run of `num_inference_steps` steps with its per-step coefficients."""
         config = self._config
-        check_num_inference_steps(num_inference_steps, config.num_train_timesteps)
-        check_no_mu(mu, self.class_name)
         timesteps = discrete_timesteps(
             config.timestep_spacing, config.num_train_timesteps, num_inference_steps, config.steps_offset
         )
@@ -120,7 +91,7 @@ class DDIMScheduler:
         stride = config.num_train_timesteps // num_inference_steps
         steps = [self._coefficients(int(t), int(t) - stride) for t in timesteps]
         return DDIMRun(
-            timesteps=torch.from_numpy(timesteps).to(resolve_device(device)),
+            timesteps=torch.from_numpy(timesteps).to(device),
             steps=steps,
             alphas_cumprod=self._alphas_cumprod,
             config=config,

@@ -7,23 +7,19 @@ Reproduces diffusers' `DDPMScheduler` (0.42) with the fixed variances ("fixed_sm
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
-from difflower.reference.config import parse_config
 from difflower.reference.schedulers.base import (
     BetaSchedule,
     Generator,
     PredictionType,
+    SchedulerBase,
     TimestepSpacing,
-    check_no_mu,
-    check_num_inference_steps,
     check_step_index,
     randn_like_diffusers,
-    resolve_device,
 )
 from difflower.reference.schedulers.betas import add_noise_alpha_prod, alphas_cumprod_for, check_trained_betas
 from difflower.reference.schedulers.spacing import discrete_timesteps
@@ -52,7 +48,7 @@ class DDPMConfig:
         check_trained_betas(self.trained_betas, self.num_train_timesteps)
 
 
-class DDPMScheduler:
+class DDPMScheduler(SchedulerBase[DDPMConfig]):
     """DDPM ancestral sampling; every step but the one at t = 0 draws fresh noise."""
 
     class_name = "DDPMScheduler"
@@ -60,10 +56,9 @@ class DDPMScheduler:
     # Only read by dynamic thresholding, which is rejected below.
     ignored_fields = frozenset({"dynamic_thresholding_ratio", "sample_max_value"})
     unsupported_fields = MappingProxyType({"thresholding": False})
-    is_flow_matching = False
 
     def __init__(self, config: DDPMConfig):
-        self._config = config
+        super().__init__(config)
         self._alphas_cumprod = alphas_cumprod_for(
             config.beta_schedule,
             config.beta_start,
@@ -73,28 +68,9 @@ class DDPMScheduler:
             config.rescale_betas_zero_snr,
         )
 
-    @classmethod
-    def from_raw(cls, raw: dict[str, Any], source: Path) -> DDPMScheduler:
-        """Parse a `scheduler_config.json` dict; raises CheckpointError naming `source` and the field."""
-        config = parse_config(
-            DDPMConfig, raw, source, ignored=cls.ignored_fields, must_be_default=dict(cls.unsupported_fields)
-        )
-        return cls(config)
-
-    @property
-    def config(self) -> DDPMConfig:
-        return self._config
-
-    def set_timesteps(
-        self,
-        num_inference_steps: int,
-        device: torch.device | str | None = None,
-        mu: float | None = None,
-    ) -> DDPMRun:
+    def _run(self, num_inference_steps: int, device: torch.device, mu: float | None) -> DDPMRun:
         """A new run of `num_inference_steps` steps with its per-step coefficients."""
         config = self._config
-        check_num_inference_steps(num_inference_steps, config.num_train_timesteps)
-        check_no_mu(mu, self.class_name)
         timesteps = discrete_timesteps(
             config.timestep_spacing, config.num_train_timesteps, num_inference_steps, config.steps_offset
         )
@@ -102,7 +78,7 @@ class DDPMScheduler:
         # Unlike DDIM, the previous timestep is the next entry of the schedule (-1 after the last).
         steps = [self._coefficients(t, values[i + 1] if i + 1 < len(values) else -1) for i, t in enumerate(values)]
         return DDPMRun(
-            timesteps=torch.from_numpy(timesteps).to(resolve_device(device)),
+            timesteps=torch.from_numpy(timesteps).to(device),
             steps=steps,
             alphas_cumprod=self._alphas_cumprod,
             config=config,

@@ -9,24 +9,20 @@ thresholding are rejected at load time.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 
 from difflower.errors import ArgumentError
-from difflower.reference.config import parse_config
 from difflower.reference.schedulers.base import (
     BetaSchedule,
     Generator,
     PredictionType,
+    SchedulerBase,
     TimestepSpacing,
-    check_no_mu,
-    check_num_inference_steps,
     check_step_index,
-    resolve_device,
 )
 from difflower.reference.schedulers.betas import check_trained_betas, sigma_alphas_cumprod
 from difflower.reference.schedulers.spacing import karras_sigmas, sigmas_to_timesteps
@@ -76,7 +72,7 @@ class DPMSolverMultistepConfig:
             )
 
 
-class DPMSolverMultistepScheduler:
+class DPMSolverMultistepScheduler(SchedulerBase[DPMSolverMultistepConfig]):
     """DPM-Solver++(1M/2M); `solver_order=1` is DDIM in the log-SNR variable."""
 
     class_name = "DPMSolverMultistepScheduler"
@@ -95,10 +91,9 @@ class DPMSolverMultistepScheduler:
             "use_dynamic_shifting": False,
         }
     )
-    is_flow_matching = False
 
     def __init__(self, config: DPMSolverMultistepConfig):
-        self._config = config
+        super().__init__(config)
         self._alphas_cumprod = sigma_alphas_cumprod(
             config.beta_schedule,
             config.beta_start,
@@ -112,34 +107,11 @@ class DPMSolverMultistepScheduler:
         sigma_t = torch.sqrt(1 - self._alphas_cumprod)
         self._lambda_t = torch.log(alpha_t) - torch.log(sigma_t)
 
-    @classmethod
-    def from_raw(cls, raw: dict[str, Any], source: Path) -> DPMSolverMultistepScheduler:
-        """Parse a `scheduler_config.json` dict; raises CheckpointError naming `source` and the field."""
-        config = parse_config(
-            DPMSolverMultistepConfig,
-            raw,
-            source,
-            ignored=cls.ignored_fields,
-            must_be_default=dict(cls.unsupported_fields),
-        )
-        return cls(config)
-
-    @property
-    def config(self) -> DPMSolverMultistepConfig:
-        return self._config
-
-    def set_timesteps(
-        self,
-        num_inference_steps: int,
-        device: torch.device | str | None = None,
-        mu: float | None = None,
-    ) -> DPMSolverMultistepRun:
+    def _run(self, num_inference_steps: int, device: torch.device, mu: float | None) -> DPMSolverMultistepRun:
         """A new run: n int64 timesteps, n + 1 sigmas, and the solver's per-step coefficients."""
-        check_num_inference_steps(num_inference_steps)
-        check_no_mu(mu, self.class_name)
         timesteps, sigmas = self._schedule(num_inference_steps)
         return DPMSolverMultistepRun(
-            timesteps=torch.from_numpy(timesteps).to(device=resolve_device(device), dtype=torch.int64),
+            timesteps=torch.from_numpy(timesteps).to(device=device, dtype=torch.int64),
             sigmas=torch.from_numpy(sigmas),
             config=self._config,
         )

@@ -8,23 +8,19 @@ continuous-time variants are rejected at load time.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 
-from difflower.reference.config import parse_config
 from difflower.reference.schedulers.base import (
     BetaSchedule,
     Generator,
     PredictionType,
+    SchedulerBase,
     TimestepSpacing,
-    check_no_mu,
-    check_num_inference_steps,
     check_step_index,
-    resolve_device,
 )
 from difflower.reference.schedulers.betas import check_trained_betas, sigma_alphas_cumprod
 from difflower.reference.schedulers.spacing import karras_sigmas, sigmas_to_timesteps, spaced_timesteps
@@ -55,19 +51,17 @@ class EulerConfig:
         check_trained_betas(self.trained_betas, self.num_train_timesteps)
 
 
-class EulerScheduler:
+class EulerScheduler(SchedulerBase[EulerConfig]):
     """Euler discrete sampler in the sigma parametrisation (x = x_0 + sigma * eps)."""
 
     class_name = "EulerDiscreteScheduler"
     config_class = EulerConfig
-    ignored_fields: frozenset[str] = frozenset()
     unsupported_fields = MappingProxyType(
         {"use_exponential_sigmas": False, "use_beta_sigmas": False, "timestep_type": "discrete"}
     )
-    is_flow_matching = False
 
     def __init__(self, config: EulerConfig):
-        self._config = config
+        super().__init__(config)
         self._alphas_cumprod = sigma_alphas_cumprod(
             config.beta_schedule,
             config.beta_start,
@@ -77,28 +71,9 @@ class EulerScheduler:
             config.rescale_betas_zero_snr,
         )
 
-    @classmethod
-    def from_raw(cls, raw: dict[str, Any], source: Path) -> EulerScheduler:
-        """Parse a `scheduler_config.json` dict; raises CheckpointError naming `source` and the field."""
-        config = parse_config(
-            EulerConfig, raw, source, ignored=cls.ignored_fields, must_be_default=dict(cls.unsupported_fields)
-        )
-        return cls(config)
-
-    @property
-    def config(self) -> EulerConfig:
-        return self._config
-
-    def set_timesteps(
-        self,
-        num_inference_steps: int,
-        device: torch.device | str | None = None,
-        mu: float | None = None,
-    ) -> EulerRun:
+    def _run(self, num_inference_steps: int, device: torch.device, mu: float | None) -> EulerRun:
         """A new run: n float32 timesteps and n + 1 sigmas (the last one 0 or sigma_min)."""
         config = self._config
-        check_num_inference_steps(num_inference_steps)
-        check_no_mu(mu, self.class_name)
         timesteps, sigmas = euler_schedule(
             self._alphas_cumprod,
             num_inference_steps,
@@ -110,7 +85,7 @@ class EulerScheduler:
             final_sigmas_type=config.final_sigmas_type,
         )
         return EulerRun(
-            timesteps=torch.from_numpy(timesteps).to(resolve_device(device)),
+            timesteps=torch.from_numpy(timesteps).to(device),
             sigmas=torch.from_numpy(sigmas),
             prediction_type=config.prediction_type,
             init_noise_sigma=initial_sigma(torch.from_numpy(sigmas), config.timestep_spacing),

@@ -8,22 +8,17 @@ schedule is Euler's (linear interpolation, final sigma 0), shared from `euler.py
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from types import MappingProxyType
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
-from difflower.reference.config import parse_config
 from difflower.reference.schedulers.base import (
     BetaSchedule,
     Generator,
+    SchedulerBase,
     TimestepSpacing,
-    check_no_mu,
-    check_num_inference_steps,
     check_step_index,
     randn_like_diffusers,
-    resolve_device,
 )
 from difflower.reference.schedulers.betas import check_trained_betas, sigma_alphas_cumprod
 from difflower.reference.schedulers.euler import euler_schedule, initial_sigma, sigma_steps
@@ -50,17 +45,14 @@ class EulerAncestralConfig:
         check_trained_betas(self.trained_betas, self.num_train_timesteps)
 
 
-class EulerAncestralScheduler:
+class EulerAncestralScheduler(SchedulerBase[EulerAncestralConfig]):
     """Euler ancestral sampler; every step draws fresh noise."""
 
     class_name = "EulerAncestralDiscreteScheduler"
     config_class = EulerAncestralConfig
-    ignored_fields: frozenset[str] = frozenset()
-    unsupported_fields = MappingProxyType({})
-    is_flow_matching = False
 
     def __init__(self, config: EulerAncestralConfig):
-        self._config = config
+        super().__init__(config)
         self._alphas_cumprod = sigma_alphas_cumprod(
             config.beta_schedule,
             config.beta_start,
@@ -70,31 +62,14 @@ class EulerAncestralScheduler:
             config.rescale_betas_zero_snr,
         )
 
-    @classmethod
-    def from_raw(cls, raw: dict[str, Any], source: Path) -> EulerAncestralScheduler:
-        """Parse a `scheduler_config.json` dict; raises CheckpointError naming `source` and the field."""
-        config = parse_config(EulerAncestralConfig, raw, source, ignored=cls.ignored_fields)
-        return cls(config)
-
-    @property
-    def config(self) -> EulerAncestralConfig:
-        return self._config
-
-    def set_timesteps(
-        self,
-        num_inference_steps: int,
-        device: torch.device | str | None = None,
-        mu: float | None = None,
-    ) -> EulerAncestralRun:
+    def _run(self, num_inference_steps: int, device: torch.device, mu: float | None) -> EulerAncestralRun:
         """A new run: n float32 timesteps and n + 1 sigmas ending in 0."""
         config = self._config
-        check_num_inference_steps(num_inference_steps)
-        check_no_mu(mu, self.class_name)
         timesteps, sigmas = euler_schedule(
             self._alphas_cumprod, num_inference_steps, config.timestep_spacing, config.steps_offset
         )
         return EulerAncestralRun(
-            timesteps=torch.from_numpy(timesteps).to(resolve_device(device)),
+            timesteps=torch.from_numpy(timesteps).to(device),
             sigmas=torch.from_numpy(sigmas),
             prediction_type=config.prediction_type,
             init_noise_sigma=initial_sigma(torch.from_numpy(sigmas), config.timestep_spacing),

@@ -10,20 +10,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 
 from difflower.errors import ArgumentError
-from difflower.reference.config import parse_config
 from difflower.reference.schedulers.base import (
     Generator,
-    check_num_inference_steps,
+    SchedulerBase,
     check_step_index,
-    resolve_device,
 )
 
 
@@ -60,12 +57,11 @@ def calculate_shift(config: FlowMatchEulerConfig, image_seq_len: int) -> float:
     return image_seq_len * m + b
 
 
-class FlowMatchEulerScheduler:
+class FlowMatchEulerScheduler(SchedulerBase[FlowMatchEulerConfig]):
     """Flow-matching Euler sampler; the model predicts the velocity noise - x_0."""
 
     class_name = "FlowMatchEulerDiscreteScheduler"
     config_class = FlowMatchEulerConfig
-    ignored_fields: frozenset[str] = frozenset()
     unsupported_fields = MappingProxyType(
         {
             "invert_sigmas": False,
@@ -76,9 +72,11 @@ class FlowMatchEulerScheduler:
         }
     )
     is_flow_matching = True
+    takes_mu = True  # the dynamic time shift
+    max_steps_is_training_steps = False  # continuous sigmas: any step count is honoured
 
     def __init__(self, config: FlowMatchEulerConfig):
-        self._config = config
+        super().__init__(config)
         # The training sigmas' ends, which set_timesteps spaces between. With a static shift they
         # are already shifted here and get shifted again in set_timesteps: diffusers does this
         # (sigma_min grows slightly), so it is kept for parity.
@@ -89,34 +87,12 @@ class FlowMatchEulerScheduler:
         self._sigma_max = sigmas[0].item()
         self._sigma_min = sigmas[-1].item()
 
-    @classmethod
-    def from_raw(cls, raw: dict[str, Any], source: Path) -> FlowMatchEulerScheduler:
-        """Parse a `scheduler_config.json` dict; raises CheckpointError naming `source` and the field."""
-        config = parse_config(
-            FlowMatchEulerConfig,
-            raw,
-            source,
-            ignored=cls.ignored_fields,
-            must_be_default=dict(cls.unsupported_fields),
-        )
-        return cls(config)
-
-    @property
-    def config(self) -> FlowMatchEulerConfig:
-        return self._config
-
-    def set_timesteps(
-        self,
-        num_inference_steps: int,
-        device: torch.device | str | None = None,
-        mu: float | None = None,
-    ) -> FlowMatchEulerRun:
+    def _run(self, num_inference_steps: int, device: torch.device, mu: float | None) -> FlowMatchEulerRun:
         """A new run: n float32 timesteps (= sigma * T) and n + 1 sigmas ending in 0.
 
         `mu` is required with `use_dynamic_shifting` (see `calculate_shift`) and refused without it.
         """
         config = self._config
-        check_num_inference_steps(num_inference_steps)
         if config.use_dynamic_shifting and mu is None:
             raise ArgumentError("mu", "use_dynamic_shifting is set: pass mu (see calculate_shift)")
         if not config.use_dynamic_shifting and mu is not None:
@@ -147,7 +123,7 @@ class FlowMatchEulerScheduler:
         sigmas_t = torch.from_numpy(sigmas).to(dtype=torch.float32)
         timesteps_t = sigmas_t * T
         sigmas_t = torch.cat([sigmas_t, torch.zeros(1)])
-        return FlowMatchEulerRun(timesteps=timesteps_t.to(resolve_device(device)), sigmas=sigmas_t)
+        return FlowMatchEulerRun(timesteps=timesteps_t.to(device), sigmas=sigmas_t)
 
 
 def time_shift(kind: Literal["exponential", "linear"], mu: float, sigma: float, t: np.ndarray) -> np.ndarray:

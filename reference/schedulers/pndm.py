@@ -11,23 +11,18 @@ uses the Adams-Bashforth combination of up to four earlier outputs. The Runge-Ku
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from types import MappingProxyType
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 
 from difflower.errors import ArgumentError
-from difflower.reference.config import parse_config
 from difflower.reference.schedulers.base import (
     BetaSchedule,
     Generator,
+    SchedulerBase,
     TimestepSpacing,
-    check_no_mu,
-    check_num_inference_steps,
     check_step_index,
-    resolve_device,
 )
 from difflower.reference.schedulers.betas import add_noise_alpha_prod, alphas_cumprod_for, check_trained_betas
 from difflower.reference.schedulers.spacing import discrete_timesteps
@@ -61,17 +56,14 @@ class PNDMConfig:
             )
 
 
-class PNDMScheduler:
+class PNDMScheduler(SchedulerBase[PNDMConfig]):
     """PNDM with `skip_prk_steps=True` (PLMS)."""
 
     class_name = "PNDMScheduler"
     config_class = PNDMConfig
-    ignored_fields: frozenset[str] = frozenset()
-    unsupported_fields = MappingProxyType({})
-    is_flow_matching = False
 
     def __init__(self, config: PNDMConfig):
-        self._config = config
+        super().__init__(config)
         self._alphas_cumprod = alphas_cumprod_for(
             config.beta_schedule,
             config.beta_start,
@@ -83,26 +75,9 @@ class PNDMScheduler:
         # The "previous" alpha of the last step: 1 (fully denoised) or the first training alpha.
         self._final_alpha_cumprod = torch.tensor(1.0) if config.set_alpha_to_one else self._alphas_cumprod[0]
 
-    @classmethod
-    def from_raw(cls, raw: dict[str, Any], source: Path) -> PNDMScheduler:
-        """Parse a `scheduler_config.json` dict; raises CheckpointError naming `source` and the field."""
-        config = parse_config(PNDMConfig, raw, source, ignored=cls.ignored_fields)
-        return cls(config)
-
-    @property
-    def config(self) -> PNDMConfig:
-        return self._config
-
-    def set_timesteps(
-        self,
-        num_inference_steps: int,
-        device: torch.device | str | None = None,
-        mu: float | None = None,
-    ) -> PNDMRun:
+    def _run(self, num_inference_steps: int, device: torch.device, mu: float | None) -> PNDMRun:
         """A new run: n + 1 timesteps for n steps (the second entry repeats the first step's end)."""
         config = self._config
-        check_num_inference_steps(num_inference_steps)
-        check_no_mu(mu, self.class_name)
         descending = discrete_timesteps(
             config.timestep_spacing, config.num_train_timesteps, num_inference_steps, config.steps_offset
         )
@@ -119,7 +94,7 @@ class PNDMScheduler:
             self._coefficients(t + stride, t) if t + stride < config.num_train_timesteps else None for t in values
         ]
         return PNDMRun(
-            timesteps=torch.from_numpy(timesteps.copy()).to(resolve_device(device)),
+            timesteps=torch.from_numpy(timesteps.copy()).to(device),
             steps=steps,
             restart_steps=restart_steps,
             alphas_cumprod=self._alphas_cumprod,
