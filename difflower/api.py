@@ -6,6 +6,7 @@ runs the eager reference.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,10 @@ import torch
 from difflower.errors import ArgumentError, CheckpointError
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# `org/name` or `org/name@revision`: what a Hugging Face Hub repo id looks like.
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
+# Component folders only an exported artifact has (a checkpoint has unet/vae, not these).
+_ARTIFACT_FOLDERS = ("vae_decoder", "vae_encoder")
 
 
 def parse_dtype(value: str | torch.dtype | None, argument: str = "dtype") -> torch.dtype:
@@ -26,6 +31,21 @@ def parse_dtype(value: str | torch.dtype | None, argument: str = "dtype") -> tor
         return _DTYPES[value]
     except KeyError:
         raise ArgumentError(argument, f"must be one of {', '.join(_DTYPES)}, got {value!r}") from None
+
+
+def parse_device(value: str | torch.device) -> torch.device:
+    """A device this torch can run the eager reference on, or one line saying why not."""
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError):
+        raise ArgumentError("device", f"expected cpu, cuda or cuda:N, got {value!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ArgumentError("device", f"this torch ({torch.__version__}) sees no CUDA device; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ArgumentError("device", f"the eager reference runs on cpu or cuda, not {device.type}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ArgumentError("device", "this torch has no MPS (Apple GPU) device; use --device cpu")
+    return device
 
 
 def load(
@@ -53,12 +73,31 @@ def load(
     if (path / MANIFEST_NAME).is_file():
         from difflower.runtimes.pipeline import load_artifact
 
+        if dtype is not None:
+            raise ArgumentError("dtype", "an artifact computes in the precision it was exported with; drop --dtype")
         return load_artifact(
             path, engine=engine, device=str(device), threads=threads, scheduler=scheduler, **engine_options
         )
     if (path / "model_index.json").is_file():
-        return load_pipeline(path, dtype=parse_dtype(dtype), device=device, variant=variant, scheduler=scheduler)
+        found = [name for name in _ARTIFACT_FOLDERS if (path / name).is_dir()]
+        if found:
+            raise CheckpointError(
+                path / MANIFEST_NAME,
+                f"missing: this folder looks like a difflower artifact (it has {', '.join(found)}) whose manifest "
+                "is gone; re-export it",
+            )
+        if engine is not None or engine_options:
+            raise ArgumentError("--engine", "engines run exported artifacts; a checkpoint runs the eager reference")
+        return load_pipeline(
+            path, dtype=parse_dtype(dtype), device=parse_device(device), variant=variant, scheduler=scheduler
+        )
     if not path.exists():
+        if _REPO_ID.fullmatch(str(path)):
+            raise CheckpointError(
+                path,
+                "not a local folder. difflower reads local diffusers folders; if this is a Hugging Face Hub repo "
+                f"id, download it first: hf download {str(path).split('@')[0]} --local-dir DIR",
+            )
         raise CheckpointError(path, "not found")
     raise CheckpointError(path, "holds neither model_index.json (a diffusers checkpoint) nor difflower.json")
 

@@ -1,29 +1,104 @@
 """The `difflower` command line.
 
-Argument parsing lives here and nowhere else: each subcommand turns its flags into plain
-keyword arguments of a library function. A user mistake (`DifflowerError`) is printed as one
-line on stderr with exit status 2; anything else is a bug and keeps its traceback.
+Argument parsing lives here and nowhere else: each subcommand checks what it can before any
+model is loaded (output paths, input images, numbers), then turns its flags into keyword
+arguments of a library function. A user mistake (`DifflowerError`), an argparse error and a
+fault of the environment (a full disk, a read-only folder) are printed as one line on stderr
+with exit status 2; anything else is a bug and keeps its traceback. SIGTERM and SIGHUP stop a
+command like Ctrl-C does: what it was writing is removed, nothing half-written is left.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
+import errno
+import math
+import re
+import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, NoReturn
 
 from difflower.errors import ArgumentError, DifflowerError
-from difflower.exporters import BACKENDS
-from difflower.runtimes.pipeline import ENGINES
+from difflower.threads import ThreadPolicy, configure_threads, prepare_process
+
+BACKENDS = ("onnx", "openvino", "torchscript", "neuron", "coreml", "tensorrt")
+ENGINES = ("onnxruntime", "torch", "openvino", "torchscript", "neuron", "tensorrt", "coreml")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
-def _cmd_tiny(args: argparse.Namespace) -> int:
-    from difflower.reference.tiny import make_tiny_checkpoint
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised in the main thread so every writer cleans up as on Ctrl-C."""
 
-    out = make_tiny_checkpoint(args.dir, family=args.family, seed=args.seed, overwrite=args.overwrite)
-    print(f"wrote tiny {args.family} checkpoint (seed {args.seed}) to {out}")
-    return 0
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, _frame: Any) -> NoReturn:
+    raise Terminated(signum)
+
+
+# -- argument types: a bad value is refused by the parser, before anything is loaded ---------------
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (no usage block): `difflower CMD: error: ...`."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# -- checks before any work ----------------------------------------------------------------------
+
+
+def _output_paths(out: Path, count: int) -> list[Path]:
+    """Where `count` images go: OUT itself, or OUT-0, OUT-1, ... beside it."""
+    if count == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
+
+
+def _check_output(path: Path | None, overwrite: bool, flag: str, suffixes: tuple[str, ...]) -> None:
+    from difflower.atomic import check_destination
+
+    if path is None:
+        return
+    if path.suffix.lower() not in suffixes:
+        raise ArgumentError(flag, f"{path} must end in {', '.join(suffixes)}")
+    check_destination(path, overwrite=overwrite, argument=flag, what="file")
 
 
 def _open_image(path: Path | None, flag: str):
@@ -35,28 +110,52 @@ def _open_image(path: Path | None, flag: str):
         with PIL.Image.open(path) as image:
             image.load()
             return image
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, PIL.Image.DecompressionBombError) as err:
         raise ArgumentError(flag, f"cannot read image {path} ({err})") from None
 
 
-def _save_images(images: list, out: Path) -> list[Path]:
-    """Save PIL images to `out` (several: OUT-0.png, OUT-1.png, ...), each written then renamed into place."""
-    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for image, path in zip(images, paths, strict=True):
-        partial = path.with_name(f".{path.name}.partial")
-        image.save(partial, format=(path.suffix.lstrip(".") or "png").upper().replace("JPG", "JPEG"))
-        partial.replace(path)
-    return paths
+def _write_image(image: Any, path: Path, overwrite: bool, metadata: dict[str, str]) -> None:
+    """Save one image through a temporary file, with the generation settings in its PNG text."""
+    import PIL.PngImagePlugin
+
+    from difflower.atomic import atomic_file
+
+    kind = {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(path.suffix.lower(), "PNG")
+    options: dict[str, Any] = {}
+    if kind == "PNG":
+        info = PIL.PngImagePlugin.PngInfo()
+        for key, value in metadata.items():
+            info.add_text(key, value)
+        options["pnginfo"] = info
+    with atomic_file(path, overwrite=overwrite, argument="-o") as tmp:
+        image.save(tmp, format=kind, **options)
+
+
+# -- the commands ---------------------------------------------------------------------------------
+
+
+def _cmd_tiny(args: argparse.Namespace) -> int:
+    from difflower.reference.tiny import make_tiny_checkpoint
+
+    out = make_tiny_checkpoint(args.dir, family=args.family, seed=args.seed, overwrite=args.overwrite)
+    print(f"wrote tiny {args.family} checkpoint (seed {args.seed}) to {out}")
+    return 0
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    import time
+    # 1. everything that can be checked before a model is loaded
+    paths = _output_paths(args.output, args.num_images)
+    for path in paths:
+        _check_output(path, args.overwrite, "-o", IMAGE_SUFFIXES)
+    image, mask = _open_image(args.image, "--image"), _open_image(args.mask, "--mask")
+    if args.strength is not None and image is None:
+        raise ArgumentError("--strength", "applies to img2img and inpainting: pass --image as well")
+    if mask is not None and image is None:
+        raise ArgumentError("--mask", "needs the image to inpaint: pass --image as well")
 
+    # 2. load, then run
     import difflower
 
-    if args.output.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
-        raise ArgumentError("-o", f"{args.output} must end in .png, .jpg or .webp")
     pipe = difflower.load(
         args.model,
         dtype=args.dtype,
@@ -76,15 +175,31 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         height=args.height,
         width=args.width,
         num_images_per_prompt=args.num_images,
-        image=_open_image(args.image, "--image"),
-        mask_image=_open_image(args.mask, "--mask"),
+        image=image,
+        mask_image=mask,
         strength=args.strength,
         output_type="pil",
+        check_memory=not args.no_memory_check,
     )
     elapsed = time.perf_counter() - start
-    paths = _save_images(result.images, args.output)
+
+    # 3. save
+    metadata = {
+        "difflower": difflower.__version__,
+        "model": str(Path(args.model).absolute()),
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt or "",
+        "seed": str(args.seed),
+        "steps": str(len(result.timesteps)),
+        "guidance": "default" if args.guidance is None else str(args.guidance),
+        "scheduler": type(pipe.scheduler).__name__,
+    }
+    replaced = [p for p in paths if p.exists()]
+    for picture, path in zip(result.images, paths, strict=True):
+        _write_image(picture, path, args.overwrite, metadata)
     size = f"{result.images[0].width}x{result.images[0].height}"
-    print(f"wrote {', '.join(map(str, paths))} ({size}, {len(result.timesteps)} steps, {elapsed:.1f} s)")
+    note = f"; replaced {', '.join(map(str, replaced))}" if replaced else ""
+    print(f"wrote {', '.join(map(str, paths))} ({size}, {len(result.timesteps)} steps, {elapsed:.1f} s{note})")
     return 0
 
 
@@ -137,18 +252,21 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_json(path: Path | None, data: dict, label: str) -> None:
-    """Write a command's JSON report to `path` (if given), creating its folder."""
+def _write_json(path: Path | None, data: dict, label: str, overwrite: bool) -> None:
+    """Write a command's JSON report to `path` (if given) through a temporary file."""
     if path is None:
         return
     import json
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    from difflower.atomic import atomic_file
+
+    with atomic_file(path, overwrite=overwrite, argument="--json") as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
     print(f"  {label}: {path}")
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    _check_output(args.json, args.overwrite, "--json", (".json",))
     from difflower.validate.parity import validate_artifact
     from difflower.validate.report import render
 
@@ -164,13 +282,20 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         engine_options=_engine_options(args),
     )
     print(render(report))
-    _write_json(args.json, report.to_json(), "full report")
+    _write_json(args.json, report.to_json(), "full report", args.overwrite)
     return 0 if report.passed else 1
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    _check_output(args.json, args.overwrite, "--json", (".json",))
+    _check_output(args.plot, args.overwrite, "--plot", (".png",))
     from difflower.validate.bench import bench, plot, render
 
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401 - checked before the benchmark, not after it
+        except ModuleNotFoundError:
+            raise ArgumentError("--plot", "needs matplotlib: pip install 'difflower[bench]'") from None
     report = bench(
         args.artifacts,
         args.reference,
@@ -181,12 +306,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     print(render(report))
-    _write_json(args.json, report, "report")
+    _write_json(args.json, report, "report", args.overwrite)
     if args.plot is not None:
-        try:
-            print(f"  chart: {plot(report, args.plot)}")
-        except ModuleNotFoundError:
-            raise ArgumentError("--plot", "needs matplotlib: pip install 'difflower[bench]'") from None
+        from difflower.atomic import atomic_file
+
+        with atomic_file(args.plot, overwrite=args.overwrite, argument="--plot") as tmp:
+            plot(report, tmp)
+        print(f"  chart: {args.plot}")
     return 0
 
 
@@ -202,6 +328,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
         f"  shapes: {shapes.get('graph')} graphs, buckets {buckets}, CFG doubles the denoiser batch: "
         f"{shapes.get('cfg_doubles_denoiser_batch')}"
     )
+    missing = manifest.missing_for_generation()
+    if missing:
+        held = ", ".join(manifest.components)
+        print(f"  partial: holds {held} only; cannot generate alone (lacks {', '.join(missing)})")
     print(f"  passes: {', '.join(p.get('name', '?') for p in manifest.passes) or 'none'}")
     print("  versions: " + ", ".join(f"{k} {v}" for k, v in manifest.versions.items()))
     for record in manifest.components.values():
@@ -220,9 +350,21 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from difflower.manifest import Manifest, verify_files
+
+    manifest = Manifest.read(args.artifact)
+    checked = verify_files(manifest, Path(args.artifact))
+    print(f"{args.artifact}: {checked} files match the sha256 recorded at export")
+    return 0
+
+
+# -- the parser -----------------------------------------------------------------------------------
+
+
 def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", choices=ENGINES, default=None, help="for artifacts: the engine to run them on")
-    parser.add_argument("--threads", type=int, default=None, help="engine threads (default: the engine's own)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="threads (default: the idle cores)")
     parser.add_argument("--engine-option", action="append", metavar="KEY=VALUE", help="an engine setting (repeatable)")
     parser.add_argument("--data-parallel", action="store_true", help="neuron: split the CFG batch over two cores")
     parser.add_argument(
@@ -231,43 +373,47 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="difflower",
         description="Lower Stable-Diffusion-family models to accelerator backends and prove parity.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     tiny = commands.add_parser("tiny", help="write a tiny random checkpoint in diffusers format")
     tiny.add_argument("dir", type=Path, metavar="DIR", help="output folder")
     tiny.add_argument("--family", choices=("sd", "sdxl", "sd3"), default="sd")
-    tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    tiny.add_argument("--seed", type=non_negative_int, default=0)
+    tiny.add_argument("--overwrite", action="store_true", help="replace DIR if it is a tiny checkpoint difflower wrote")
     tiny.set_defaults(handler=_cmd_tiny)
 
-    gen = commands.add_parser("generate", help="generate images with a checkpoint (eager reference)")
+    gen = commands.add_parser("generate", help="generate images with a checkpoint or an artifact")
     gen.add_argument("model", type=Path, metavar="MODEL", help="a diffusers-format checkpoint or an artifact folder")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative-prompt", default=None)
-    gen.add_argument("--steps", type=int, default=None, help="denoising steps (default: the family's)")
-    gen.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    gen.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default: the family's)")
+    gen.add_argument("--guidance", type=finite_float, default=None, help="classifier-free guidance scale")
     gen.add_argument("--scheduler", default=None, help="swap the scheduler: euler, euler-a, ddim, pndm, dpm++2m, ...")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--height", type=int, default=None)
-    gen.add_argument("--width", type=int, default=None)
-    gen.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    gen.add_argument("--seed", type=non_negative_int, default=0)
+    gen.add_argument("--height", type=positive_int, default=None)
+    gen.add_argument("--width", type=positive_int, default=None)
+    gen.add_argument("--num-images", type=positive_int, default=1, help="images per prompt")
     gen.add_argument("--image", type=Path, default=None, help="init image (img2img, or inpainting with --mask)")
     gen.add_argument("--mask", type=Path, default=None, help="inpainting mask (white = repaint)")
-    gen.add_argument("--strength", type=float, default=None, help="img2img/inpainting strength in [0, 1]")
-    gen.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    gen.add_argument("--strength", type=finite_float, default=None, help="img2img/inpainting strength in [0, 1]")
+    gen.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="checkpoints only (default fp32)")
     gen.add_argument("--device", default="cpu")
+    gen.add_argument(
+        "--no-memory-check", action="store_true", help="run a size even when its memory estimate exceeds what is free"
+    )
     _add_engine_flags(gen)
-    gen.add_argument("-o", "--output", type=Path, required=True, help="output image (.png)")
+    gen.add_argument("-o", "--output", type=Path, required=True, help="output image (.png, .jpg, .webp)")
+    gen.add_argument("--overwrite", action="store_true", help="replace an existing output image")
     gen.set_defaults(handler=_cmd_generate)
 
     exp = commands.add_parser("export", help="export a checkpoint to a backend artifact, checked against the reference")
     exp.add_argument("model", type=Path, metavar="MODEL", help="diffusers-format checkpoint folder")
-    exp.add_argument("--backend", required=True, help=f"one of {', '.join(BACKENDS)}")
+    exp.add_argument("--backend", required=True, choices=BACKENDS)
     exp.add_argument("--quantize", default=None, help="backend compression, e.g. int8-weight, int4-weight, int8")
     exp.add_argument("--auto-cast", default=None, choices=("none", "matmul", "all"), help="neuron: ops to cast")
     exp.add_argument("--auto-cast-type", default=None, choices=("bf16", "fp16", "tf32"), help="neuron: cast type")
@@ -286,41 +432,51 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument(
         "--chunk-unet", action="store_true", help="coreml: the UNet as two chained packages (iOS, < 1 GiB each)"
     )
-    exp.add_argument("--calibration-prompts", type=int, default=None, help="int8: prompts to calibrate on (default 8)")
-    exp.add_argument("--calibration-steps", type=int, default=None, help="int8: steps per calibration prompt (10)")
+    exp.add_argument(
+        "--calibration-prompts", type=positive_int, default=None, help="int8: prompts to calibrate on (default 8)"
+    )
+    exp.add_argument(
+        "--calibration-steps", type=positive_int, default=None, help="int8: steps per calibration prompt (10)"
+    )
     exp.add_argument("--components", nargs="+", default=None, help="export only these components")
     exp.add_argument("--no-cfg", action="store_true", help="static denoiser batch without guidance doubling")
-    exp.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    exp.add_argument("--overwrite", action="store_true", help="replace --out if it is an earlier difflower artifact")
     exp.add_argument("--allow-mismatch", action="store_true", help="keep the artifact when a parity gate is missed")
     exp.set_defaults(handler=_cmd_export)
 
     val = commands.add_parser("validate", help="parity of an artifact vs the eager reference (exit 1 on a miss)")
     val.add_argument("artifact", type=Path, metavar="ARTIFACT")
     val.add_argument("--reference", type=Path, required=True, metavar="MODEL", help="the source checkpoint")
-    val.add_argument("--steps", type=int, default=4)
+    val.add_argument("--steps", type=positive_int, default=4)
     val.add_argument("--prompt", default="a watercolor painting of a lighthouse at sunset")
-    val.add_argument("--seed", type=int, default=0)
+    val.add_argument("--seed", type=non_negative_int, default=0)
     _add_engine_flags(val)
     val.add_argument("--device", default="cpu")
     val.add_argument("--json", type=Path, default=None, help="write the full report here")
+    val.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     val.add_argument("--allow-mismatch", action="store_true", help="compare even if MODEL is not the source")
     val.set_defaults(handler=_cmd_validate)
 
     ben = commands.add_parser("bench", help="one benchmark protocol for the reference and artifacts")
     ben.add_argument("artifacts", type=Path, nargs="*", metavar="ARTIFACT")
     ben.add_argument("--reference", type=Path, default=None, metavar="MODEL", help="the eager baseline")
-    ben.add_argument("--steps", type=int, default=4, help="steps of the end-to-end run")
-    ben.add_argument("--runs", type=int, default=3, help="timed runs per component (median reported)")
-    ben.add_argument("--warmup", type=int, default=1)
+    ben.add_argument("--steps", type=positive_int, default=4, help="steps of the end-to-end run")
+    ben.add_argument("--runs", type=positive_int, default=3, help="timed runs per component (median reported)")
+    ben.add_argument("--warmup", type=non_negative_int, default=1)
     ben.add_argument("--prompt", default="a watercolor painting of a lighthouse at sunset")
-    ben.add_argument("--seed", type=int, default=0)
+    ben.add_argument("--seed", type=non_negative_int, default=0)
     ben.add_argument("--json", type=Path, default=None, help="write the report here")
     ben.add_argument("--plot", type=Path, default=None, metavar="FILE.png", help="latency chart")
+    ben.add_argument("--overwrite", action="store_true", help="replace existing --json / --plot files")
     ben.set_defaults(handler=_cmd_bench)
 
     info = commands.add_parser("info", help="summarise an artifact's manifest")
     info.add_argument("artifact", type=Path, metavar="ARTIFACT")
     info.set_defaults(handler=_cmd_info)
+
+    verify = commands.add_parser("verify", help="check every artifact file against the sha256 recorded at export")
+    verify.add_argument("artifact", type=Path, metavar="ARTIFACT")
+    verify.set_defaults(handler=_cmd_verify)
     return parser
 
 
@@ -337,7 +493,20 @@ _FLAGS = {
     "mask_image": "--mask",
     "strength": "--strength",
     "dtype": "--dtype",
+    "device": "--device",
     "generator": "--seed",
+    "threads": "--threads",
+}
+
+# Faults of the machine, not of difflower: a full disk, a read-only or forbidden folder.
+_ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EIO,
+    errno.ENAMETOOLONG,
 }
 
 
@@ -347,18 +516,52 @@ def _message(err: DifflowerError) -> str:
     return str(err)
 
 
+def _environment_message(err: BaseException) -> str | None:
+    """One line for a fault of the environment (OSError, or safetensors' own error for one), else None."""
+    if isinstance(err, OSError) and err.errno in _ENVIRONMENT_ERRNOS:
+        where = err.filename or ""
+        return f"{where}: {err.strerror}" if where else str(err.strerror)
+    if type(err).__name__ == "SafetensorError":  # safetensors reports OS errors as text
+        match = re.search(r"(?:code: |os error )(\d+)", str(err))
+        if match and int(match.group(1)) in _ENVIRONMENT_ERRNOS:
+            import os
+
+            return f"writing weights failed: {os.strerror(int(match.group(1)))}"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    prepare_process()  # before torch is imported: OpenMP's wait policy is read once, at load
     parser = build_parser()
     args = parser.parse_args(argv)
+    import logging
+
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    previous = {s: signal.signal(s, _raise_terminated) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
+        if args.command not in ("info", "verify"):  # the commands that compute with torch
+            configure_threads(ThreadPolicy(getattr(args, "threads", None)))
         return args.handler(args)
     except DifflowerError as err:
         print(f"difflower {args.command}: error: {_message(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"difflower {args.command}: interrupted", file=sys.stderr)
+        print(f"difflower {args.command}: interrupted; nothing half-written was left", file=sys.stderr)
         return 130
+    except Terminated as stop:
+        print(
+            f"difflower {args.command}: stopped by signal {stop.signum}; nothing half-written was left", file=sys.stderr
+        )
+        return 128 + stop.signum
+    except Exception as err:
+        message = _environment_message(err)
+        if message is None:
+            raise
+        print(f"difflower {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

@@ -100,12 +100,23 @@ class Manifest:
     passes: list[dict[str, Any]] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
     created_at: str = ""
+    # Every file of the artifact but difflower.json -> its sha256 at export (`difflower verify`).
+    files: dict[str, str] = field(default_factory=dict)
+    # The components of a whole pipeline of the source (an export of fewer is partial).
+    pipeline_components: list[str] = field(default_factory=list)
+    # Where it was exported: CPU model and instruction sets (int8 results depend on them).
+    machine: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
     @property
     def buckets(self) -> list[Bucket]:
         return [Bucket(*b) for b in self.shapes.get("buckets", [])]
+
+    def missing_for_generation(self) -> list[str]:
+        """The components a txt2img run needs that this (partial) artifact does not hold."""
+        needed = [n for n in self.pipeline_components if n != "vae_encoder"]
+        return [n for n in needed if n not in self.components]
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -136,15 +147,109 @@ class Manifest:
         try:
             raw["components"] = {k: ComponentRecord.from_json(v) for k, v in raw["components"].items()}
             manifest = Manifest(**raw)
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise CheckpointError(path, f"malformed manifest ({err!r}); re-export the artifact") from None
-        for record in manifest.components.values():
-            for spec in (*record.inputs, *record.outputs):
-                if not all(isinstance(d, int) and d > 0 or isinstance(d, str) for d in spec.shape):
-                    raise CheckpointError(
-                        path, f"component '{record.name}' tensor '{spec.name}' has an invalid shape {list(spec.shape)}"
-                    )
+        if not manifest.components:
+            raise CheckpointError(path, "field 'components' lists no component; re-export the artifact")
+        for name, record in manifest.components.items():
+            _check_record(path, Path(folder), name, record)
+        _check_shapes(path, manifest.shapes)
+        for relative in manifest.files:
+            _confined_file(path, Path(folder), relative)
         return manifest
+
+
+def _confined_file(manifest: Path, folder: Path, relative: str) -> Path:
+    """`folder / relative`, refused unless it is a plain relative path that stays inside `folder`."""
+    parts = Path(relative).parts
+    if not isinstance(relative, str) or not parts or Path(relative).is_absolute() or ".." in parts:
+        raise CheckpointError(manifest, f"file entry {relative!r} is not a path inside the artifact; refusing it")
+    path = folder / relative
+    if (path.exists() or path.is_symlink()) and not path.resolve().is_relative_to(folder.resolve()):
+        raise CheckpointError(manifest, f"file entry {relative!r} leads out of {folder}; refusing it")
+    return path
+
+
+def _check_record(manifest: Path, folder: Path, name: str, record: ComponentRecord) -> None:
+    if record.name != name or len(Path(name).parts) != 1 or name in (".", ".."):
+        raise CheckpointError(manifest, f"component {name!r} is not a plain folder name of the artifact; refusing it")
+    _confined_file(manifest, folder, name)
+    for relative in record.files:
+        _confined_file(manifest, folder, relative)
+    for spec in (*record.inputs, *record.outputs):
+        if not all(isinstance(d, int) and d > 0 or isinstance(d, str) for d in spec.shape):
+            raise CheckpointError(
+                manifest, f"component '{record.name}' tensor '{spec.name}' has an invalid shape {list(spec.shape)}"
+            )
+
+
+def _check_shapes(manifest: Path, shapes: Any) -> None:
+    """The `shapes` section: graph kind, [batch, height, width] buckets, the CFG flag."""
+    ok = isinstance(shapes, dict) and shapes.get("graph") in ("static", "dynamic")
+    buckets = shapes.get("buckets", []) if ok else None
+    ok = ok and isinstance(buckets, list)
+    ok = ok and all(isinstance(b, list) and len(b) == 3 and all(type(v) is int and v > 0 for v in b) for b in buckets)
+    ok = ok and isinstance(shapes.get("cfg_doubles_denoiser_batch", True), bool)
+    ok = ok and type(shapes.get("t5_sequence_length", 256)) is int
+    if not ok:
+        raise CheckpointError(
+            manifest,
+            "field 'shapes' must hold graph (static or dynamic), buckets ([[batch, height, width], ...]), "
+            "cfg_doubles_denoiser_batch (true/false); re-export the artifact",
+        )
+
+
+def record_files(folder: Path) -> dict[str, str]:
+    """The sha256 of every file under `folder` but the manifest itself, by relative path."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
+    return {str(p.relative_to(folder)): sha256_file(p) for p in files}
+
+
+def verify_files(manifest: Manifest, folder: Path, components: list[str] | None = None) -> int:
+    """Check the artifact's files against the sha256 recorded at export (only those of
+    `components` when given); returns how many were checked. A changed, missing or extra file
+    is a CheckpointError naming it."""
+    folder = Path(folder)
+    path = folder / MANIFEST_NAME
+    if not manifest.files:
+        raise CheckpointError(
+            path, "records no file hashes (exported by an older difflower); re-export it to verify its files"
+        )
+    wanted = {
+        rel: digest for rel, digest in manifest.files.items() if components is None or Path(rel).parts[0] in components
+    }
+    for relative, digest in wanted.items():
+        file = _confined_file(path, folder, relative)
+        if not file.is_file():
+            raise CheckpointError(file, "is missing; the artifact was changed after export, re-export it")
+        if sha256_file(file) != digest:
+            raise CheckpointError(
+                file, "differs from what was exported (sha256 mismatch); the artifact was changed, re-export it"
+            )
+    scope = [folder / c for c in components] if components is not None else [folder]
+    for root in scope:
+        for extra in sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST_NAME):
+            if str(extra.relative_to(folder)) not in manifest.files:
+                raise CheckpointError(
+                    extra, "was not written by the export (not in difflower.json); remove it or re-export"
+                )
+    return len(wanted)
+
+
+def not_an_artifact(folder: Path) -> str | None:
+    """None when `folder` is an artifact difflower wrote (its difflower.json says so), else why not:
+    the only kind of folder `export --overwrite` replaces."""
+    path = Path(folder) / MANIFEST_NAME
+    if not path.is_file():
+        return "it holds no difflower.json, so difflower did not write it; remove it yourself or choose another --out"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raw = None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        return f"its {MANIFEST_NAME} is not a difflower manifest; remove the folder yourself or choose another --out"
+    return None
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

@@ -41,13 +41,11 @@ from difflower.graph_passes.attention_variant import apply_attention_variant
 from difflower.graph_passes.base import PassResult, measured
 from difflower.graph_passes.calibration import DENOISERS
 from difflower.graph_passes.fuse_qkv import fuse_qkv
-from difflower.manifest import Bucket, ComponentRecord, Manifest, source_record
-from difflower.reference.loading import ModelIndex, read_model_index, read_vae_config
+from difflower.machine import machine_record
+from difflower.manifest import Bucket, ComponentRecord, Manifest, not_an_artifact, record_files, source_record
+from difflower.reference.loading import ModelIndex, read_model_index, read_vae_config, support_files
 from difflower.validate.gates import component_verdict
 from difflower.validate.metrics import compare
-
-# Files the runtime pipeline needs besides the exported components.
-COPIED = ("model_index.json", "scheduler", "tokenizer", "tokenizer_2", "tokenizer_3")
 
 # Runs exported files: named inputs -> outputs in the spec's order.
 ComponentRunner = Callable[[Mapping[str, torch.Tensor]], Sequence[np.ndarray | torch.Tensor]]
@@ -154,7 +152,8 @@ def run_export(backend: BackendExporter, model: Path | str, out: Path | str, opt
     if not options.buckets and getattr(backend, "static_only", False):
         options = replace(options, buckets=(default_bucket(index.root, factor),))
     plan = options.plan
-    specs = _select(component_specs(index), options.components)
+    every = component_specs(index)
+    specs = _select(every, options.components)
     multiple = factor * (2 if index.family == "sd3" else 1)
     for bucket in plan.buckets:
         if bucket.height % multiple or bucket.width % multiple:
@@ -162,8 +161,8 @@ def run_export(backend: BackendExporter, model: Path | str, out: Path | str, opt
     options = replace(options, source_root=index.root)
     backend.check_options(options, index)
 
-    with atomic_directory(out, options.overwrite) as tmp:
-        _copy_support_files(index.root, tmp)
+    with atomic_directory(out, options.overwrite, replaceable=not_an_artifact, protected=(index.root,)) as tmp:
+        _copy_support_files(index, tmp)
         records: dict[str, ComponentRecord] = {}
         passes: list[dict[str, Any]] = []
         bar = tqdm(specs, disable=not options.progress, desc="export", unit="component")
@@ -184,6 +183,9 @@ def run_export(backend: BackendExporter, model: Path | str, out: Path | str, opt
             passes=passes,
             versions={**_common_versions(), **backend.versions()},
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            files=record_files(tmp),
+            pipeline_components=[s.name for s in every],
+            machine=machine_record(),
         )
         manifest.write(tmp)
         missed = [r for r in records.values() if r.parity.get("passed") is False]
@@ -206,13 +208,12 @@ def _select(specs: list[ComponentSpec], names: Sequence[str]) -> list[ComponentS
     return [s for s in specs if s.name in names]
 
 
-def _copy_support_files(root: Path, out: Path) -> None:
-    for name in COPIED:
-        source = root / name
-        if source.is_dir():
-            shutil.copytree(source, out / name)
-        elif source.is_file():
-            shutil.copy2(source, out / name)
+def _copy_support_files(index: ModelIndex, out: Path) -> None:
+    """The files the runtime pipeline reads besides the exported components, and nothing else
+    (a config's `auto_map` code, for one, stays behind)."""
+    for relative in support_files(index):
+        (out / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(index.root / relative, out / relative)
 
 
 def default_bucket(root: Path, factor: int) -> Bucket:
@@ -312,7 +313,7 @@ def _pipeline_facts(index: ModelIndex) -> dict[str, Any]:
     """The PipelineSpec of the source checkpoint, read from its configs."""
     from dataclasses import asdict
 
-    from difflower.reference.pipeline import spec_from_configs
+    from difflower.reference.spec import spec_from_configs
 
     return asdict(spec_from_configs(index))
 
@@ -320,6 +321,6 @@ def _pipeline_facts(index: ModelIndex) -> dict[str, Any]:
 def _common_versions() -> dict[str, str]:
     import transformers
 
-    import difflower
+    from difflower.version import __version__
 
-    return {"difflower": difflower.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
+    return {"difflower": __version__, "torch": torch.__version__, "transformers": transformers.__version__}

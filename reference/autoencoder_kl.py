@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from difflower.reference.attention import AttentionBackend, attend
+from difflower.reference.config import require_positive
 from difflower.reference.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
 VAE_CLASS_NAMES = ("AutoencoderKL",)
@@ -47,6 +48,15 @@ class VAEConfig:
     mid_block_add_attention: bool = True
 
     def __post_init__(self) -> None:
+        require_positive(
+            self,
+            "in_channels",
+            "out_channels",
+            "block_out_channels",
+            "layers_per_block",
+            "latent_channels",
+            "norm_num_groups",
+        )
         n = len(self.block_out_channels)
         for name in ("down_block_types", "up_block_types"):
             if len(getattr(self, name)) != n:

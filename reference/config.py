@@ -90,6 +90,17 @@ def parse_config(
         raise CheckpointError(source, str(err)) from None
 
 
+def require_positive(config: Any, *names: str) -> None:
+    """ValueError naming the first field among `names` (an int, a tuple of ints, or None) below 1:
+    sizes, channel and layer counts, where a 0 or a negative number is a corrupt config."""
+    for name in names:
+        value = getattr(config, name)
+        values = value if isinstance(value, tuple) else (value,)
+        for item in values:
+            if isinstance(item, int) and not isinstance(item, bool) and item < 1:
+                raise ValueError(f"field '{name}' must be positive, got {value!r}")
+
+
 def load_config(
     cls: type[C],
     path: Path,

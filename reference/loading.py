@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -89,6 +91,7 @@ def read_model_index(root: Path | str) -> ModelIndex:
         if len(value) != 2 or not all(v is None or isinstance(v, str) for v in value):
             raise CheckpointError(path, f"field '{name}' must be [library, class_name], got {json.dumps(value)}")
         if value[0] is not None and value[1] is not None:
+            confined(root, name, path)
             components[name] = (value[0], value[1])
     pipeline_class = raw.get("_class_name")
     if not isinstance(pipeline_class, str):
@@ -107,7 +110,33 @@ def read_model_index(root: Path | str) -> ModelIndex:
             raise CheckpointError(path, f"component '{required}' is missing (a {family} pipeline needs it)")
         if not (root / required).is_dir():
             raise CheckpointError(root / required, f"folder not found (model_index.json lists '{required}')")
+    for name, (_library, class_name) in components.items():
+        # A component of a kind difflower reads must be of a class it reads: skipping an unknown
+        # text encoder would silently drop its part of the prompt.
+        readable = _READABLE_CLASSES.get(re.sub(r"_[23]$", "", name), ())
+        if readable and class_name not in readable:
+            raise CheckpointError(
+                path,
+                f"field '{name}' names class {class_name!r}, which difflower cannot load; it reads "
+                f"{', '.join(readable)} there",
+            )
     return ModelIndex(root, pipeline_class, family, components)
+
+
+# A component name is a folder of the checkpoint, never a path: no separators, no '..'.
+_COMPONENT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def confined(root: Path, relative: str, source: Path) -> Path:
+    """`root / relative`, refused (naming `source`, the file that listed it) unless it stays inside
+    `root`: a plain name or relative path without '..', absolute parts, or links that lead out."""
+    parts = Path(relative).parts
+    if not parts or Path(relative).is_absolute() or any(not _COMPONENT_NAME.fullmatch(p) for p in parts):
+        raise CheckpointError(source, f"entry {relative!r} is not a plain name inside {root}; refusing to follow it")
+    path = root / relative
+    if (path.exists() or path.is_symlink()) and not path.resolve().is_relative_to(root.resolve()):
+        raise CheckpointError(source, f"entry {relative!r} leads out of {root} (to {path.resolve()}); refusing it")
+    return path
 
 
 def _family_from_components(components: dict[str, tuple[str, str]]) -> Family | None:
@@ -150,15 +179,20 @@ def weight_files(folder: Path, variant: str | None = None) -> list[Path]:
         return [folder / shard for shard in shards]
     pickles = sorted(p.name for p in folder.glob(f"{WEIGHTS_NAME}*.bin"))
     if pickles:
-        raise CheckpointError(
-            folder / pickles[0],
-            "difflower loads weights from safetensors only, not pickles; convert with "
-            f"python -c \"import torch, safetensors.torch as s; s.save_file(torch.load('{pickles[0]}', "
-            f"weights_only=True), '{WEIGHTS_NAME}{suffix}.safetensors')\" in that folder",
-        )
+        raise CheckpointError(folder / pickles[0], _convert_hint(pickles[0], f"{WEIGHTS_NAME}{suffix}.safetensors"))
     others = sorted(p.name for p in folder.glob(f"{WEIGHTS_NAME}*.safetensors"))
     hint = f"; found {', '.join(others)} (choose it with variant=...)" if others else ""
     raise CheckpointError(single, f"weights not found{hint}")
+
+
+def _convert_hint(pickle_name: str, target: str) -> str:
+    """How to turn a pickle into safetensors, as a shell line safe to paste whatever the file is called."""
+    code = (
+        "import sys, torch, safetensors.torch as s; "
+        "s.save_file(torch.load(sys.argv[1], weights_only=True), sys.argv[2])"
+    )
+    command = shlex.join(["python", "-c", code, pickle_name, target])
+    return f"difflower loads weights from safetensors only, not pickles; convert with `{command}` in that folder"
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -290,18 +324,40 @@ _TOKENIZER_CLASSES = {
     "T5Tokenizer": "T5Tokenizer",
     "T5TokenizerFast": "T5Tokenizer",
 }
+# What each kind of model_index.json entry may name (by its name without the _2/_3 suffix).
+_READABLE_CLASSES: dict[str, tuple[str, ...]] = {
+    "unet": UNET_CLASS_NAMES,
+    "transformer": SD3_CLASS_NAMES,
+    "vae": VAE_CLASS_NAMES,
+    "text_encoder": _TEXT_ENCODER_CLASSES,
+    "tokenizer": tuple(_TOKENIZER_CLASSES),
+}
+# The tokenizer files transformers reads; an artifact copies these and nothing else.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+)
 
 
 @contextlib.contextmanager
 def quiet_transformers():
-    """Hide transformers' per-file progress bars (difflower reports its own progress)."""
+    """Hide transformers' per-file progress bars and load reports: difflower reports its own
+    progress, and a load problem as one line of its own."""
     from transformers.utils import logging as hf_logging
 
     enabled = hf_logging.is_progress_bar_enabled()
+    verbosity = hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     try:
         yield
     finally:
+        hf_logging.set_verbosity(verbosity)
         if enabled:
             hf_logging.enable_progress_bar()
 
@@ -327,12 +383,39 @@ def load_text_encoder(
     cls = getattr(transformers, class_name)
     try:
         with quiet_transformers():
-            model = cls.from_pretrained(
-                folder, dtype=dtype, variant=variant, local_files_only=True, use_safetensors=True
+            model, info = cls.from_pretrained(
+                folder,
+                dtype=dtype,
+                variant=variant,
+                local_files_only=True,
+                use_safetensors=True,
+                output_loading_info=True,
             )
-    except (OSError, ValueError) as err:
-        raise CheckpointError(folder, f"cannot load {class_name} ({err})") from None
+    except Exception as err:  # noqa: BLE001 - transformers raises many types for a bad config or file
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise CheckpointError(
+            folder, f"cannot load {class_name} ({first_line}); check config.json and the weights"
+        ) from None
+    _refuse_partial_load(folder, info)
     return model.eval().requires_grad_(False)
+
+
+def _refuse_partial_load(folder: Path, info: dict[str, Any]) -> None:
+    """A tensor the file lacks would keep transformers' random initialisation (a different image
+    for the same seed); one it has but the model does not means the wrong config: refuse both."""
+    parts = []
+    for key, label in (
+        ("missing_keys", "missing"),
+        ("unexpected_keys", "unexpected"),
+        ("mismatched_keys", "of the wrong shape"),
+    ):
+        names = sorted(str(k if isinstance(k, str) else k[0]) for k in info.get(key) or ())
+        if names:
+            parts.append(f"{len(names)} {label} (first: {', '.join(names[:3])})")
+    if parts:
+        raise CheckpointError(
+            folder, f"weights do not match config.json: {'; '.join(parts)} tensors; is this config from this model?"
+        )
 
 
 def load_tokenizer(folder: Path | str, class_name: str) -> Any:
@@ -346,11 +429,42 @@ def load_tokenizer(folder: Path | str, class_name: str) -> Any:
         )
     if not folder.is_dir():
         raise CheckpointError(folder, "folder not found")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise CheckpointError(folder, f"holds no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...)")
     cls = getattr(transformers, _TOKENIZER_CLASSES[class_name])
     try:
-        return cls.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, TypeError) as err:
-        raise CheckpointError(folder, f"cannot load {class_name} ({err})") from None
+        with quiet_transformers():
+            return cls.from_pretrained(folder, local_files_only=True)
+    except Exception as err:  # noqa: BLE001 - tokenizers raise OverflowError, KeyError, ... on bad files
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise CheckpointError(folder, f"cannot load {class_name} ({first_line})") from None
+
+
+def check_tokenizer(tokenizer: Any, folder: Path, vocab_size: int | None, encoder: str) -> None:
+    """Refuse a tokenizer that cannot be the one `encoder` was trained with.
+
+    A folder holding only tokenizer_config.json loads as a tokenizer of two tokens that turns
+    every prompt into padding: the image would ignore the prompt, with exit status 0. Token ids
+    must exist in the encoder's embedding table, and the tokenizer must cover most of it.
+    """
+    size = len(tokenizer)
+    specials = {name: getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad", "unk")}
+    bad = {name: i for name, i in specials.items() if i is not None and not 0 <= i < size}
+    if bad:
+        name, i = next(iter(bad.items()))
+        raise CheckpointError(
+            folder, f"the tokenizer has {size} tokens but its {name} token has id {i}; its vocabulary files are missing"
+        )
+    if vocab_size is not None and size > vocab_size:
+        raise CheckpointError(
+            folder, f"the tokenizer has {size} tokens, more than the {vocab_size} of {encoder}; it is not this model's"
+        )
+    if vocab_size is not None and size < vocab_size // 2:
+        raise CheckpointError(
+            folder,
+            f"the tokenizer has {size} tokens but {encoder} embeds {vocab_size}; it is not this model's tokenizer "
+            "(are its vocabulary files missing?)",
+        )
 
 
 def read_scheduler_config(folder: Path | str) -> dict[str, Any]:
@@ -388,4 +502,22 @@ def load_components(
             parts[name] = read_scheduler_config(folder)
         else:
             logger.info("%s: component '%s' (%s) is not used by difflower", root, name, class_name)
+    for suffix in ("", "_2", "_3"):
+        tokenizer, encoder = parts.get("tokenizer" + suffix), parts.get("text_encoder" + suffix)
+        if tokenizer is not None and encoder is not None:
+            check_tokenizer(
+                tokenizer, root / ("tokenizer" + suffix), encoder.config.vocab_size, "text_encoder" + suffix
+            )
     return index, parts
+
+
+def support_files(index: ModelIndex) -> list[str]:
+    """The files a pipeline reads besides the models (relative to the checkpoint): model_index.json,
+    the scheduler config and the tokenizers' files."""
+    files = ["model_index.json"]
+    if (index.root / "scheduler" / "scheduler_config.json").is_file():
+        files.append("scheduler/scheduler_config.json")
+    for name in sorted(index.components):
+        if name.startswith("tokenizer"):
+            files += [f"{name}/{f}" for f in TOKENIZER_FILES if (index.root / name / f).is_file()]
+    return files

@@ -9,30 +9,38 @@ transformer depths and the text_time embedding with two text encoders (SDXL), jo
 with a context-pre-only last block and three text encoders (SD3). The VAE downsamples 8x,
 like every real SD VAE.
 
-The same seed gives the same bytes on the same library versions.
+The same seed gives the same bytes on any CPU: every random weight is drawn by numpy's PCG64
+generator (integer arithmetic, no vector dispatch), not by torch's CPU `randn`/`uniform_`,
+whose output depends on the instruction set torch dispatches to (AVX2, AVX-512, or none).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from difflower.atomic import atomic_directory
-from difflower.errors import ArgumentError
+from difflower.errors import ArgumentError, DifflowerError
 from difflower.reference.autoencoder_kl import AutoencoderKL, VAEConfig
-from difflower.reference.config import config_to_dict
+from difflower.reference.config import config_to_dict, read_json
 from difflower.reference.loading import FAMILIES, WEIGHTS_NAME, Family, quiet_transformers
 from difflower.reference.transformer_sd3 import SD3Config, SD3Transformer2DModel
 from difflower.reference.unet_2d_condition import UNet2DConditionModel, UNetConfig
 
 # The diffusers release whose file layout these folders follow (written as `_diffusers_version`).
 DIFFUSERS_LAYOUT_VERSION = "0.42.1"
+# model_index.json's record that difflower wrote the folder (diffusers ignores `_` keys): the
+# only kind of checkpoint `difflower tiny --overwrite` replaces.
+TINY_MARKER = "_difflower_tiny"
 
 # Words whose BPE merges the tiny CLIP vocabulary holds, so tokenization is not byte-per-token.
 _WORDS = (
@@ -212,13 +220,54 @@ def make_tiny_checkpoint(
     """
     spec = spec or tiny_spec(family)
     out = Path(out)
-    with atomic_directory(out, overwrite, argument="DIR") as tmp, quiet_transformers():
-        _write_checkpoint(tmp, spec, seed)
+    with atomic_directory(out, overwrite, argument="DIR", replaceable=not_a_tiny_checkpoint) as tmp:
+        with quiet_transformers():
+            _write_checkpoint(tmp, spec, seed)
     return out
+
+
+def not_a_tiny_checkpoint(folder: Path) -> str | None:
+    """None when `folder` is a tiny checkpoint difflower wrote, else why it is not."""
+    path = Path(folder) / "model_index.json"
+    try:
+        marked = path.is_file() and TINY_MARKER in read_json(path)
+    except DifflowerError:
+        marked = False
+    if not marked or (Path(folder) / "difflower.json").exists():
+        return "it is not a tiny checkpoint difflower wrote; remove it yourself or choose another folder"
+    return None
+
+
+def portable_init_(model: nn.Module, seed: int) -> nn.Module:
+    """Redraw `model`'s random parameters with numpy's PCG64 (the same numbers on every CPU).
+
+    A parameter its constructor set to one constant (norm scales 1, biases 0) keeps it; any
+    other is drawn uniformly in +-1/sqrt(fan_in), the bound of torch's default Linear and Conv
+    initialisation, from a stream seeded by (seed, the parameter's name).
+    """
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            flat = param.detach().flatten()
+            constant = bool((flat == flat[0]).all()) if flat.numel() > 1 else flat.numel() == 0 or flat[0] in (0, 1)
+            if constant:
+                continue
+            fan_in = param[0].numel() if param.ndim > 1 else param.numel()
+            bound = 1.0 / math.sqrt(fan_in)
+            rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+            values = rng.uniform(-bound, bound, size=tuple(param.shape)).astype(np.float32)
+            param.copy_(torch.from_numpy(values).to(param.dtype))
+    return model
+
+
+def _construct(cls: Any, config: Any) -> nn.Module:
+    """`cls(config)`, leaving the caller's torch random state as it was (its draws are replaced)."""
+    with torch.random.fork_rng(devices=[]):
+        return cls(config)
 
 
 def _write_checkpoint(root: Path, spec: TinySpec, seed: int) -> None:
     index: dict[str, Any] = {"_class_name": spec.pipeline_class, "_diffusers_version": DIFFUSERS_LAYOUT_VERSION}
+    index[TINY_MARKER] = {"family": spec.family, "seed": seed}
     index.update(spec.extra_index)
 
     # 1. denoiser and VAE (our modules; same keys as diffusers)
@@ -259,9 +308,7 @@ def _write_checkpoint(root: Path, spec: TinySpec, seed: int) -> None:
 
 
 def _save_model(folder: Path, cls: type[nn.Module], config: Any, class_name: str, seed: int) -> None:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = cls(config)
+    model = portable_init_(_construct(cls, config), seed)
     folder.mkdir()
     raw = {"_class_name": class_name, "_diffusers_version": DIFFUSERS_LAYOUT_VERSION, **config_to_dict(config)}
     (folder / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
@@ -345,11 +392,27 @@ def _save_clip(folder: Path, spec: TinyCLIP, tokenizer: Any, seed: int) -> str:
         pad_token_id=tokenizer.pad_token_id,
     )
     cls = CLIPTextModelWithProjection if spec.with_projection else CLIPTextModel
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = cls(config)
+    model = portable_init_(_construct(cls, config), seed)
     model.save_pretrained(folder, safe_serialization=True)
+    _prefix_clip_keys(folder / "model.safetensors")
     return cls.__name__
+
+
+def _prefix_clip_keys(path: Path) -> None:
+    """Name a CLIP text encoder's tensors `text_model.*`, as published checkpoints do.
+
+    transformers 5.24 saves a CLIPTextModel's tensors without the prefix; transformers 4.x and
+    5.5 (optimum's, optimum-intel's) then find none of them and keep random weights without a
+    word. With the prefix every version loads the same numbers.
+    """
+    state = load_file(str(path))
+    if all(key.startswith("text_model.") or key == "text_projection.weight" for key in state):
+        return
+    renamed = {
+        k if k.startswith("text_model.") or k == "text_projection.weight" else f"text_model.{k}": v
+        for k, v in state.items()
+    }
+    save_file(renamed, str(path), metadata={"format": "pt"})
 
 
 def build_t5_tokenizer() -> Any:
@@ -379,7 +442,5 @@ def _save_t5(folder: Path, d_model: int, tokenizer: Any, seed: int) -> None:
         eos_token_id=tokenizer.eos_token_id,
         decoder_start_token_id=tokenizer.pad_token_id,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = T5EncoderModel(config)
+    model = portable_init_(_construct(T5EncoderModel, config), seed)
     model.save_pretrained(folder, safe_serialization=True)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from difflower.reference.attention import AttentionBackend, attend, merge_heads, split_heads
+from difflower.reference.config import require_positive
 from difflower.reference.embeddings import CombinedTimestepTextProjEmbeddings, PatchEmbed
 from difflower.reference.normalization import AdaLayerNormContinuous, AdaLayerNormZero, RMSNorm, SD35AdaLayerNormZeroX
 
@@ -42,6 +43,19 @@ class SD3Config:
     qk_norm: Literal["rms_norm"] | None = None
 
     def __post_init__(self) -> None:
+        require_positive(
+            self,
+            "sample_size",
+            "patch_size",
+            "in_channels",
+            "num_layers",
+            "attention_head_dim",
+            "num_attention_heads",
+            "joint_attention_dim",
+            "pooled_projection_dim",
+            "out_channels",
+            "pos_embed_max_size",
+        )
         if self.caption_projection_dim != self.inner_dim:
             raise ValueError(
                 f"field 'caption_projection_dim' ({self.caption_projection_dim}) must equal "

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from difflower.reference.activations import activation
+from difflower.reference.config import require_positive
 from difflower.reference.embeddings import TimestepEmbedding, Timesteps
 from difflower.reference.unet_blocks import AttentionSpec, BlockSpec, DownBlock, MidBlockCrossAttn, UpBlock
 
@@ -93,6 +94,19 @@ class UNetConfig:
     projection_class_embeddings_input_dim: int | None = None
 
     def __post_init__(self) -> None:
+        require_positive(
+            self,
+            "sample_size",
+            "in_channels",
+            "out_channels",
+            "block_out_channels",
+            "layers_per_block",
+            "norm_num_groups",
+            "cross_attention_dim",
+            "attention_head_dim",
+            "conv_in_kernel",
+            "conv_out_kernel",
+        )
         n = len(self.down_block_types)
         for name in ("up_block_types", "block_out_channels"):
             if len(getattr(self, name)) != n:

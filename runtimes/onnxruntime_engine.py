@@ -44,6 +44,19 @@ def providers_for(device: str) -> list[str]:
     return [*chain, "CPUExecutionProvider"] if wanted != "CPUExecutionProvider" else chain
 
 
+def _load_failure(message: str) -> str:
+    """What ONNX Runtime's refusal to load a graph means, in one line."""
+    first = message.splitlines()[0][:200] if message else "no message"
+    if "escapes model directory" in message or "External data path" in message:
+        return (
+            "its weights point to a file outside the artifact folder, which ONNX Runtime refuses to read; "
+            "the artifact was edited or did not come from difflower: re-export it"
+        )
+    if "external data" in message.lower() or "model.onnx_data" in message:
+        return f"its weight file is missing or shorter than the graph says ({first}); re-export the artifact"
+    return f"ONNX Runtime cannot load it ({first}); the file is truncated or corrupt, re-export the artifact"
+
+
 class OnnxRuntimeEngine(Engine):
     """One component's ONNX graph in an InferenceSession."""
 
@@ -66,11 +79,7 @@ class OnnxRuntimeEngine(Engine):
         except ArgumentError:
             raise
         except Exception as err:  # ORT raises its own exception types for bad protobufs and missing data
-            raise CheckpointError(
-                self.path,
-                f"ONNX Runtime cannot load it ({str(err).splitlines()[0][:200]}); the file is truncated "
-                "or corrupt, re-export the artifact",
-            ) from None
+            raise CheckpointError(self.path, _load_failure(str(err))) from None
         self._check_graph_matches_manifest()
         self._output_names = [t.name for t in record.outputs]
 

@@ -16,13 +16,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from difflower.errors import ArgumentError
-from difflower.manifest import Manifest
-from difflower.reference.config import read_json
-from difflower.reference.loading import load_tokenizer
-from difflower.reference.pipeline import DiffusionPipeline, PipelineSpec, tokenizers_by_encoder
+from difflower.errors import ArgumentError, CheckpointError
+from difflower.manifest import MANIFEST_NAME, Manifest, verify_files
+from difflower.reference.config import parse_config, read_json
+from difflower.reference.loading import check_tokenizer, load_tokenizer
+from difflower.reference.pipeline import DiffusionPipeline, tokenizers_by_encoder
 from difflower.reference.prompts import Conditioning, TextEncoderOutput
+from difflower.reference.request import GenerateRequest
 from difflower.reference.schedulers import load_scheduler
+from difflower.reference.spec import PipelineSpec
 from difflower.runtimes.engine import Array, Engine, EngineInputError
 
 # Engine names; each is `difflower.runtimes.<name>_engine` with a module attribute ENGINE.
@@ -44,8 +46,20 @@ class EngineModelCalls:
     def has_component(self, name: str) -> bool:
         return name in self.engines
 
-    def prepare_run(self, batch: int, height: int, width: int, guidance: bool) -> None:
-        """Refuse, before any work, a request outside the artifact's static buckets."""
+    def prepare_run(self, request: GenerateRequest) -> None:
+        """Refuse, before any work, a request this artifact cannot serve: a component it lacks, a
+        size outside its static buckets, guidance its denoiser batch was not built for."""
+        needed = self.manifest.missing_for_generation()
+        if request.task != "txt2img" and "vae_encoder" not in self.engines:
+            needed.append("vae_encoder")
+        if request.output_type == "latent" and "vae_decoder" in needed:
+            needed.remove("vae_decoder")
+        if needed:
+            raise EngineInputError(
+                f"this artifact holds {', '.join(self.engines)} only; {request.task} needs {', '.join(needed)} too: "
+                "export them (drop --components, or add them to it)"
+            )
+        batch, height, width, guidance = request.batch, request.height, request.width, request.do_cfg
         buckets = list(self.manifest.buckets)
         reshaped = {getattr(e, "bucket", None) for e in self.engines.values()} - {None}
         if reshaped:  # engines fixed to a size at load (OpenVINO's static reshape)
@@ -130,6 +144,11 @@ def default_engine(backend: str) -> str:
     return {"onnx": "onnxruntime"}.get(backend, backend)
 
 
+def engines_for(backend: str) -> list[str]:
+    """The engines that can run an artifact of `backend` (its own, and the torch reference)."""
+    return [default_engine(backend), "torch"]
+
+
 def make_engines(
     manifest: Manifest,
     folder: Path,
@@ -138,11 +157,20 @@ def make_engines(
     threads: int | None = None,
     **options: Any,
 ) -> dict[str, Engine]:
-    """One engine per exported component; `options` are the engine's own (e.g. a cache dir)."""
-    cls = engine_class(engine or default_engine(manifest.backend))
+    """One engine per exported component; `options` are the engine's own (e.g. a cache dir).
+
+    An engine that executes code stored in the artifact (TorchScript, Neuron, TensorRT) opens
+    its files only after they match the sha256 the export recorded."""
+    name = engine or default_engine(manifest.backend)
+    if name not in engines_for(manifest.backend):
+        usable = ", ".join(engines_for(manifest.backend))
+        raise ArgumentError("--engine", f"{name} cannot run this {manifest.backend} artifact; its engines are {usable}")
+    cls = engine_class(name)
+    if getattr(cls, "executes_code", False):
+        verify_files(manifest, folder, list(manifest.components))
     return {
-        name: cls.open(record, folder, manifest, device=device, threads=threads, **options)
-        for name, record in manifest.components.items()
+        component: cls.open(record, folder, manifest, device=device, threads=threads, **options)
+        for component, record in manifest.components.items()
     }
 
 
@@ -157,19 +185,14 @@ def load_artifact(
     """The pipeline of an exported artifact folder, running on `engine` (default: the backend's own)."""
     folder = Path(path)
     manifest = Manifest.read(folder)
+    spec = parse_config(PipelineSpec, manifest.pipeline, folder / MANIFEST_NAME)
     engines = make_engines(manifest, folder, engine, device, threads, **engine_options)
-    model_index = read_json(folder / "model_index.json")
-    tokenizers: dict[str, Any] = {}
-    for suffix in ("", "_2", "_3"):
-        name = "tokenizer" + suffix
-        entry = model_index.get(name)
-        if isinstance(entry, list) and entry[1] is not None and (folder / name).is_dir():
-            tokenizers[name] = load_tokenizer(folder / name, entry[1])
+    tokenizers = _load_tokenizers(manifest, folder)
     scheduler_path = folder / "scheduler" / "scheduler_config.json"
     scheduler_config = read_json(scheduler_path)
     components: dict[str, Any] = {**engines, **tokenizers}
     pipe = DiffusionPipeline(
-        PipelineSpec(**_spec_fields(manifest.pipeline)),
+        spec,
         EngineModelCalls(engines, manifest),
         tokenizers_by_encoder(tokenizers),
         load_scheduler(scheduler_config, source=scheduler_path),
@@ -183,9 +206,22 @@ def load_artifact(
     return pipe
 
 
-def _spec_fields(raw: dict[str, Any]) -> dict[str, Any]:
-    fields = dict(raw)
-    for key in ("latents_mean", "latents_std"):
-        if fields.get(key) is not None:
-            fields[key] = tuple(fields[key])
-    return fields
+def _load_tokenizers(manifest: Manifest, folder: Path) -> dict[str, Any]:
+    """The tokenizer of every text encoder the artifact holds, checked against that encoder."""
+    model_index = read_json(folder / "model_index.json")
+    tokenizers: dict[str, Any] = {}
+    for suffix in ("", "_2", "_3"):
+        name, encoder = "tokenizer" + suffix, "text_encoder" + suffix
+        if encoder not in manifest.components:
+            continue
+        entry = model_index.get(name)
+        if not isinstance(entry, list) or len(entry) != 2 or not isinstance(entry[1], str):
+            raise CheckpointError(folder / "model_index.json", f"field '{name}' is missing; {encoder} needs it")
+        if not (folder / name).is_dir():
+            raise CheckpointError(
+                folder / name, f"folder not found; {encoder} needs its tokenizer: re-export the artifact"
+            )
+        tokenizers[name] = load_tokenizer(folder / name, entry[1])
+        vocab_size = manifest.components[encoder].config.get("vocab_size")
+        check_tokenizer(tokenizers[name], folder / name, vocab_size if isinstance(vocab_size, int) else None, encoder)
+    return tokenizers

@@ -101,6 +101,8 @@ class TensorRTEngine(Engine):
     """One component's TensorRT engine behind the engine interface."""
 
     backend = "tensorrt"
+    # A serialized engine may carry plugin code: checked against the export's sha256 before loading.
+    executes_code = True
 
     def __init__(self, record: ComponentRecord, runner: PlanRunner):
         super().__init__(record)

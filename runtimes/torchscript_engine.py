@@ -41,6 +41,9 @@ class TorchScriptEngine(TorchEngine):
     """One component's traced module; `run` (positional inputs in manifest order) is TorchEngine's."""
 
     backend = "torchscript"
+    # A TorchScript file is a program (a scripted __setstate__ runs on load): its bytes are
+    # checked against the sha256 the export recorded before it is opened.
+    executes_code = True
 
     @classmethod
     def open(

@@ -18,3 +18,23 @@ def tiny_dirs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny")
     return {family: make_tiny_checkpoint(root / family, family, seed=0) for family in ("sd", "sdxl", "sd3")}
+
+
+@pytest.fixture(scope="session")
+def sd_onnx(tiny_dirs, tmp_path_factory):
+    """The tiny sd checkpoint exported to ONNX (dynamic shapes), once per session."""
+    from difflower.exporters import export
+
+    out = tmp_path_factory.mktemp("art") / "sd-onnx"
+    export(tiny_dirs["sd"], "onnx", out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sd_torchscript(tiny_dirs, tmp_path_factory):
+    """The tiny sd checkpoint traced to TorchScript at its native size, once per session."""
+    from difflower.exporters import export
+
+    out = tmp_path_factory.mktemp("art") / "sd-ts"
+    export(tiny_dirs["sd"], "torchscript", out, progress=False)
+    return out

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
+import diffusers  # noqa: E402 - the oracle: missing it fails the suite, never skips it
 import pytest
 import torch
 
 from difflower.errors import CheckpointError
 from difflower.reference.loading import load_components, load_unet, load_vae, read_model_index
-
-diffusers = pytest.importorskip("diffusers")
 
 VAE = dict(
     block_out_channels=(16, 32),
@@ -243,3 +243,147 @@ def test_truncated_text_encoder(tiny_dirs, tmp_path):
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match=r"text_encoder/model\.safetensors: cannot read safetensors"):
         load_components(root)
+
+
+# -- nothing silently wrong: strict text encoders and tokenizers ------------------------------------
+
+
+def _copy(tiny_dirs, tmp_path, family="sd"):
+    root = tmp_path / "ckpt"
+    shutil.copytree(tiny_dirs[family], root)
+    return root
+
+
+def test_a_text_encoder_missing_a_tensor_is_refused(tiny_dirs, tmp_path):
+    """transformers would give the missing tensor a random initialisation: a different image per run."""
+    from safetensors.torch import load_file, save_file
+
+    root = _copy(tiny_dirs, tmp_path)
+    path = root / "text_encoder" / "model.safetensors"
+    state = load_file(str(path))
+    del state[next(k for k in state if k.endswith("final_layer_norm.weight"))]
+    save_file(state, str(path))
+    with pytest.raises(CheckpointError, match=r"text_encoder: weights do not match.*1 missing.*final_layer_norm"):
+        load_components(root)
+
+
+def test_a_text_encoder_with_an_extra_tensor_is_refused(tiny_dirs, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    root = _copy(tiny_dirs, tmp_path)
+    path = root / "text_encoder" / "model.safetensors"
+    state = load_file(str(path))
+    state["extra.weight"] = torch.zeros(2)
+    save_file(state, str(path))
+    with pytest.raises(CheckpointError, match=r"1 unexpected \(first: .*extra\.weight\)"):
+        load_components(root)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"hidden_size": "wide"}, r"text_encoder: cannot load CLIPTextModel"),
+        ({"hidden_size": 48, "intermediate_size": 96}, r"text_encoder: cannot load CLIPTextModel"),
+    ],
+)
+def test_a_text_encoder_config_that_does_not_fit_is_one_line(tiny_dirs, tmp_path, change, message):
+    root = _copy(tiny_dirs, tmp_path)
+    _edit_config(root / "text_encoder", **change)
+    with pytest.raises(CheckpointError, match=message):
+        load_components(root)
+
+
+def test_a_tokenizer_without_its_vocabulary_is_refused(tiny_dirs, tmp_path):
+    """Only tokenizer_config.json: transformers builds a 2-token tokenizer that ignores every prompt."""
+    root = _copy(tiny_dirs, tmp_path)
+    for path in (root / "tokenizer").iterdir():
+        if path.name != "tokenizer_config.json":
+            path.unlink()
+    with pytest.raises(CheckpointError, match=r"tokenizer: the tokenizer has 2 tokens but its eos token has id"):
+        load_components(root)
+
+
+def test_a_tokenizer_of_another_model_is_refused(tiny_dirs, tmp_path):
+    root = _copy(tiny_dirs, tmp_path)
+    _edit_config(root / "text_encoder", vocab_size=49408)  # CLIP's real vocabulary; the tiny one is smaller
+    from safetensors.torch import load_file, save_file
+
+    path = root / "text_encoder" / "model.safetensors"
+    state = load_file(str(path))
+    key = next(k for k in state if k.endswith("token_embedding.weight"))
+    state[key] = torch.zeros(49408, state[key].shape[1])
+    save_file(state, str(path))
+    with pytest.raises(CheckpointError, match=r"tokenizer: the tokenizer has \d+ tokens but text_encoder embeds 49408"):
+        load_components(root)
+
+
+def test_an_empty_tokenizer_folder_is_one_line(tiny_dirs, tmp_path):
+    root = _copy(tiny_dirs, tmp_path)
+    shutil.rmtree(root / "tokenizer")
+    (root / "tokenizer").mkdir()
+    with pytest.raises(CheckpointError, match=r"tokenizer: holds no tokenizer files"):
+        load_components(root)
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ("FooModel", r"field 'unet' names class 'FooModel', which difflower cannot load"),
+        ("CLIPTextModelFoo", None),
+    ],
+)
+def test_an_unknown_class_in_model_index_is_one_line(tiny_dirs, tmp_path, entry, message):
+    root = _copy(tiny_dirs, tmp_path)
+    index = json.loads((root / "model_index.json").read_text())
+    name = "unet" if entry == "FooModel" else "text_encoder"
+    index[name] = ["diffusers", entry]
+    (root / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=message or rf"field '{name}' names class '{entry}'"):
+        read_model_index(root)
+
+
+@pytest.mark.parametrize("name", ["../../../../etc", "/etc", "unet/../../x", "a b"])
+def test_component_names_that_leave_the_folder_are_refused(tiny_dirs, tmp_path, name):
+    root = _copy(tiny_dirs, tmp_path)
+    index = json.loads((root / "model_index.json").read_text())
+    index[name] = ["transformers", "CLIPTextModel"]
+    (root / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"model_index\.json: entry .* (is not a plain name|leads out)"):
+        read_model_index(root)
+
+
+def test_a_component_linked_out_of_the_folder_is_refused(tiny_dirs, tmp_path):
+    root = _copy(tiny_dirs, tmp_path)
+    outside = tmp_path / "elsewhere"
+    shutil.move(root / "vae", outside)
+    (root / "vae").symlink_to(outside)
+    with pytest.raises(CheckpointError, match=r"entry 'vae' leads out of"):
+        read_model_index(root)
+
+
+def test_the_pickle_conversion_hint_is_safe_to_paste(unet_dir):
+    """A crafted file name must not become a shell command when the suggested line is pasted."""
+    import shlex
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    path = unet_dir / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(path))
+    path.unlink()
+    evil = "diffusion_pytorch_model$(touch PWNED).bin"
+    torch.save(state, unet_dir / evil)
+    with pytest.raises(CheckpointError) as caught:
+        load_unet(unet_dir)
+    command = str(caught.value).split("`")[1]
+    assert shlex.split(command)[3] == evil  # one argument, quoted
+    subprocess.run(["sh", "-c", command.replace("python", shlex.quote(sys.executable), 1)], cwd=unet_dir, check=True)
+    assert not (unet_dir / "PWNED").exists()
+    assert (unet_dir / "diffusion_pytorch_model.safetensors").is_file()  # and the command works
+    load_unet(unet_dir)
+
+
+def test_a_negative_sample_size_names_the_field(unet_dir):
+    _edit_config(unet_dir, sample_size=-8)
+    with pytest.raises(CheckpointError, match=r"unet/config\.json: field 'sample_size' must be positive, got -8"):
+        load_unet(unet_dir)

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 
+import diffusers  # noqa: E402 - the oracle: missing it fails the suite, never skips it
 import pytest
 import torch
 
 from difflower.errors import ArgumentError
 from difflower.reference.loading import load_components
 from difflower.reference.tiny import make_tiny_checkpoint
-
-diffusers = pytest.importorskip("diffusers")
 
 
 def _digest(root):
@@ -104,3 +106,49 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
 def test_unknown_family(tmp_path):
     with pytest.raises(ArgumentError, match="--family: unknown family 'sd4'"):
         make_tiny_checkpoint(tmp_path / "x", "sd4")
+
+
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+def test_the_same_seed_gives_the_same_bytes_on_every_cpu_dispatch(tmp_path, family):
+    """torch's CPU randn differs between vector instruction sets; the tiny weights must not."""
+    import torch.backends.cpu
+
+    native = make_tiny_checkpoint(tmp_path / "native", family, seed=5)
+    for capability in ("default", "avx2"):
+        env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+        code = "import sys, torch.backends.cpu as c; from difflower.reference.tiny import make_tiny_checkpoint as m; "
+        code += f"m(sys.argv[1], {family!r}, seed=5); print(c.get_cpu_capability())"
+        out = tmp_path / capability
+        result = subprocess.run(
+            [sys.executable, "-c", code, str(out)], env=env, capture_output=True, text=True, check=True
+        )
+        assert result.stdout.strip().lower() == ("default" if capability == "default" else "avx2")
+        assert _digest(out) == _digest(native), f"{capability} vs {torch.backends.cpu.get_cpu_capability()}"
+
+
+def test_overwrite_replaces_only_a_tiny_checkpoint(tiny_dirs, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    with pytest.raises(ArgumentError, match="not a tiny checkpoint difflower wrote"):
+        make_tiny_checkpoint(mine, "sd", overwrite=True)
+    assert (mine / "thesis.tex").read_text() == "years of work"
+    import shutil
+
+    real = tmp_path / "downloaded"
+    shutil.copytree(tiny_dirs["sd"], real)
+    index = json.loads((real / "model_index.json").read_text())
+    del index["_difflower_tiny"]  # a checkpoint from elsewhere
+    (real / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ArgumentError, match="not a tiny checkpoint difflower wrote"):
+        make_tiny_checkpoint(real, "sd", overwrite=True)
+
+
+def test_clip_tensors_carry_the_text_model_prefix_every_transformers_reads(tiny_dirs):
+    from safetensors import safe_open
+
+    for family, names in (("sd", ["text_encoder"]), ("sdxl", ["text_encoder", "text_encoder_2"])):
+        for name in names:
+            with safe_open(str(tiny_dirs[family] / name / "model.safetensors"), "pt") as handle:
+                keys = list(handle.keys())
+            assert all(k.startswith("text_model.") or k == "text_projection.weight" for k in keys), keys[:3]

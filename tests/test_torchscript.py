@@ -127,16 +127,24 @@ def test_engine_refuses_another_device_and_unknown_options(ts_dirs):
 
 
 def test_damaged_model_pt_is_a_clear_error(ts_dirs, tmp_path):
+    import json
     import shutil
+
+    from difflower.manifest import sha256_file
 
     broken = tmp_path / "broken"
     shutil.copytree(ts_dirs["sd"], broken)
     path = broken / "unet" / "model.pt"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+    with pytest.raises(CheckpointError, match=r"unet/model\.pt: differs from what was exported"):
+        load_artifact(broken)  # changed after export: not opened at all
+    manifest = json.loads((broken / "difflower.json").read_text())
+    manifest["files"]["unet/model.pt"] = sha256_file(path)  # as if the export itself had written it broken
+    (broken / "difflower.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match=r"unet/model\.pt: TorchScript cannot load it .*re-export"):
         load_artifact(broken)
     path.unlink()
-    with pytest.raises(CheckpointError, match=r"unet/model\.pt: not found"):
+    with pytest.raises(CheckpointError, match=r"unet/model\.pt: is missing"):
         load_artifact(broken)
 
 

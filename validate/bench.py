@@ -205,6 +205,11 @@ def bench(
                   width=bucket.width, output_type="np", return_trajectory=True, progress=progress)  # fmt: skip
     reference_run = None
     for target in targets:
+        if target.kind != "reference" and Manifest.read(target.path).missing_for_generation():
+            held = ", ".join(Manifest.read(target.path).components)
+            target.result["end_to_end_s"] = None
+            target.result["not_run"] = f"not run (the artifact holds {held} only)"
+            continue
         start = time.perf_counter()
         out = target.pipe(generator=torch.Generator().manual_seed(seed), **kwargs)
         target.result["end_to_end_s"] = time.perf_counter() - start
@@ -226,8 +231,9 @@ def bench(
 
     baseline = targets[0].result if targets[0].kind == "reference" else None
     for target in targets:
-        if baseline is not None:
+        if baseline is not None and target.result["end_to_end_s"] is not None:
             target.result["end_to_end_vs_eager"] = target.result["end_to_end_s"] / baseline["end_to_end_s"]
+        if baseline is not None:
             target.result["components_vs_eager"] = {
                 n: c["median_s"] / baseline["components"][n]["median_s"]
                 for n, c in target.result["components"].items()
@@ -270,6 +276,10 @@ def render(report: dict[str, Any]) -> str:
             ratio = t.get("components_vs_eager", {}).get(c)
             cell = "-" if value is None else f"{value['median_s'] * 1000:.1f}ms" + (f" {ratio:.2f}x" if ratio else "")
             row += f" {cell:>15}"
+        if t["end_to_end_s"] is None:
+            lines.append(row)
+            lines.append(f"  {'':<22} end to end: {t['not_run']}")
+            continue
         e2e = f"{t['end_to_end_s']:.2f}" + (f" {t['end_to_end_vs_eager']:.2f}x" if "end_to_end_vs_eager" in t else "")
         parity = ""
         if "parity" in t:
@@ -301,7 +311,7 @@ def plot(report: dict[str, Any], path: Path | str) -> Path:
     ax.legend()
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
     return path
 

@@ -44,11 +44,14 @@ class ValidationReport:
     final_latents: dict[str, Any] = field(default_factory=dict)
     image: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    # Why the denoising run was not compared (a partial artifact), else None.
+    not_run: str | None = None
 
     @property
     def passed(self) -> bool:
         verdicts = [c["passed"] for c in self.components.values()]
-        verdicts += [self.final_latents.get("passed", False), self.image.get("passed", False)]
+        if self.not_run is None:
+            verdicts += [self.final_latents.get("passed", False), self.image.get("passed", False)]
         return all(verdicts)
 
     def to_json(self) -> dict[str, Any]:
@@ -65,6 +68,7 @@ class ValidationReport:
             "final_latents": self.final_latents,
             "image": self.image,
             "seconds": self.seconds,
+            "not_run": self.not_run,
         }
 
 
@@ -148,6 +152,9 @@ def validate_artifact(
         report.components[name] = {"passed": passed, "outputs": outputs}
         del module
     report.seconds["components"] = time.perf_counter() - start
+    if manifest.missing_for_generation():
+        report.not_run = f"not measured: the artifact holds {', '.join(manifest.components)} only"
+        return report
 
     # 2 + 3. the same denoising run on both, same noise: drift per step and the final image
     start = time.perf_counter()

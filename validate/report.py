@@ -35,6 +35,10 @@ def render(report: ValidationReport) -> str:
                 f"  {name:<16} {output:<20} {_num(m['max_abs']):>9} {_psnr(m['psnr']):>8} {m['cosine']:>9.6f}  "
                 f"{m['gate']}: {_ok(m['passed'])}"
             )
+    if report.not_run is not None:
+        lines += ["", f"  trajectory and image: {report.not_run}", ""]
+        lines.append("  PASSED (components)" if report.passed else "  FAILED: a parity gate was missed")
+        return "\n".join(lines)
     lines += ["", f"  {'step':>4} {'timestep':>9} {'max abs':>9} {'PSNR dB':>8}   (latents after each step)"]
     for row in report.trajectory:
         lines.append(f"  {row['step']:>4} {row['timestep']:>9.2f} {_num(row['max_abs']):>9} {_psnr(row['psnr']):>8}")

@@ -1,0 +1,79 @@
+"""The denoising loop: the one piece of code every engine's denoiser runs under.
+
+Per step: the model input (the latents, doubled for classifier-free guidance, scaled by the
+scheduler; 9-channel inpainting denoisers also get the mask and the masked image), one
+denoiser call through `ModelCalls`, the guidance mix, the scheduler step and, for 4- and
+16-channel inpainting, the blend that keeps the unmasked region on the image's own noised
+trajectory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from tqdm.auto import tqdm
+
+from difflower.reference.latents import StartState
+from difflower.reference.prompts import Conditioning
+from difflower.reference.request import GenerateRequest
+from difflower.reference.schedulers import SchedulerRun
+from difflower.reference.spec import PipelineSpec
+
+if TYPE_CHECKING:
+    from difflower.reference.pipeline import ModelCalls
+
+
+@dataclass(frozen=True)
+class LoopResult:
+    """The final latents, the latents after every step (when asked) and the timesteps run."""
+
+    latents: torch.Tensor
+    trajectory: list[torch.Tensor] | None
+    timesteps: list[float]
+
+
+def denoise(
+    request: GenerateRequest,
+    spec: PipelineSpec,
+    calls: ModelCalls,
+    run: SchedulerRun,
+    start: int,
+    cond: Conditioning,
+    state: StartState,
+) -> LoopResult:
+    """Run `run`'s steps from index `start` on `state.latents`."""
+    latents = state.latents  # (B, C, h, w)
+    trajectory: list[torch.Tensor] | None = [] if request.return_trajectory else None
+    blend = request.task == "inpaint" and spec.denoiser_in_channels == spec.latent_channels
+    concat_mask = request.task == "inpaint" and not blend
+    indices = range(start, len(run.timesteps))
+    for i in tqdm(indices, disable=not request.progress, desc=f"{spec.family} {request.task}", leave=False):
+        t = run.timesteps[i]
+        model_input = torch.cat([latents] * 2) if request.do_cfg else latents  # (2B or B, C, h, w)
+        model_input = run.scale_model_input(model_input, i)
+        if concat_mask:
+            assert state.mask is not None and state.masked_latents is not None
+            # (2B or B, C + 1 + C, h, w): what the 9-channel inpainting UNet reads
+            model_input = torch.cat([model_input, state.mask, state.masked_latents], dim=1)
+        prediction = calls.denoiser(model_input, t.expand(model_input.shape[0]), cond)
+        if request.do_cfg:
+            uncond, text = prediction.chunk(2)  # (B, C, h, w) each: negatives first
+            prediction = uncond + request.guidance_scale * (text - uncond)
+        latents = run.step(prediction, i, latents, generator=request.generator)
+        if blend:
+            latents = _blend(latents, state, run, i, request.do_cfg)
+        if trajectory is not None:
+            trajectory.append(latents.detach().cpu().clone())
+    return LoopResult(latents, trajectory, [float(run.timesteps[i]) for i in indices])
+
+
+def _blend(latents: torch.Tensor, state: StartState, run: SchedulerRun, i: int, do_cfg: bool) -> torch.Tensor:
+    """Keep the unmasked region on the image's own noised trajectory (4-/16-channel inpainting)."""
+    assert state.mask is not None and state.image_latents is not None and state.noise is not None
+    init_mask = state.mask.chunk(2)[0] if do_cfg else state.mask  # (B, 1, h, w): one CFG half
+    known = state.image_latents
+    if i < len(run.timesteps) - 1:
+        known = run.add_noise(state.image_latents, state.noise, i + 1)
+    return (1 - init_mask) * known + init_mask * latents
