@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 DEMO := .difflower-demo
 PROMPT ?= a watercolor painting of a lighthouse at sunset
 
-.PHONY: demo test clean
+.PHONY: demo test test-slow lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[test,onnx,openvino,coreml,bench,tensorrt-tools]'
+	$(BIN)/python -m pip install --quiet -e '.[test,lint,onnx,openvino,coreml,bench,tensorrt-tools]'
 	touch $@
 
 demo: $(VENV)/.installed
@@ -40,5 +40,22 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q
 
+# The checks kept out of the default run (other families and modes of default tests).
+test-slow: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q -m slow
+
+# The import contract and the type check read the package as installed (the stage folders sit at
+# the repository root and map into difflower.* only through pyproject's package-dir).
+LINT_BUILD := .lint-build
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	rm -rf $(LINT_BUILD) build
+	$(BIN)/python -m pip install --quiet --no-deps --target $(LINT_BUILD) . 2>&1 | grep -v -i warning || true
+	rm -rf build
+	cd $(LINT_BUILD) && ../$(BIN)/lint-imports ../pyproject.toml
+	cd $(LINT_BUILD) && ../$(BIN)/mypy --config-file ../pyproject.toml -p difflower.reference -p difflower.validate
+
 clean:
-	rm -rf $(DEMO) .pytest_cache
+	rm -rf $(DEMO) .pytest_cache $(LINT_BUILD)

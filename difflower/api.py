@@ -66,7 +66,7 @@ def load(
     diffusers-format checkpoint runs the eager reference.
     `scheduler` swaps the scheduler by name (`euler`, `dpm++2m-karras`, ...).
     """
-    from difflower.manifest import MANIFEST_NAME
+    from difflower.artifact.manifest import MANIFEST_NAME
     from difflower.reference.pipeline import load_pipeline
 
     path = Path(path)
@@ -103,7 +103,7 @@ def load(
 
 
 def export(model: str | Path, backend: str, out: str | Path, **options: Any):
-    """Export a checkpoint to a backend artifact; see difflower.exporters.export."""
-    from difflower.exporters import export as _export
+    """Export a checkpoint to a backend artifact; see difflower.driver.export."""
+    from difflower.driver import export as _export
 
     return _export(model, backend, out, **options)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from difflower.errors import ArgumentError, DifflowerError
-from difflower.threads import ThreadPolicy, configure_threads, prepare_process
+from difflower.threads import ThreadPolicy, prepare_process, threads_for_command
 
 BACKENDS = ("onnx", "openvino", "torchscript", "neuron", "coreml", "tensorrt")
 ENGINES = ("onnxruntime", "torch", "openvino", "torchscript", "neuron", "tensorrt", "coreml")
@@ -219,7 +219,7 @@ def _engine_options(args: argparse.Namespace) -> dict:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from difflower.exporters import export
+    from difflower.driver import export
 
     manifest = export(
         args.model,
@@ -244,10 +244,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     print(f"  {'component':<16} {'export s':>8} {'MB':>9}  parity")
     for record in manifest.components.values():
         p = record.parity
-        verdict = {True: "ok", False: "MISSED (kept by --allow-mismatch)", None: "not measured here"}[p["passed"]]
+        verdict = {True: "ok", False: "MISSED (kept by --allow-mismatch)", None: "not measured here"}[p.passed]
         print(
             f"  {record.name:<16} {record.export_seconds:>8.1f} {record.size_bytes / 2**20:>9.1f}  "
-            f"{p['summary']}; {p['gate']}: {verdict}"
+            f"{p.summary}; {p.gate}: {verdict}"
         )
     return 0
 
@@ -306,7 +306,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     print(render(report))
-    _write_json(args.json, report, "report", args.overwrite)
+    _write_json(args.json, report.to_json(), "report", args.overwrite)
     if args.plot is not None:
         from difflower.atomic import atomic_file
 
@@ -317,7 +317,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from difflower.manifest import Manifest
+    from difflower.artifact.manifest import Manifest
 
     manifest = Manifest.read(args.artifact)
     shapes = manifest.shapes
@@ -337,8 +337,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     for record in manifest.components.values():
         ins = ", ".join(f"{t.name} {t.dtype}[{','.join(map(str, t.shape))}]" for t in record.inputs)
         outs = ", ".join(f"{t.name}[{','.join(map(str, t.shape))}]" for t in record.outputs)
-        verdict = {True: "ok", False: "MISSED", None: "not measured"}[record.parity.get("passed", False)]
-        detail = record.parity.get("summary", "")
+        verdict = {True: "ok", False: "MISSED", None: "not measured"}[record.parity.passed]
+        detail = record.parity.summary
         print(f"  {record.name}: {record.size_bytes / 2**20:.1f} MB, parity {verdict} ({detail})")
         print(f"    in:  {ins}")
         print(f"    out: {outs}")
@@ -351,7 +351,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from difflower.manifest import Manifest, verify_files
+    from difflower.artifact.manifest import Manifest, verify_files
 
     manifest = Manifest.read(args.artifact)
     checked = verify_files(manifest, Path(args.artifact))
@@ -539,9 +539,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     previous = {s: signal.signal(s, _raise_terminated) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        if args.command not in ("info", "verify"):  # the commands that compute with torch
-            configure_threads(ThreadPolicy(getattr(args, "threads", None)))
-        return args.handler(args)
+        if args.command in ("info", "verify"):  # the commands that do not compute with torch
+            return args.handler(args)
+        with threads_for_command(ThreadPolicy(getattr(args, "threads", None))):
+            return args.handler(args)
     except DifflowerError as err:
         print(f"difflower {args.command}: error: {_message(err)}", file=sys.stderr)
         return 2

@@ -10,8 +10,10 @@ explicit `--threads N` (or `DIFFLOWER_THREADS`, or `OMP_NUM_THREADS`) overrides 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 # Set before torch (and its OpenMP runtime) is loaded: idle OpenMP workers sleep at once
@@ -83,3 +85,16 @@ def configure_threads(policy: ThreadPolicy) -> int:
     threads = choose_threads(policy)
     torch.set_num_threads(threads)
     return threads
+
+
+@contextlib.contextmanager
+def threads_for_command(policy: ThreadPolicy) -> Iterator[int]:
+    """`configure_threads` for one command, torch's count restored after it (main() called twice in
+    one process, as tests do, must not leave the first command's choice behind)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    try:
+        yield configure_threads(policy)
+    finally:
+        torch.set_num_threads(previous)

@@ -1,16 +1,14 @@
-"""difflower.exporters: one backend per file, each writing an artifact folder with difflower.json.
+"""difflower.exporters: one backend per file, each writing its components' files.
 
 A backend `B` lives in `difflower.exporters.<B>` and names its `BackendExporter` class
-`EXPORTER`; `exporters.common.run_export` does everything the backends share.
+`EXPORTER`; `exporters.common` does what the backends share. The export itself (the atomic
+folder, parity through the runtime engine, the manifest) is `difflower.driver.export`.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
 from difflower.errors import ArgumentError
 
@@ -39,44 +37,3 @@ def get_exporter(backend: str):
             "--backend", f"{backend} needs the {err.name!r} package: pip install 'difflower[{extra}]'"
         ) from None
     return module.EXPORTER()
-
-
-def export(
-    model: str | Path,
-    backend: str,
-    out: str | Path,
-    *,
-    components: Sequence[str] | None = None,
-    static: Sequence[Any] = (),
-    precision: str | None = None,
-    attention: str = "sdpa",
-    fuse_qkv: bool = False,
-    cfg: bool = True,
-    allow_mismatch: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-    **backend_options: Any,
-):
-    """Export checkpoint `model` to `backend` at `out`; returns the Manifest written.
-
-    `precision` defaults to the backend's own default (fp32; fp16 for coreml).
-    `backend_options` are the backend's own settings (e.g. `quantize` for openvino); a backend
-    refuses the ones it does not know.
-    """
-    from difflower.exporters.common import ExportOptions, parse_buckets, run_export
-
-    exporter = get_exporter(backend)
-    precision = precision or getattr(exporter, "default_precision", "fp32")
-    options = ExportOptions(
-        components=tuple(components or ()),
-        buckets=parse_buckets(static),
-        precision=precision,
-        attention=attention,
-        fuse_qkv=fuse_qkv,
-        cfg=cfg,
-        allow_mismatch=allow_mismatch,
-        overwrite=overwrite,
-        progress=progress,
-        extra={k: v for k, v in backend_options.items() if v is not None},
-    )
-    return run_export(exporter, model, out, options)

@@ -1,15 +1,18 @@
-"""The export driver every backend shares.
+"""What every backend's export shares: the options, the plan, and writing one component.
 
-A backend only says how to write one component and how to run what it wrote
-(`BackendExporter`); the driver does the rest, identically for every backend:
+A backend only says how to write one component (`BackendExporter`); this module does the rest
+of the writing, identically for every backend:
 
-1. read the checkpoint and plan the shapes (dynamic, or static buckets with the CFG doubling);
-2. write into a temporary sibling folder, copying the files the runtime needs;
-3. per component, one at a time: load the reference module, apply the module-level passes,
-   run it on seeded inputs (the expected outputs), free it after the backend wrote its files,
-   then run the backend's files on the same inputs and gate the difference;
-4. write `difflower.json` and rename the folder into place, unless a gate was missed (then
-   nothing is written, or everything with the numbers recorded under `allow_mismatch`).
+1. `plan_export`: read the checkpoint, fix the shapes (dynamic, static buckets with the CFG
+   doubling, or a static-only backend's one default bucket) and check every option, before
+   anything is written;
+2. `write_component`, per component: load the reference module, run it on seeded inputs (the
+   expected outputs), apply the module-level passes, let the backend write its files, free the
+   module, and describe the files in a ComponentRecord.
+
+Checking what was written (through the runtime engine that `generate` uses) and the folder that
+is renamed into place only when everything is written are the export driver's
+(`difflower.driver`): it sits above runtimes and validate, which this stage may not import.
 """
 
 from __future__ import annotations
@@ -17,19 +20,16 @@ from __future__ import annotations
 import gc
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from difflower.atomic import atomic_directory
-from difflower.errors import ArgumentError, DifflowerError
-from difflower.exporters.specs import (
+from difflower.artifact.manifest import Bucket, ComponentRecord, Manifest, source_record
+from difflower.artifact.precision import Precision, StoragePrecision, parse_storage_precision, quantized_precision
+from difflower.artifact.specs import (
     ComponentSpec,
     ShapePlan,
     component_specs,
@@ -37,18 +37,15 @@ from difflower.exporters.specs import (
     example_inputs,
     load_export_module,
 )
+from difflower.errors import ArgumentError, DifflowerError
 from difflower.graph_passes.attention_variant import apply_attention_variant
 from difflower.graph_passes.base import PassResult, measured
 from difflower.graph_passes.calibration import DENOISERS
 from difflower.graph_passes.fuse_qkv import fuse_qkv
 from difflower.machine import machine_record
-from difflower.manifest import Bucket, ComponentRecord, Manifest, not_an_artifact, record_files, source_record
-from difflower.reference.loading import ModelIndex, read_model_index, read_vae_config, support_files
-from difflower.validate.gates import component_verdict
-from difflower.validate.metrics import compare
-
-# Runs exported files: named inputs -> outputs in the spec's order.
-ComponentRunner = Callable[[Mapping[str, torch.Tensor]], Sequence[np.ndarray | torch.Tensor]]
+from difflower.reference.loading import ModelIndex, read_model_index, support_files
+from difflower.reference.spec import PipelineSpec, spec_from_configs
+from difflower.version import __version__
 
 
 class ExportParityError(DifflowerError):
@@ -61,7 +58,7 @@ class ExportOptions:
 
     components: tuple[str, ...] = ()
     buckets: tuple[Bucket, ...] = ()
-    precision: str = "fp32"
+    precision: StoragePrecision = "fp32"
     attention: str = "sdpa"
     fuse_qkv: bool = False  # the fuse_qkv module pass on the denoiser
     cfg: bool = True
@@ -69,7 +66,10 @@ class ExportOptions:
     overwrite: bool = False
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
-    source_root: Path | None = None  # set by run_export: the checkpoint folder being exported
+    source_root: Path | None = None  # set by plan_export: the checkpoint folder being exported
+
+    def __post_init__(self) -> None:
+        parse_storage_precision(self.precision)
 
     @property
     def plan(self) -> ShapePlan:
@@ -89,12 +89,10 @@ class ExportOptions:
         return quantize
 
     @property
-    def effective_precision(self) -> str:
+    def effective_precision(self) -> Precision:
         """What the gates judge: the storage precision, or the quantization asked for."""
         quantize = self.extra.get("quantize")
-        if quantize:
-            return "int4" if quantize.startswith("int4") else "int8"
-        return self.precision
+        return quantized_precision(quantize) if quantize else self.precision
 
 
 @dataclass
@@ -110,7 +108,7 @@ class BackendExporter(Protocol):
 
     A backend that can only build fixed shapes (a traced or compiled graph) may also set a class
     attribute `static_only = True`: with no --static it then gets the checkpoint's native size at
-    one image (`default_bucket`) as its one static bucket, recorded as such in the manifest.
+    one image as its one static bucket, recorded as such in the manifest.
     """
 
     name: str  # the manifest's `backend`
@@ -130,75 +128,65 @@ class BackendExporter(Protocol):
         """Write the component's files into `folder` (which exists and is empty)."""
         ...
 
-    def runner(self, folder: Path, spec: ComponentSpec, options: ExportOptions) -> ComponentRunner | None:
-        """Something that runs the files in `folder` on named inputs (for the parity check), or
-        None where this machine cannot (the parity is then recorded as not measured, with the
-        reason from the component's notes["unmeasured"])."""
-        ...
-
     def versions(self) -> dict[str, str]:
         """Versions of the libraries this backend used."""
         ...
 
 
-def parse_buckets(static: Sequence[Bucket | str]) -> tuple[Bucket, ...]:
+def parse_buckets(static: Any) -> tuple[Bucket, ...]:
     return tuple(b if isinstance(b, Bucket) else Bucket.parse(b) for b in static)
 
 
-def run_export(backend: BackendExporter, model: Path | str, out: Path | str, options: ExportOptions) -> Manifest:
-    """Export checkpoint `model` to an artifact folder `out` with `backend` (see the module docstring)."""
-    index = read_model_index(model)
-    factor = read_vae_config(index.root / "vae").downscale_factor
-    if not options.buckets and getattr(backend, "static_only", False):
-        options = replace(options, buckets=(default_bucket(index.root, factor),))
-    plan = options.plan
-    every = component_specs(index)
-    specs = _select(every, options.components)
-    multiple = factor * (2 if index.family == "sd3" else 1)
-    for bucket in plan.buckets:
-        if bucket.height % multiple or bucket.width % multiple:
-            raise ArgumentError("--static", f"{bucket}: height and width must be multiples of {multiple}")
-    options = replace(options, source_root=index.root)
-    backend.check_options(options, index)
+@dataclass(frozen=True)
+class ExportPlan:
+    """An export checked before anything is written: what, at which shapes, from where."""
 
-    with atomic_directory(out, options.overwrite, replaceable=not_an_artifact, protected=(index.root,)) as tmp:
-        _copy_support_files(index, tmp)
-        records: dict[str, ComponentRecord] = {}
-        passes: list[dict[str, Any]] = []
-        bar = tqdm(specs, disable=not options.progress, desc="export", unit="component")
-        for spec in bar:
-            bar.set_description(f"exporting {spec.name} ({backend.name})")
-            record, applied = _export_component(backend, spec, index.root, tmp, factor, options)
-            records[spec.name] = record
-            passes += [{"component": spec.name, **p.to_json()} for p in applied]
-        bar.close()
-        manifest = Manifest(
-            family=index.family,
-            backend=backend.name,
-            precision=options.effective_precision,
-            source=source_record(index.root),
-            pipeline=_pipeline_facts(index),
-            components=records,
-            shapes=plan.to_json(),
-            passes=passes,
-            versions={**_common_versions(), **backend.versions()},
+    backend: BackendExporter
+    index: ModelIndex
+    pipeline: PipelineSpec
+    options: ExportOptions  # with the buckets settled and the source root set
+    specs: list[ComponentSpec]  # the components to export
+    every: list[ComponentSpec]  # the components of the whole pipeline
+
+    @property
+    def parity_bucket(self) -> Bucket:
+        return self.options.plan.parity_bucket(self.pipeline.native_size)
+
+    def draft_manifest(self) -> Manifest:
+        """The manifest before any component is written (engines read it while parity is measured)."""
+        return Manifest(
+            family=self.index.family,
+            backend=self.backend.name,
+            precision=self.options.effective_precision,
+            source=source_record(self.index.root),
+            pipeline=asdict(self.pipeline),
+            components={},
+            shapes=self.options.plan.to_json(),
+            versions={**_common_versions(), **self.backend.versions()},
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-            files=record_files(tmp),
-            pipeline_components=[s.name for s in every],
+            pipeline_components=[s.name for s in self.every],
             machine=machine_record(),
         )
-        manifest.write(tmp)
-        missed = [r for r in records.values() if r.parity.get("passed") is False]
-        if missed and not options.allow_mismatch:
-            names = ", ".join(f"{r.name} ({r.parity['summary']}; gate {r.parity['gate']})" for r in missed)
-            raise ExportParityError(
-                f"export: parity gate missed by {names}; nothing was written. Pass --allow-mismatch to keep the "
-                "artifact with these numbers recorded"
-            )
-    return manifest
 
 
-def _select(specs: list[ComponentSpec], names: Sequence[str]) -> list[ComponentSpec]:
+def plan_export(backend: BackendExporter, model: Path | str, options: ExportOptions) -> ExportPlan:
+    """Read checkpoint `model`, settle the shapes and check every option for `backend`."""
+    index = read_model_index(model)
+    pipeline = spec_from_configs(index)
+    if not options.buckets and getattr(backend, "static_only", False):
+        native = pipeline.native_size
+        options = replace(options, buckets=(Bucket(1, native, native),))
+    for bucket in options.buckets:
+        multiple = pipeline.size_multiple
+        if bucket.height % multiple or bucket.width % multiple:
+            raise ArgumentError("--static", f"{bucket}: height and width must be multiples of {multiple}")
+    every = component_specs(index)
+    options = replace(options, source_root=index.root)
+    backend.check_options(options, index)
+    return ExportPlan(backend, index, pipeline, options, _select(every, options.components), every)
+
+
+def _select(specs: list[ComponentSpec], names: tuple[str, ...]) -> list[ComponentSpec]:
     if not names:
         return specs
     known = [s.name for s in specs]
@@ -208,7 +196,7 @@ def _select(specs: list[ComponentSpec], names: Sequence[str]) -> list[ComponentS
     return [s for s in specs if s.name in names]
 
 
-def _copy_support_files(index: ModelIndex, out: Path) -> None:
+def copy_support_files(index: ModelIndex, out: Path) -> None:
     """The files the runtime pipeline reads besides the exported components, and nothing else
     (a config's `auto_map` code, for one, stays behind)."""
     for relative in support_files(index):
@@ -216,111 +204,58 @@ def _copy_support_files(index: ModelIndex, out: Path) -> None:
         shutil.copyfile(index.root / relative, out / relative)
 
 
-def default_bucket(root: Path, factor: int) -> Bucket:
-    """The checkpoint's native size at one image, for the parity check of a dynamic export."""
-    from difflower.reference.config import read_json
+@dataclass
+class WrittenComponent:
+    """One component on disk, with the inputs and reference outputs its parity is measured on."""
 
-    for name in ("unet", "transformer"):
-        path = root / name / "config.json"
-        if path.is_file():
-            size = read_json(path).get("sample_size") or 64
-            size = size[0] if isinstance(size, list) else size
-            return Bucket(1, size * factor, size * factor)
-    return Bucket(1, 512, 512)
+    record: ComponentRecord  # its parity is filled in by the export driver
+    passes: list[PassResult]
+    inputs: dict[str, torch.Tensor]
+    expected: tuple[torch.Tensor, ...]
 
 
-def _export_component(
-    backend: BackendExporter, spec: ComponentSpec, root: Path, out: Path, factor: int, options: ExportOptions
-) -> tuple[ComponentRecord, list[PassResult]]:
-    """Export one component and check it; the reference module lives only while needed."""
-    plan = options.plan
+def write_component(plan: ExportPlan, spec: ComponentSpec, out: Path) -> WrittenComponent:
+    """Export one component into `out / spec.name`; the reference module lives only while needed."""
+    options, backend = plan.options, plan.backend
     start = time.perf_counter()
     folder = out / spec.name
     folder.mkdir()
-    module = load_export_module(spec, root)
-    applied: list[PassResult] = []
-    bucket = plan.buckets[0] if plan.buckets else default_bucket(root, factor)
-    dims = plan.dims(bucket, factor)
+    module = load_export_module(spec, plan.index.root)
+    dims = options.plan.dims(plan.parity_bucket, plan.pipeline.vae_scale_factor)
     inputs = example_inputs(spec, dims)
 
     # 1. the reference outputs first, so the module can be freed before the backend's files are
     #    loaded; module passes then record their own parity against them
     with torch.no_grad():
-        expected = module(*inputs.values())
+        expected = tuple(module(*inputs.values()))
+    applied: list[PassResult] = []
     if spec.kind != "text_encoder" and options.attention != "sdpa":  # text encoders are transformers' modules
         result = apply_attention_variant(module, options.attention, where=spec.name)
         applied.append(measured(result, module, inputs, expected))
     if options.fuse_qkv and spec.kind in DENOISERS:
         result = fuse_qkv(module, where=spec.name)
         applied.append(measured(result, module, inputs, expected, key="max_abs_vs_unfused"))
+
+    # 2. the backend's files
     written = backend.export_component(module, inputs, spec, folder, options)
     applied += written.passes
     del module
     gc.collect()
-    seconds = time.perf_counter() - start
-
-    # 2. component parity: the backend's files vs the reference module, same inputs
-    run = backend.runner(folder, spec, options)
-    if run is None:  # this machine cannot run the backend's files (Core ML off macOS)
-        parity = {
-            "measured": False,
-            "passed": None,
-            "summary": written.notes.get("unmeasured", "not measured on this machine"),
-            "gate": f"{options.effective_precision} gates, to be checked with `difflower validate` where it runs",
-        }
-    else:
-        got = run(inputs)
-        del run
-        gc.collect()
-        parity = component_parity(spec, options.effective_precision, expected, got)
     files = sorted(str(p.relative_to(out)) for p in folder.rglob("*") if p.is_file())
     record = ComponentRecord(
         name=spec.name,
         kind=spec.kind,
         files=files,
-        inputs=[concrete(t, dims) if plan.static else t for t in spec.inputs],
-        outputs=[concrete(t, dims) if plan.static else t for t in spec.outputs],
-        parity=parity,
-        export_seconds=round(seconds, 2),
+        inputs=[concrete(t, dims) if options.plan.static else t for t in spec.inputs],
+        outputs=[concrete(t, dims) if options.plan.static else t for t in spec.outputs],
+        export_seconds=round(time.perf_counter() - start, 2),
         size_bytes=sum((out / f).stat().st_size for f in files),
         config={"class_name": spec.class_name, "source": spec.source, **spec.facts, **written.notes},
     )
-    return record, applied
-
-
-def component_parity(
-    spec: ComponentSpec, precision: str, expected: Sequence[torch.Tensor], got: Sequence[np.ndarray | torch.Tensor]
-) -> dict[str, Any]:
-    """Per-output metrics and verdicts, with the worst output summarised."""
-    outputs = {}
-    for tensor, ref, out in zip(spec.outputs, expected, got, strict=True):
-        actual = torch.from_numpy(np.asarray(out)) if not isinstance(out, torch.Tensor) else out
-        metrics = compare(actual.float(), ref)
-        outputs[tensor.name] = {**metrics.to_json(), **component_verdict(precision, spec.kind, metrics).to_json()}
-    worst = max(outputs.values(), key=lambda m: m["max_abs"])
-    psnr = "inf" if worst["psnr"] is None else f"{worst['psnr']:.1f} dB"
-    return {
-        "max_abs": worst["max_abs"],
-        "psnr": worst["psnr"],
-        "summary": f"max abs {worst['max_abs']:.3g}, PSNR {psnr}",
-        "gate": worst["gate"],
-        "passed": all(m["passed"] for m in outputs.values()),
-        "outputs": outputs,
-    }
-
-
-def _pipeline_facts(index: ModelIndex) -> dict[str, Any]:
-    """The PipelineSpec of the source checkpoint, read from its configs."""
-    from dataclasses import asdict
-
-    from difflower.reference.spec import spec_from_configs
-
-    return asdict(spec_from_configs(index))
+    return WrittenComponent(record, applied, inputs, expected)
 
 
 def _common_versions() -> dict[str, str]:
     import transformers
-
-    from difflower.version import __version__
 
     return {"difflower": __version__, "torch": torch.__version__, "transformers": transformers.__version__}

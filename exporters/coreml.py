@@ -28,7 +28,6 @@ Mac.
 
 from __future__ import annotations
 
-import platform
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -37,25 +36,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from difflower.artifact.formats import COREML_FILE as FILE
+from difflower.artifact.formats import coreml_name
+from difflower.artifact.specs import ComponentSpec
 from difflower.errors import ArgumentError
-from difflower.exporters.common import ComponentExport, ComponentRunner, ExportOptions
-from difflower.exporters.specs import ComponentSpec
+from difflower.exporters.common import ComponentExport, ExportOptions
 from difflower.graph_passes.ane_layout import apply_ane_layout
 from difflower.graph_passes.base import PassDidNotFire, PassResult, measured
 from difflower.graph_passes.chunk_unet import split_unet
 from difflower.graph_passes.fp16 import select_islands
 from difflower.reference.loading import ModelIndex
 
-FILE = "model.mlpackage"
 COREML_QUANTIZE = ("palettize-2", "palettize-4", "palettize-6", "palettize-8", "int8-weight")
 COREML_ATTENTION = ("sdpa", "math", "split-einsum", "split-einsum-v2")
 WEIGHT_THRESHOLD = 512  # weights with fewer elements stay as they are (biases, norms)
-UNMEASURED = "not measured: Core ML prediction needs macOS (the torch-side parity is in the config)"
-
-
-def coreml_name(name: str) -> str:
-    """Core ML feature names take no dots: `hidden_states.11` is `hidden_states_11` there."""
-    return name.replace(".", "_")
 
 
 def _numpy2_compat() -> None:
@@ -138,7 +132,7 @@ class CoreMLExporter:
         self, module: torch.nn.Module, inputs: dict[str, torch.Tensor], spec: ComponentSpec, folder: Path, options
     ) -> ComponentExport:
         _numpy2_compat()
-        notes: dict[str, Any] = {"minimum_deployment_target": "macOS14 / iOS17", "unmeasured": UNMEASURED}
+        notes: dict[str, Any] = {"minimum_deployment_target": "macOS14 / iOS17"}
         passes: list[PassResult] = []
         precision = options.precision
         if precision == "fp16":
@@ -181,20 +175,6 @@ class CoreMLExporter:
         notes["torch_parity_max_abs"] = parity  # each traced module vs the module it traced
         notes["ops"] = dict(ops.most_common())
         return ComponentExport(passes=passes, notes=notes)
-
-    def runner(self, folder: Path, spec: ComponentSpec, options: ExportOptions) -> ComponentRunner | None:
-        if platform.system() != "Darwin":
-            return None
-        from difflower.runtimes.coreml_engine import open_component
-
-        model = open_component(folder, "ALL")
-        names = [t.name for t in spec.outputs]
-
-        def run(inputs: dict[str, torch.Tensor]) -> list[np.ndarray]:
-            out = model.predict({k: v.numpy() for k, v in inputs.items()})
-            return [out[coreml_name(n)] for n in names]
-
-        return run
 
     def versions(self) -> dict[str, str]:
         import coremltools

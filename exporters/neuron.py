@@ -44,14 +44,15 @@ from typing import Any
 
 import torch
 
+from difflower.artifact import formats
+from difflower.artifact.formats import NEURON_FILE as FILE
+from difflower.artifact.manifest import sha256_file
+from difflower.artifact.specs import ComponentSpec, load_export_module
 from difflower.errors import ArgumentError, DifflowerError
-from difflower.exporters.common import ComponentExport, ComponentRunner, ExportOptions
-from difflower.exporters.specs import ComponentSpec, load_export_module
+from difflower.exporters.common import ComponentExport, ExportOptions
 from difflower.exporters.torchscript import check_traced_options
-from difflower.manifest import sha256_file
+from difflower.graph_passes.attention_variant import apply_attention_variant
 from difflower.reference.loading import ModelIndex
-from difflower.runtimes import neuron_engine
-from difflower.runtimes.neuron_engine import FILE, CfgSplit
 
 log = logging.getLogger(__name__)
 
@@ -184,15 +185,13 @@ def _version(package: str) -> str | None:
 
 def _compile_child(job: CompileJob) -> None:
     """In a fresh process: rebuild the wrapper from the checkpoint, compile it, save model.neuron."""
-    from difflower.graph_passes.attention_variant import apply_attention_variant
-
     os.setpgid(0, 0)  # its own process group: an interrupted export ends the compiler's processes too
     # The compiler's output goes to compile.log, which a failure names.
     with open(job.entry / "compile.log", "a") as sink:
         os.dup2(sink.fileno(), 1)
         os.dup2(sink.fileno(), 2)
     module = load_export_module(job.spec, job.root)
-    if job.spec.kind != "text_encoder" and job.attention != "sdpa":  # as run_export did to the reference
+    if job.spec.kind != "text_encoder" and job.attention != "sdpa":  # as write_component did to the reference
         apply_attention_variant(module, job.attention, where=job.spec.name)
     inputs = tuple(torch.load(job.entry / "inputs.pt"))
     with torch.no_grad():
@@ -257,7 +256,7 @@ class NeuronExporter:
         self.compile_fn = compile_fn
 
     def check_options(self, options: ExportOptions, index: ModelIndex) -> None:
-        problem = neuron_engine.neuron_unavailable()
+        problem = formats.neuron_unavailable()
         if problem:
             raise ArgumentError("--backend", f"neuron {problem}")
         check_traced_options(options, self.name)
@@ -309,10 +308,6 @@ class NeuronExporter:
                 "compile_cached": cached,
             }
         )
-
-    def runner(self, folder: Path, spec: ComponentSpec, options: ExportOptions) -> ComponentRunner:
-        split = CfgSplit([neuron_engine.load_on_core(folder / FILE, 0)], cfg_halves(spec, options))
-        return lambda inputs: split(*inputs.values())
 
     def versions(self) -> dict[str, str]:
         found = {name: _version(name) for name in ("torch-neuronx", "neuronx-cc")}

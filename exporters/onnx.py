@@ -10,33 +10,25 @@ from __future__ import annotations
 
 import gc
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from difflower.artifact.formats import ONNX_FILE, consolidate_external_data
+from difflower.artifact.specs import ComponentSpec
 from difflower.errors import ArgumentError
-from difflower.exporters.common import (
-    ComponentExport,
-    ComponentRunner,
-    ExportOptions,
-    ExportParityError,
-    parse_buckets,
-    run_export,
-)
-from difflower.exporters.specs import ComponentSpec
+from difflower.exporters.common import ComponentExport, ExportOptions
 from difflower.graph_passes.calibration import CALIBRATED, DENOISERS, denoiser_calibration
 from difflower.graph_passes.fp16 import convert_fp16, select_islands
 from difflower.graph_passes.onnx_quantize import ONNX_QUANTIZE_MODES, quantize_applies, quantize_onnx
 from difflower.graph_passes.static_shapes import static_shapes
-from difflower.manifest import Bucket, Manifest
 from difflower.reference.loading import ModelIndex
 
 ONNX_OPSET = 17
 # protobuf cannot serialize a message above 2 GiB: bigger models keep their weights outside.
 PROTOBUF_LIMIT = 2**31 - 1
 
-__all__ = ["ExportParityError", "OnnxExporter", "export_onnx"]
+__all__ = ["OnnxExporter"]
 
 
 def dynamic_axes(spec: ComponentSpec) -> dict[str, dict[int, str]]:
@@ -76,57 +68,6 @@ def torch_export(
         )
 
 
-def consolidate_external_data(path: Path) -> None:
-    """Gather the weights into one `model.onnx_data` beside `path`, as optimum lays it out.
-
-    Streams one tensor at a time (a 10 GB UNet never sits in memory twice); tensors under
-    1 KB stay inline, as onnx's own helper does.
-    """
-    import onnx
-    from onnx.external_data_helper import ExternalDataInfo
-
-    folder = path.parent
-    model = onnx.load(str(path), load_external_data=False)
-    data_path = folder / "model.onnx_data"
-    sources: set[Path] = set()
-    with open(data_path, "wb") as sink:
-        for tensor in model.graph.initializer:
-            if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                info = ExternalDataInfo(tensor)
-                source = folder / info.location
-                sources.add(source)
-                with open(source, "rb") as handle:
-                    handle.seek(info.offset or 0)
-                    data = handle.read(info.length) if info.length else handle.read()
-            elif len(tensor.raw_data) >= 1024:
-                data = tensor.raw_data
-            else:
-                continue
-            offset = sink.tell()
-            sink.write(data)
-            tensor.ClearField("raw_data")
-            del tensor.external_data[:]
-            tensor.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(len(data)))):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, value
-    onnx.save_model(model, str(path))
-    for source in sources - {data_path}:
-        source.unlink()
-    data_path.chmod(0o644)  # an ordinary artifact file, whatever the writer's default
-
-
-def ort_session(path: Path, low_memory: bool = False):
-    """A CPU InferenceSession; `low_memory` skips ORT's pre-packed second copy of GEMM weights."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if low_memory:
-        options.add_session_config_entry("session.disable_prepacking", "1")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 class OnnxExporter:
     """BackendExporter for ONNX graphs checked in ONNX Runtime on the CPU."""
 
@@ -146,7 +87,7 @@ class OnnxExporter:
         self, module: torch.nn.Module, inputs: dict[str, torch.Tensor], spec: ComponentSpec, folder: Path, options
     ) -> ComponentExport:
         """Export with symbolic dims, then the graph passes: static shapes, fp16, quantization."""
-        path = folder / "model.onnx"
+        path = folder / ONNX_FILE
         large = sum(p.numel() * p.element_size() for p in module.parameters()) > PROTOBUF_LIMIT
         torch_export(
             module, inputs, spec, path, dynamic_axes(spec), external=large, contrib=options.attention == "onnxruntime"
@@ -171,55 +112,11 @@ class OnnxExporter:
             passes.append(quantize_onnx(path, spec.kind, quantize, dataset))
         return ComponentExport(passes=passes, notes={"external_data": large})
 
-    def runner(self, folder: Path, spec: ComponentSpec, options: ExportOptions) -> ComponentRunner:
-        path = folder / "model.onnx"
-        session = ort_session(path, low_memory=(folder / "model.onnx_data").exists())
-        return lambda inputs: session.run(None, {k: v.numpy() for k, v in inputs.items()})
-
     def versions(self) -> dict[str, str]:
         import onnx
         import onnxruntime
 
         return {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
-
-
-def export_onnx(
-    model: Path | str,
-    out: Path | str,
-    *,
-    components: Sequence[str] | None = None,
-    static: Sequence[Bucket | str] = (),
-    precision: str = "fp32",
-    attention: str = "sdpa",
-    fuse_qkv: bool = False,
-    quantize: str | None = None,
-    cfg: bool = True,
-    allow_mismatch: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> Manifest:
-    """Export `model` (a diffusers-format folder) to an ONNX artifact folder at `out`.
-
-    `static` buckets (BxHxW in pixels, images per prompt) fix the graph's shapes: one bucket
-    gives fully static graphs, several give dynamic graphs limited to those buckets at run
-    time. `cfg` says whether the denoiser runs negative and positive prompts as one batch
-    (its static batch is then doubled). `attention` picks the attention variant of our own
-    modules (see difflower.graph_passes.attention_variant): "onnxruntime" emits ONNX Runtime's
-    fused MultiHeadAttention, faster on ORT but not readable by other ONNX consumers.
-    """
-    options = ExportOptions(
-        components=tuple(components or ()),
-        buckets=parse_buckets(static),
-        precision=precision,
-        attention=attention,
-        fuse_qkv=fuse_qkv,
-        cfg=cfg,
-        allow_mismatch=allow_mismatch,
-        overwrite=overwrite,
-        progress=progress,
-        extra={"quantize": quantize} if quantize else {},
-    )
-    return run_export(OnnxExporter(), model, out, options)
 
 
 EXPORTER = OnnxExporter

@@ -13,21 +13,19 @@ conversion (and the compression asked for), not a bf16 default of the machine's 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from difflower.artifact.formats import OPENVINO_FILE as XML
+from difflower.artifact.specs import ComponentSpec
 from difflower.errors import ArgumentError
-from difflower.exporters.common import ComponentExport, ComponentRunner, ExportOptions
-from difflower.exporters.specs import ComponentSpec
+from difflower.exporters.common import ComponentExport, ExportOptions
 from difflower.graph_passes.calibration import CALIBRATED, denoiser_calibration
 from difflower.graph_passes.openvino_compression import QUANTIZE_MODES, compress_component, compression_applies
 from difflower.reference.loading import ModelIndex
 
 PRECISIONS = ("fp32", "fp16")
-XML = "openvino_model.xml"
 
 
 def _ov_type(dtype: str):
@@ -94,18 +92,6 @@ class OpenVINOExporter:
             passes.append(result)
         ov.save_model(model, str(folder / XML), compress_to_fp16=options.precision == "fp16")
         return ComponentExport(passes=passes, notes={"quantize": quantize} if quantize else {})
-
-    def runner(self, folder: Path, spec: ComponentSpec, options: ExportOptions) -> ComponentRunner:
-        import openvino as ov
-
-        compiled = ov.Core().compile_model(str(folder / XML), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-        names = [t.name for t in spec.outputs]
-
-        def run(feeds: Mapping[str, torch.Tensor]) -> list[np.ndarray]:
-            result = compiled({k: v.numpy() for k, v in feeds.items()})
-            return [result[compiled.output(name)] for name in names]
-
-        return run
 
     def versions(self) -> dict[str, str]:
         import nncf

@@ -28,37 +28,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from difflower.artifact.formats import TENSORRT_FILE as FILE
+from difflower.artifact.formats import require_tensorrt
+from difflower.artifact.manifest import Bucket
+from difflower.artifact.specs import ComponentSpec, ShapePlan
 from difflower.errors import ArgumentError
-from difflower.exporters.common import ComponentExport, ComponentRunner, ExportOptions
+from difflower.exporters.common import ComponentExport, ExportOptions
 from difflower.exporters.onnx import OnnxExporter
-from difflower.exporters.specs import ComponentSpec, ShapePlan
 from difflower.graph_passes.base import PassDidNotFire, PassResult
 from difflower.graph_passes.calibration import CALIBRATED, DENOISERS, denoiser_calibration
 from difflower.graph_passes.tensorrt_sanitize import sanitize_for_tensorrt
-from difflower.manifest import Bucket
-from difflower.reference.loading import ModelIndex
+from difflower.reference.loading import ModelIndex, read_vae_config
 
-FILE = "model.plan"
 TRT_PRECISIONS = ("fp32", "fp16", "bf16")
 TRT_QUANTIZE_MODES = ("fp8", "int8")
 EXTRA = CALIBRATED | {"cache_dir"}
 
 Profiles = dict[str, dict[str, list[int]]]
-
-
-def require_tensorrt(flag: str = "--backend"):
-    """The tensorrt module, or one clear line saying what is missing on this machine."""
-    try:
-        import tensorrt
-    except ImportError:
-        raise ArgumentError(
-            flag,
-            "TensorRT needs NVIDIA's 'tensorrt' package and an NVIDIA GPU: pip install 'difflower[tensorrt]' "
-            "on a Linux or Windows machine with CUDA",
-        ) from None
-    if not torch.cuda.is_available():
-        raise ArgumentError(flag, "TensorRT builds and runs engines on an NVIDIA GPU; this torch sees no CUDA device")
-    return tensorrt
 
 
 def optimization_profiles(spec: ComponentSpec, buckets: Sequence[Bucket], cfg: bool, vae_scale_factor: int) -> Profiles:
@@ -270,12 +256,6 @@ class TensorRTExporter:
         }
         return ComponentExport(passes=passes, notes={**written.notes, **notes})
 
-    def runner(self, folder: Path, spec: ComponentSpec, options: ExportOptions) -> ComponentRunner:
-        from difflower.runtimes.tensorrt_engine import PlanRunner
-
-        plan = PlanRunner((folder / FILE).read_bytes(), [t.name for t in spec.outputs])
-        return lambda inputs: [t.cpu() for t in plan(inputs).values()]
-
     def versions(self) -> dict[str, str]:
         import tensorrt
 
@@ -283,8 +263,6 @@ class TensorRTExporter:
 
 
 def _vae_factor(options: ExportOptions) -> int:
-    from difflower.reference.loading import read_vae_config
-
     return read_vae_config(Path(options.source_root) / "vae").downscale_factor
 
 

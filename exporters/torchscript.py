@@ -30,12 +30,11 @@ from pathlib import Path
 
 import torch
 
-from difflower.errors import ArgumentError, CheckpointError
-from difflower.exporters.common import ComponentExport, ComponentRunner, ExportOptions
-from difflower.exporters.specs import ComponentSpec
+from difflower.artifact.formats import TORCHSCRIPT_FILE as FILE
+from difflower.artifact.specs import ComponentSpec
+from difflower.errors import ArgumentError
+from difflower.exporters.common import ComponentExport, ExportOptions
 from difflower.reference.loading import ModelIndex
-
-FILE = "model.pt"
 
 
 def check_traced_options(options: ExportOptions, backend: str) -> None:
@@ -77,18 +76,6 @@ def trace(module: torch.nn.Module, inputs: Sequence[torch.Tensor], device: torch
         return torch.jit.trace(module, args, check_trace=False)
 
 
-def load_traced(path: Path, device: torch.device | str) -> torch.jit.ScriptModule:
-    """A saved traced module, mapped to `device`; a damaged file is a CheckpointError naming it."""
-    if not path.is_file():
-        raise CheckpointError(path, "not found; the artifact is incomplete, re-export it")
-    try:
-        return torch.jit.load(str(path), map_location=device).eval()
-    except RuntimeError as err:
-        raise CheckpointError(
-            path, f"TorchScript cannot load it ({str(err).splitlines()[0][:200]}); re-export the artifact"
-        ) from None
-
-
 class TorchScriptExporter:
     """BackendExporter for traced TorchScript modules."""
 
@@ -117,16 +104,6 @@ class TorchScriptExporter:
         torch.jit.save(traced, str(folder / FILE))
         module.to("cpu")  # the driver frees it; keep the GPU for the parity run
         return ComponentExport(notes={"traced_on": device.type, "frozen": False})
-
-    def runner(self, folder: Path, spec: ComponentSpec, options: ExportOptions) -> ComponentRunner:
-        device = trace_device(options)
-        module = load_traced(folder / FILE, device)
-
-        def run(inputs):
-            with torch.no_grad():
-                return [out.cpu() for out in module(*(t.to(device) for t in inputs.values()))]
-
-        return run
 
     def versions(self) -> dict[str, str]:
         return {}  # torch, already recorded by the driver, is the whole backend

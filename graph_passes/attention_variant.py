@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from difflower.errors import ArgumentError
 from difflower.graph_passes.base import PassDidNotFire, PassResult
 from difflower.reference.attention import ATTENTION_BACKENDS, AttentionBackend, set_attention_backend
 
@@ -17,8 +18,6 @@ from difflower.reference.attention import ATTENTION_BACKENDS, AttentionBackend, 
 def apply_attention_variant(model: nn.Module, variant: AttentionBackend, where: str = "model") -> PassResult:
     """Switch every attention module of `model` to `variant`; raises PassDidNotFire if there is none."""
     if variant not in ATTENTION_BACKENDS:
-        from difflower.errors import ArgumentError
-
         raise ArgumentError("--attention", f"must be one of {', '.join(ATTENTION_BACKENDS)}, got {variant!r}")
     count = set_attention_backend(model, variant)
     if count == 0:

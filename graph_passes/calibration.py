@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from difflower.exporters.specs import ComponentSpec, ShapePlan
+from difflower.artifact.specs import ComponentSpec, ShapePlan
 from difflower.graph_passes.base import PassDidNotFire
+from difflower.reference.pipeline import load_pipeline
 
 PROMPTS_FILE = Path(__file__).with_name("calibration_prompts.txt")
 DENOISERS = ("unet", "transformer")
@@ -29,12 +30,10 @@ def calibration_dataset(
 ) -> list[dict[str, np.ndarray]]:
     """Denoiser inputs recorded while the eager reference pipeline runs `prompts` calibration
     prompts for `steps` steps each, at the artifact's shape (its static bucket, or native size)."""
-    from difflower.reference.pipeline import load_pipeline
-
     if root is None:
         raise PassDidNotFire("int8 calibration: the source checkpoint is unknown, cannot calibrate")
     pipe = load_pipeline(root)
-    bucket = plan.buckets[0] if plan.buckets else None
+    bucket = plan.parity_bucket(pipe.spec.native_size)
     names = [t.name for t in spec.inputs]
     samples: list[dict[str, np.ndarray]] = []
     calls = pipe.calls
@@ -50,12 +49,18 @@ def calibration_dataset(
         samples.append({n: v.detach().float().numpy().copy() for n, v in zip(names, values, strict=True)})
         return original(sample, timestep, cond)
 
-    size = {} if bucket is None else {"height": bucket.height, "width": bucket.width}
-    batch = 1 if bucket is None else bucket.batch
     calls.denoiser = record
     try:
         for i, prompt in enumerate(calibration_prompts()[:prompts]):
-            pipe([prompt] * batch, num_inference_steps=steps, seed=i, output_type="latent", progress=False, **size)
+            pipe(
+                [prompt] * bucket.batch,
+                num_inference_steps=steps,
+                seed=i,
+                output_type="latent",
+                progress=False,
+                height=bucket.height,
+                width=bucket.width,
+            )
     finally:
         calls.denoiser = original
     del pipe, calls

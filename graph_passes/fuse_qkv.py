@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from difflower.graph_passes.base import PassDidNotFire, PassResult
+from difflower.reference.attention import Attention
+from difflower.reference.transformer_sd3 import JointAttention
 
 PARAMS = ("weight", "bias")
 
@@ -58,9 +60,6 @@ def _fuse(module: nn.Module, fused_name: str, names: Sequence[str]) -> None:
 
 def fuse_qkv(model: nn.Module, where: str = "model") -> PassResult:
     """Fuse every attention module's projections in `model`; raises PassDidNotFire if none."""
-    from difflower.reference.attention import Attention
-    from difflower.reference.transformer_sd3 import JointAttention
-
     counts = {"self-attention q|k|v": 0, "cross-attention k|v": 0, "joint image q|k|v": 0, "joint context q|k|v": 0}
     attention_modules = 0
     for module in model.modules():

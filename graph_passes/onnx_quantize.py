@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from difflower.artifact.formats import ONNX_DATA, consolidate_external_data
 from difflower.graph_passes.base import PassDidNotFire, PassResult, quieter
 from difflower.graph_passes.calibration import DENOISERS
 
@@ -118,7 +119,7 @@ def quantize_onnx(path: Path, kind: str, mode: str, dataset: list[dict[str, np.n
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
-    external = (path.parent / "model.onnx_data").exists()
+    external = (path.parent / ONNX_DATA).exists()
     static = mode == "int8" and kind in DENOISERS
     op_types = ("Conv", "MatMul") if static else ("MatMul",)
     model = onnx.load(str(path), load_external_data=False)
@@ -170,8 +171,6 @@ def quantize_onnx(path: Path, kind: str, mode: str, dataset: list[dict[str, np.n
             )
             settings.update(format="dynamic (MatMulInteger)", weights="int8 per channel")
     if external:  # onnxruntime names its own data file: gather it into model.onnx_data
-        from difflower.exporters.onnx import consolidate_external_data
-
         consolidate_external_data(target)
     for produced in staging.iterdir():
         produced.replace(path.parent / produced.name)

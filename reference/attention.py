@@ -24,7 +24,7 @@ take Apple's channels-first per-head einsums. The input's rank says which (4 = c
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -111,8 +111,8 @@ def feature_dim(x: torch.Tensor) -> int:
 def _attend_channels(query, key, value, heads: int, backend: AttentionBackend, upcast: bool) -> torch.Tensor:
     """`attend` on the channels-first layout: (B, H*d, 1, Nq), (B, H*d, 1, Nk) x2 -> (B, H*d, 1, Nq)."""
     if backend not in ("split-einsum", "split-einsum-v2"):
-        tokens = [x.flatten(2).transpose(1, 2) for x in (query, key, value)]  # (B, N, H*d)
-        out = attend(*tokens, heads, "sdpa" if backend == "onnxruntime" else backend, upcast)
+        q, k, v = (x.flatten(2).transpose(1, 2) for x in (query, key, value))  # (B, N, H*d)
+        out = attend(q, k, v, heads, "sdpa" if backend == "onnxruntime" else backend, upcast)
         return out.transpose(1, 2).unsqueeze(2)  # (B, H*d, 1, Nq)
     out_dtype = query.dtype
     if upcast and out_dtype in (torch.float16, torch.bfloat16):
@@ -200,7 +200,7 @@ class Attention(nn.Module):
         or both channels-first, (B, query_dim, 1, N) and (B, context_dim, 1, M)."""
         query, key, value = self._project(hidden_states, context)
         out = attend(query, key, value, self.heads, self.attention_backend, self.upcast)
-        return apply_linear(self.to_out[0], out)
+        return apply_linear(cast(nn.Linear, self.to_out[0]), out)
 
     def _project(self, hidden_states: torch.Tensor, context: torch.Tensor | None):
         dim = feature_dim(hidden_states)
@@ -228,6 +228,6 @@ def set_attention_backend(model: nn.Module, backend: AttentionBackend) -> int:
     count = 0
     for module in model.modules():
         if hasattr(module, "attention_backend"):
-            module.attention_backend = backend
+            setattr(module, "attention_backend", backend)  # noqa: B010 - any module with the attribute
             count += 1
     return count

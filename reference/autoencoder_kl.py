@@ -283,4 +283,8 @@ class AutoencoderKL(nn.Module):
 
     def forward(self, sample: torch.Tensor) -> torch.Tensor:
         """Reconstruct an image through the posterior mode (diffusers' default forward)."""
-        return self.decode(self.encode(sample).latent_dist.mode()).sample
+        posterior = self.encode(sample, return_dict=True)
+        assert isinstance(posterior, EncoderOutput)
+        decoded = self.decode(posterior.latent_dist.mode(), return_dict=True)
+        assert isinstance(decoded, DecoderOutput)
+        return decoded.sample

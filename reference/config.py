@@ -65,7 +65,7 @@ def parse_config(
         )
     must_be_default = must_be_default or {}
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]  # every config class is a dataclass
     values: dict[str, Any] = {}
     for key, value in raw.items():
         if key.startswith(_BOOKKEEPING_PREFIX) or key in ignored:

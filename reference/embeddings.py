@@ -121,7 +121,8 @@ class PatchEmbed(nn.Module):
         top = (self.pos_embed_max_size - height) // 2
         left = (self.pos_embed_max_size - width) // 2
         size = self.pos_embed_max_size
-        spatial = self.pos_embed.reshape(1, size, size, -1)  # (1, max, max, D)
+        table: torch.Tensor = self.pos_embed  # type: ignore[assignment]  # a registered buffer
+        spatial = table.reshape(1, size, size, -1)  # (1, max, max, D)
         spatial = spatial[:, top : top + height, left : left + width, :]  # (1, h, w, D)
         return spatial.reshape(1, height * width, spatial.shape[-1])  # (1, h*w, D)
 

@@ -10,19 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from difflower.errors import ArgumentError
 from difflower.reference.images import preprocess_image, preprocess_mask
+from difflower.reference.model_calls import ModelCalls
 from difflower.reference.request import GenerateRequest, GeneratorArg
 from difflower.reference.schedulers import SchedulerRun
 from difflower.reference.schedulers.base import randn_like_diffusers
 from difflower.reference.spec import PipelineSpec
-
-if TYPE_CHECKING:
-    from difflower.reference.pipeline import ModelCalls
 
 
 @dataclass(frozen=True)

@@ -10,19 +10,16 @@ trajectory.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
 from difflower.reference.latents import StartState
+from difflower.reference.model_calls import ModelCalls
 from difflower.reference.prompts import Conditioning
 from difflower.reference.request import GenerateRequest
 from difflower.reference.schedulers import SchedulerRun
 from difflower.reference.spec import PipelineSpec
-
-if TYPE_CHECKING:
-    from difflower.reference.pipeline import ModelCalls
 
 
 @dataclass(frozen=True)

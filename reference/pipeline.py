@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -31,34 +31,11 @@ from difflower.reference.latents import prepare_latents
 from difflower.reference.loading import Family, load_components
 from difflower.reference.loop import denoise
 from difflower.reference.memory import check_memory as check_request_memory
+from difflower.reference.model_calls import ModelCalls
 from difflower.reference.prompts import Conditioning, TextEncoderOutput
 from difflower.reference.request import GenerateRequest, GeneratorArg, build_request
 from difflower.reference.schedulers import Scheduler, calculate_shift, load_scheduler, scheduler_by_name
 from difflower.reference.spec import PipelineSpec, spec_from_configs
-
-
-class ModelCalls(Protocol):
-    """How the loop reaches the models; the reference uses torch modules, runtimes use engines."""
-
-    def has_component(self, name: str) -> bool: ...
-
-    def prepare_run(self, request: GenerateRequest) -> None:
-        """Raise before any work when this request cannot be served (a static shape, a missing component)."""
-        ...
-
-    def text_encoder(self, name: str, input_ids: torch.Tensor) -> TextEncoderOutput: ...
-
-    def denoiser(self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """The model prediction for `sample` (B, C, h, w) at `timestep` (B,)."""
-        ...
-
-    def vae_encode(self, image: torch.Tensor) -> torch.Tensor:
-        """Image (B, 3, H, W) in [-1, 1] -> posterior moments (B, 2C, h, w)."""
-        ...
-
-    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Unscaled latents (B, C, h, w) -> image (B, 3, H, W) in [-1, 1]."""
-        ...
 
 
 class TorchModelCalls:

@@ -149,6 +149,20 @@ def tokenize(tokenizer: Any, prompts: list[str], max_length: int) -> torch.Tenso
     return ids.input_ids
 
 
+def _penultimate(out: TextEncoderOutput, name: str) -> torch.Tensor:
+    """The penultimate hidden state SDXL and SD3 read; a CLIP encoder always returns it."""
+    if out.penultimate_hidden_state is None:
+        raise ArgumentError(name, "must return its hidden states (SDXL and SD3 read the penultimate layer)")
+    return out.penultimate_hidden_state
+
+
+def _pooled(out: TextEncoderOutput, name: str) -> torch.Tensor:
+    """The projected pooled output SD3 reads from both CLIP encoders."""
+    if out.text_embeds is None:
+        raise ArgumentError(name, "must be a CLIPTextModelWithProjection (SD3 reads its pooled output)")
+    return out.text_embeds
+
+
 def _repeat(tensor: torch.Tensor, times: int) -> torch.Tensor:
     """Each prompt's row `times` times in a row: (B, ...) -> (B * times, ...), prompt-major."""
     return tensor.repeat_interleave(times, dim=0)
@@ -246,7 +260,7 @@ class SDXLPrompts:
     def encode(
         self, text: TextEncoderCall, tokenizers: dict[str, Any], images_per_prompt: int
     ) -> tuple[Conditioning, Conditioning | None]:
-        names = [n for n in ("text_encoder", "text_encoder_2") if n in tokenizers]
+        names: list[str] = [n for n in ("text_encoder", "text_encoder_2") if n in tokenizers]
         per_encoder = [self.prompts, self.prompts_2][-len(names) :]
         embeds, pooled = _sdxl_embeds(text, tokenizers, names, per_encoder, None)
         if pooled is None:
@@ -280,13 +294,14 @@ def _sdxl_embeds(
     prompts_per_encoder: list[list[str]],
     max_length: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    hidden, pooled = [], None
+    hidden: list[torch.Tensor] = []
+    pooled = None
     for name, prompts in zip(names, prompts_per_encoder, strict=True):
         tokenizer = tokenizers[name]
         out = text(name, tokenize(tokenizer, prompts, max_length or tokenizer.model_max_length))
         if pooled is None and out.text_embeds is not None:
             pooled = out.text_embeds
-        hidden.append(out.penultimate_hidden_state)
+        hidden.append(_penultimate(out, name))
     return torch.cat(hidden, dim=-1), pooled  # (B, 77, D1 + D2), (B, P)
 
 
@@ -349,11 +364,12 @@ class SD3Prompts:
     def _embeds(
         self, text: TextEncoderCall, tokenizers: dict[str, Any], prompts: tuple[list[str], list[str], list[str]]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        clip_hidden, clip_pooled = [], []
+        clip_hidden: list[torch.Tensor] = []
+        clip_pooled: list[torch.Tensor] = []
         for name, texts in (("text_encoder", prompts[0]), ("text_encoder_2", prompts[1])):
             out = text(name, tokenize(tokenizers[name], texts, tokenizers["text_encoder"].model_max_length))
-            clip_hidden.append(out.penultimate_hidden_state)
-            clip_pooled.append(out.text_embeds)
+            clip_hidden.append(_penultimate(out, name))
+            clip_pooled.append(_pooled(out, name))
         clip = torch.cat(clip_hidden, dim=-1)  # (B, 77, D1 + D2)
         if self.skip_t5:
             t5 = torch.zeros(len(prompts[2]), self.max_sequence_length, self.joint_attention_dim, dtype=clip.dtype)

@@ -10,7 +10,7 @@ prompt inputs. Everything after it reads the typed `GenerateRequest`.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -135,7 +135,7 @@ def build_request(
 
     # 4. size
     height, width = _size(spec, task, image, height, width)
-    if task == "inpaint" and image_size(mask_image) != image_size(image):
+    if mask_image is not None and image is not None and image_size(mask_image) != image_size(image):
         raise ArgumentError(
             "mask_image", f"is {image_size(mask_image)} (h, w) but image is {image_size(image)}; give them one size"
         )
@@ -200,8 +200,13 @@ def _prompt_inputs(
     options: dict[str, Any],
 ) -> PromptInputs:
     """The family's prompt inputs; an option only another family takes is refused by name."""
-    build = {"sd": SDPrompts.build, "sdxl": SDXLPrompts.build, "sd3": SD3Prompts.build}[spec.family]
-    accepted = {p.name for p in inspect.signature(build).parameters.values() if p.kind == p.KEYWORD_ONLY}
+    builders: dict[str, Callable[..., PromptInputs]] = {
+        "sd": SDPrompts.build,
+        "sdxl": SDXLPrompts.build,
+        "sd3": SD3Prompts.build,
+    }
+    parameters = inspect.signature(builders[spec.family]).parameters.values()
+    accepted = {p.name for p in parameters if p.kind == p.KEYWORD_ONLY}
     accepted.add("negative_prompt")
     for name in options:
         if name not in accepted:

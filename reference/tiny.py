@@ -21,7 +21,7 @@ import math
 import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -41,6 +41,7 @@ DIFFUSERS_LAYOUT_VERSION = "0.42.1"
 # model_index.json's record that difflower wrote the folder (diffusers ignores `_` keys): the
 # only kind of checkpoint `difflower tiny --overwrite` replaces.
 TINY_MARKER = "_difflower_tiny"
+M = TypeVar("M", bound=nn.Module)
 
 # Words whose BPE merges the tiny CLIP vocabulary holds, so tokenization is not byte-per-token.
 _WORDS = (
@@ -238,7 +239,7 @@ def not_a_tiny_checkpoint(folder: Path) -> str | None:
     return None
 
 
-def portable_init_(model: nn.Module, seed: int) -> nn.Module:
+def portable_init_(model: M, seed: int) -> M:
     """Redraw `model`'s random parameters with numpy's PCG64 (the same numbers on every CPU).
 
     A parameter its constructor set to one constant (norm scales 1, biases 0) keeps it; any
@@ -259,7 +260,7 @@ def portable_init_(model: nn.Module, seed: int) -> nn.Module:
     return model
 
 
-def _construct(cls: Any, config: Any) -> nn.Module:
+def _construct(cls: Any, config: Any) -> Any:
     """`cls(config)`, leaving the caller's torch random state as it was (its draws are replaced)."""
     with torch.random.fork_rng(devices=[]):
         return cls(config)
@@ -364,7 +365,8 @@ def build_clip_tokenizer() -> Any:
                 vocab[merged] = len(vocab)
                 merges.append(pair)
             pieces = [merged] + pieces[2:]
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    # transformers annotates merges as strings; its BPE takes the (left, right) pairs as well
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)  # type: ignore[arg-type]
 
 
 def _write_clip_vocab_files(folder: Path, tokenizer: Any) -> None:
@@ -440,7 +442,7 @@ def _save_t5(folder: Path, d_model: int, tokenizer: Any, seed: int) -> None:
         relative_attention_max_distance=32,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,  # type: ignore[call-arg]  # a PretrainedConfig kwarg
     )
     model = portable_init_(_construct(T5EncoderModel, config), seed)
     model.save_pretrained(folder, safe_serialization=True)

@@ -9,7 +9,7 @@ comes from the config or from static shapes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, cast
 
 import torch
 from torch import nn
@@ -166,7 +166,12 @@ class UNet2DConditionModel(nn.Module):
         self.time_embedding = TimestepEmbedding(
             channels[0], time_embed_dim, act_fn=config.act_fn, post_act_fn=config.timestep_post_act
         )
+        self.add_time_proj: Timesteps | None
+        self.add_embedding: TimestepEmbedding | None
         if config.addition_embed_type == "text_time":
+            assert (
+                config.addition_time_embed_dim is not None and config.projection_class_embeddings_input_dim is not None
+            )
             self.add_time_proj = Timesteps(config.addition_time_embed_dim, config.flip_sin_to_cos, config.freq_shift)
             self.add_embedding = TimestepEmbedding(config.projection_class_embeddings_input_dim, time_embed_dim)
         else:
@@ -235,12 +240,12 @@ class UNet2DConditionModel(nn.Module):
         )
         self.up_blocks = nn.ModuleList()
         out_ch = rev_channels[0]
-        for i, block_type in enumerate(config.up_block_types):
+        for i, up_type in enumerate(config.up_block_types):
             prev_ch, out_ch = out_ch, rev_channels[i]
             in_ch = rev_channels[min(i + 1, n_blocks - 1)]
             n_layers = rev_layers[i] + 1
             attention = None
-            if block_type.startswith("CrossAttn"):
+            if up_type.startswith("CrossAttn"):
                 d = rev_depth[i]
                 per_layer = d if isinstance(d, tuple) else (d,) * n_layers
                 attention = AttentionSpec(rev_heads[i], rev_cross[i], per_layer, rev_only_cross[i])
@@ -335,7 +340,7 @@ class UNet2DConditionModel(nn.Module):
                 # to the next skip's size (exactly 2x when the latent divides evenly, as diffusers
                 # does only for odd sizes), so a traced graph stays valid for every latent size.
                 block = self.up_blocks[int(name.rsplit(".", 1)[1])]
-                n = len(block.resnets)
+                n = len(cast(nn.ModuleList, block.resnets))
                 block_skips, skips = skips[-n:], skips[:-n]
                 upsample_size = tuple(skips[-1].shape[2:]) if skips else None
                 sample = block(sample, block_skips, emb, encoder_hidden_states, upsample_size)
@@ -354,6 +359,7 @@ class UNet2DConditionModel(nn.Module):
             )
         text_embeds = added_cond_kwargs["text_embeds"]
         time_ids = added_cond_kwargs["time_ids"]
+        assert self.add_time_proj is not None and self.add_embedding is not None  # built for text_time
         time_embeds = self.add_time_proj(time_ids.flatten())  # (B * 6, addition_time_embed_dim)
         time_embeds = time_embeds.reshape(text_embeds.shape[0], -1)  # (B, 6 * addition_time_embed_dim)
         add_embeds = torch.cat([text_embeds, time_embeds], dim=-1).to(dtype)

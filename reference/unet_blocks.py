@@ -8,7 +8,7 @@ kind used by the SD 1.x / 2.x / XL UNets, and no processors, LoRA scales or chec
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +57,7 @@ class FeedForward(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         geglu, _, out = self.net
-        return apply_linear(out, geglu(hidden_states))
+        return apply_linear(cast(nn.Linear, out), geglu(hidden_states))
 
 
 def layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
@@ -134,6 +134,8 @@ class Transformer2DModel(nn.Module):
         self.use_linear_projection = use_linear_projection
         self.layout: Layout = "tokens"
         self.norm = nn.GroupNorm(norm_num_groups, in_channels, eps=1e-6)
+        self.proj_in: nn.Linear | nn.Conv2d
+        self.proj_out: nn.Linear | nn.Conv2d
         if use_linear_projection:
             self.proj_in = nn.Linear(in_channels, inner_dim)
             self.proj_out = nn.Linear(inner_dim, in_channels)
@@ -179,11 +181,11 @@ class Transformer2DModel(nn.Module):
         hidden_states = hidden_states.reshape(batch, hidden_states.shape[1], 1, height * width)  # (B, C, 1, HW)
         context = encoder_hidden_states.transpose(1, 2).unsqueeze(2)  # (B, cross_dim, 1, T)
         if self.use_linear_projection:
-            hidden_states = apply_linear(self.proj_in, hidden_states)
+            hidden_states = apply_linear(cast(nn.Linear, self.proj_in), hidden_states)
         for block in self.transformer_blocks:
             hidden_states = block(hidden_states, context)
         if self.use_linear_projection:
-            hidden_states = apply_linear(self.proj_out, hidden_states)
+            hidden_states = apply_linear(cast(nn.Linear, self.proj_out), hidden_states)
         hidden_states = hidden_states.reshape(batch, -1, height, width)  # (B, C, H, W)
         if not self.use_linear_projection:
             hidden_states = self.proj_out(hidden_states)

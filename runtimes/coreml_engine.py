@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from difflower.artifact.formats import COREML_FILE as FILE
+from difflower.artifact.formats import coreml_name
+from difflower.artifact.manifest import ComponentRecord
 from difflower.errors import ArgumentError
-from difflower.exporters.coreml import FILE, coreml_name
-from difflower.manifest import ComponentRecord
 from difflower.runtimes.engine import Array, Engine, refuse_options
 
 COMPUTE_UNITS = ("ALL", "CPU_AND_GPU", "CPU_ONLY", "CPU_AND_NE")
@@ -67,6 +68,12 @@ class CoreMLEngine(Engine):
     """One component's ML program behind the engine interface."""
 
     backend = "coreml"
+
+    @classmethod
+    def unavailable(cls, device: str) -> str | None:
+        if platform.system() != "Darwin":
+            return f"Core ML prediction needs macOS (this is {platform.system()}); validate it on a Mac"
+        return None
 
     def __init__(self, record: ComponentRecord, model):
         super().__init__(record)

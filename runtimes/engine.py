@@ -8,13 +8,14 @@ what the artifact was built for, never a backend crash deep in a graph.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from difflower.artifact.manifest import ComponentRecord, TensorSpec
 from difflower.errors import ArgumentError, DifflowerError
-from difflower.manifest import ComponentRecord, TensorSpec
 
 Array = np.ndarray | torch.Tensor
 
@@ -64,6 +65,18 @@ class Engine:
     """Base class: `__call__` checks, `run` executes (backend-specific)."""
 
     backend = "base"
+    # Whether the files this engine opens are programs (checked against the export's sha256 first).
+    executes_code = False
+
+    @classmethod
+    def unavailable(cls, device: str) -> str | None:
+        """Why this engine cannot run on `device` on this machine (one line), or None when it can."""
+        return None
+
+    @classmethod
+    def export_check_options(cls, record: ComponentRecord, folder: Path) -> dict[str, Any]:
+        """The engine options the export's parity check opens a just-written component with."""
+        return {}
 
     def __init__(self, record: ComponentRecord):
         self.record = record

@@ -18,32 +18,19 @@ here (the split, the checks) runs on any CPU with TorchScript modules in the cor
 
 from __future__ import annotations
 
-import glob
-import importlib.util
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
+from difflower.artifact import formats
+from difflower.artifact.formats import NEURON_FILE as FILE
+from difflower.artifact.formats import load_traced
+from difflower.artifact.manifest import ComponentRecord
 from difflower.errors import ArgumentError
-from difflower.exporters.torchscript import load_traced
-from difflower.manifest import ComponentRecord
 from difflower.runtimes.engine import flag_option, refuse_options
 from difflower.runtimes.torchscript_engine import TorchScriptEngine
-
-FILE = "model.neuron"
-WHERE = "AWS inf2/trn1/trn2 instances with the Neuron driver"
-INSTALL = "pip install torch-neuronx neuronx-cc --extra-index-url https://pip.repos.neuron.amazonaws.com"
-
-
-def neuron_unavailable() -> str | None:
-    """Why Neuron compiles and runs cannot happen here (one line), or None when they can."""
-    if importlib.util.find_spec("torch_neuronx") is None:
-        return f"needs AWS's torch-neuronx and neuronx-cc, not installed here; they run on {WHERE}: there, {INSTALL}"
-    if not glob.glob("/dev/neuron[0-9]*"):
-        return f"needs a NeuronCore and this machine has no /dev/neuron* device; run it on {WHERE}"
-    return None
 
 
 def place_on_core(module: torch.jit.ScriptModule, core: int) -> None:
@@ -117,6 +104,11 @@ class NeuronEngine(TorchScriptEngine):
 
     backend = "neuron"
 
+    @classmethod
+    def unavailable(cls, device: str) -> str | None:
+        problem = formats.neuron_unavailable()
+        return None if problem is None else f"neuron {problem}"
+
     def __init__(self, record: ComponentRecord, module: CfgSplit):
         super().__init__(record, module, "cpu")
 
@@ -139,7 +131,7 @@ class NeuronEngine(TorchScriptEngine):
         if threads:
             raise ArgumentError("--threads", "the neuron engine runs on NeuronCores and has no CPU thread setting")
         cores = cores_for(record, flag_option(data_parallel, "data_parallel"))
-        problem = neuron_unavailable()
+        problem = formats.neuron_unavailable()
         if problem:
             raise ArgumentError("--engine", f"neuron {problem}")
         path = Path(folder) / record.name / FILE

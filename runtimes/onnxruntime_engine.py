@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from difflower.artifact.formats import ONNX_DATA, ONNX_FILE
+from difflower.artifact.manifest import ComponentRecord
 from difflower.errors import ArgumentError, CheckpointError
-from difflower.manifest import ComponentRecord
-from difflower.runtimes.engine import Array, Engine, refuse_options, to_numpy
+from difflower.runtimes.engine import Array, Engine, flag_option, refuse_options, to_numpy
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -62,11 +64,13 @@ class OnnxRuntimeEngine(Engine):
 
     backend = "onnxruntime"
 
-    def __init__(self, record: ComponentRecord, folder: Path, device: str = "cpu", threads: int | None = None):
+    def __init__(
+        self, record: ComponentRecord, folder: Path, device: str = "cpu", threads: int | None = None, prepack=True
+    ):
         import onnxruntime as ort
 
         super().__init__(record)
-        self.path = Path(folder) / record.name / "model.onnx"
+        self.path = Path(folder) / record.name / ONNX_FILE
         if not self.path.is_file():
             raise CheckpointError(self.path, "not found; the artifact is incomplete, re-export it")
         options = ort.SessionOptions()
@@ -74,6 +78,9 @@ class OnnxRuntimeEngine(Engine):
         options.intra_op_num_threads = threads or 0  # 0: ORT's own default, the physical cores
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        if not flag_option(prepack, "prepack"):
+            # No second, pre-packed copy of the GEMM weights: a 10 GB UNet's export check fits in 24 GiB.
+            options.add_session_config_entry("session.disable_prepacking", "1")
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=providers_for(device))
         except ArgumentError:
@@ -87,8 +94,13 @@ class OnnxRuntimeEngine(Engine):
     def open(
         cls, record: ComponentRecord, folder: Path, manifest, device: str = "cpu", threads: int | None = None, **options
     ) -> OnnxRuntimeEngine:
-        refuse_options("onnxruntime", options)
-        return cls(record, folder, device=device, threads=threads)
+        refuse_options("onnxruntime", options, allowed=("prepack",))
+        return cls(record, folder, device=device, threads=threads, **options)
+
+    @classmethod
+    def export_check_options(cls, record: ComponentRecord, folder: Path) -> dict[str, Any]:
+        """Weights past 2 GiB (external data) are checked without ORT's pre-packed copy of them."""
+        return {"prepack": False} if (Path(folder) / record.name / ONNX_DATA).exists() else {}
 
     def _check_graph_matches_manifest(self) -> None:
         """The graph's declared inputs must be the manifest's (an edited manifest is caught here)."""

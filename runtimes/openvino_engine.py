@@ -6,29 +6,60 @@ Options (`difflower.load(..., engine options)` or `--engine-option KEY=VALUE`):
 - `performance_hint`: `latency` (default) or `throughput`;
 - `static`: (batch, height, width) to reshape a dynamic artifact at load, the largest single
   speed-up on OpenVINO CPU; the engine then refuses other sizes, and a static artifact refuses
-  any reshape to another size.
+  any reshape to another size;
+- `inference_precision`: `f32` (default on CPU and AUTO), `bf16`, `f16`, or `default` (the
+  plugin's own choice).
 
-fp32 artifacts are compiled with f32 inference precision, so a CPU with bf16 units does not
-silently compute in bf16; compressed and fp16 artifacts use the plugin's default.
+Every artifact computes in f32 on the CPU unless asked otherwise: the plugin's default is bf16
+on CPUs with bf16 units (AVX512-BF16, AMX), which would give other numbers on other machines
+and let `generate` compute what the export's parity check did not.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from difflower.artifact.formats import OPENVINO_FILE as XML
+from difflower.artifact.manifest import Bucket, ComponentRecord, Manifest
+from difflower.artifact.specs import ShapePlan, concrete
 from difflower.errors import ArgumentError, CheckpointError
-from difflower.manifest import Bucket, ComponentRecord, Manifest
 from difflower.runtimes.engine import Array, Engine, refuse_options, to_numpy
 
-XML = "openvino_model.xml"
 DEVICES = {"cpu": "CPU", "gpu": "GPU", "npu": "NPU", "auto": "AUTO"}
 HINTS = {"latency": "LATENCY", "throughput": "THROUGHPUT"}
+INFERENCE_PRECISIONS = ("f32", "bf16", "f16", "default")
+
+
+@dataclass(frozen=True)
+class OpenVINOOptions:
+    """The openvino engine's own settings (see the module docstring)."""
+
+    cache_dir: str | None = None
+    performance_hint: str = "latency"
+    static: Bucket | None = None
+    inference_precision: str = "f32"
+
+    @staticmethod
+    def parse(options: dict[str, Any]) -> OpenVINOOptions:
+        refuse_options("openvino", options, allowed=("cache_dir", "performance_hint", "static", "inference_precision"))
+        parsed = OpenVINOOptions(
+            cache_dir=options.get("cache_dir"),
+            performance_hint=str(options.get("performance_hint", "latency")),
+            static=parse_static(options.get("static")),
+            inference_precision=str(options.get("inference_precision", "f32")),
+        )
+        if parsed.performance_hint not in HINTS:
+            raise ArgumentError("performance_hint", f"must be {' or '.join(HINTS)}, got {parsed.performance_hint!r}")
+        if parsed.inference_precision not in INFERENCE_PRECISIONS:
+            known = ", ".join(INFERENCE_PRECISIONS)
+            raise ArgumentError("inference_precision", f"must be one of {known}, got {parsed.inference_precision!r}")
+        return parsed
 
 
 def parse_static(value: Any) -> Bucket | None:
@@ -56,9 +87,7 @@ class OpenVINOEngine(Engine):
         manifest: Manifest,
         device: str = "cpu",
         threads: int | None = None,
-        cache_dir: str | None = None,
-        performance_hint: str = "latency",
-        static: Any = None,
+        options: OpenVINOOptions = OpenVINOOptions(),
     ):
         import openvino as ov
 
@@ -68,54 +97,45 @@ class OpenVINOEngine(Engine):
             raise CheckpointError(self.path, "not found; the artifact is incomplete, re-export it")
         if device.lower() not in DEVICES:
             raise ArgumentError("--device", f"openvino runs on {', '.join(DEVICES)}; got {device!r}")
-        if performance_hint not in HINTS:
-            raise ArgumentError("performance_hint", f"must be {' or '.join(HINTS)}, got {performance_hint!r}")
         core = ov.Core()
-        if cache_dir:
-            Path(cache_dir).mkdir(parents=True, exist_ok=True)
-            core.set_property({"CACHE_DIR": str(cache_dir)})
+        if options.cache_dir:
+            Path(options.cache_dir).mkdir(parents=True, exist_ok=True)
+            core.set_property({"CACHE_DIR": str(options.cache_dir)})
         try:
             model = core.read_model(str(self.path))
         except RuntimeError as err:
             raise CheckpointError(
                 self.path, f"OpenVINO cannot read it ({str(err).splitlines()[0][:200]}); re-export the artifact"
             ) from None
-        self.bucket = parse_static(static)
+        self.bucket = options.static
         if self.bucket is not None:
             self.record = self._reshaped_record(manifest, self.bucket)
             model.reshape({t.name: list(t.shape) for t in self.record.inputs})
-        config: dict[str, Any] = {"PERFORMANCE_HINT": HINTS[performance_hint]}
-        if manifest.precision == "fp32" and device.lower() in ("cpu", "auto"):
-            config["INFERENCE_PRECISION_HINT"] = "f32"
+        config: dict[str, Any] = {"PERFORMANCE_HINT": HINTS[options.performance_hint]}
+        if options.inference_precision != "default" and device.lower() in ("cpu", "auto"):
+            config["INFERENCE_PRECISION_HINT"] = options.inference_precision
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
         start = time.perf_counter()
         self.compiled = core.compile_model(model, DEVICES[device.lower()], config)
         self.compile_seconds = time.perf_counter() - start
-        self.loaded_from_cache = bool(self.compiled.get_property("LOADED_FROM_CACHE")) if cache_dir else False
+        self.loaded_from_cache = bool(self.compiled.get_property("LOADED_FROM_CACHE")) if options.cache_dir else False
         self._outputs = [(t.name, self.compiled.output(t.name)) for t in self.record.outputs]
 
     @classmethod
     def open(
         cls, record: ComponentRecord, folder: Path, manifest: Manifest, device: str = "cpu", threads=None, **options
     ) -> OpenVINOEngine:
-        refuse_options("openvino", options, allowed=("cache_dir", "performance_hint", "static"))
-        return cls(record, folder, manifest, device=device, threads=threads, **options)
+        return cls(record, folder, manifest, device=device, threads=threads, options=OpenVINOOptions.parse(options))
 
     def _reshaped_record(self, manifest: Manifest, bucket: Bucket) -> ComponentRecord:
         """The record with every symbolic dim fixed for `bucket` (refusing to re-size a static artifact)."""
-        from difflower.exporters.specs import ShapePlan, concrete
-
         if manifest.buckets and bucket not in manifest.buckets:
             built = ", ".join(str(b) for b in manifest.buckets)
             raise ArgumentError(
                 "static", f"this artifact was built static for {built}; it cannot be reshaped to {bucket}"
             )
-        plan = ShapePlan(
-            cfg=manifest.shapes.get("cfg_doubles_denoiser_batch", True),
-            t5_sequence_length=int(manifest.shapes.get("t5_sequence_length", 256)),
-        )
-        dims = plan.dims(bucket, manifest.pipeline["vae_scale_factor"])
+        dims = ShapePlan.of_manifest(manifest.shapes).dims(bucket, manifest.pipeline["vae_scale_factor"])
         return replace(
             self.record,
             inputs=[concrete(t, dims) for t in self.record.inputs],

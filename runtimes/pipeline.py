@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from difflower.artifact.manifest import MANIFEST_NAME, Manifest, verify_files
 from difflower.errors import ArgumentError, CheckpointError
-from difflower.manifest import MANIFEST_NAME, Manifest, verify_files
 from difflower.reference.config import parse_config, read_json
 from difflower.reference.loading import check_tokenizer, load_tokenizer
 from difflower.reference.pipeline import DiffusionPipeline, tokenizers_by_encoder
@@ -174,6 +174,15 @@ def make_engines(
     }
 
 
+class ArtifactPipeline(DiffusionPipeline):
+    """The one loop over an artifact's engines; `manifest` and `engines` say what it runs."""
+
+    def __init__(self, manifest: Manifest, engines: dict[str, Engine], *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.manifest = manifest
+        self.engines = engines
+
+
 def load_artifact(
     path: Path | str,
     engine: str | None = None,
@@ -181,7 +190,7 @@ def load_artifact(
     threads: int | None = None,
     scheduler: str | None = None,
     **engine_options: Any,
-) -> DiffusionPipeline:
+) -> ArtifactPipeline:
     """The pipeline of an exported artifact folder, running on `engine` (default: the backend's own)."""
     folder = Path(path)
     manifest = Manifest.read(folder)
@@ -191,7 +200,9 @@ def load_artifact(
     scheduler_path = folder / "scheduler" / "scheduler_config.json"
     scheduler_config = read_json(scheduler_path)
     components: dict[str, Any] = {**engines, **tokenizers}
-    pipe = DiffusionPipeline(
+    pipe = ArtifactPipeline(
+        manifest,
+        engines,
         spec,
         EngineModelCalls(engines, manifest),
         tokenizers_by_encoder(tokenizers),
@@ -200,7 +211,6 @@ def load_artifact(
         components=components,
         device=device if str(device).startswith("cuda") else "cpu",  # the loop's tensors live beside the engines
     )
-    pipe.manifest = manifest
     if scheduler is not None:
         pipe.set_scheduler(scheduler)
     return pipe

@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from difflower.artifact.formats import TENSORRT_FILE as FILE
+from difflower.artifact.formats import require_tensorrt
+from difflower.artifact.manifest import ComponentRecord
 from difflower.errors import ArgumentError
-from difflower.exporters.tensorrt import FILE, require_tensorrt
-from difflower.manifest import ComponentRecord
 from difflower.runtimes.engine import Array, Engine, flag_option, refuse_options
 
 
@@ -103,6 +104,14 @@ class TensorRTEngine(Engine):
     backend = "tensorrt"
     # A serialized engine may carry plugin code: checked against the export's sha256 before loading.
     executes_code = True
+
+    @classmethod
+    def unavailable(cls, device: str) -> str | None:
+        try:
+            require_tensorrt("--engine")
+        except ArgumentError as err:
+            return err.detail
+        return None
 
     def __init__(self, record: ComponentRecord, runner: PlanRunner):
         super().__init__(record)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from difflower.manifest import ComponentRecord
+from difflower.artifact.manifest import ComponentRecord
+from difflower.artifact.specs import load_export_module, spec_for_record
 from difflower.runtimes.engine import Array, Engine, refuse_options, torch_dtype
 
 
@@ -30,8 +31,6 @@ class TorchEngine(Engine):
         cls, record: ComponentRecord, folder: Path, manifest, device: str = "cpu", threads: int | None = None, **options
     ) -> TorchEngine:
         """The reference module of `record`, loaded from the artifact's source checkpoint."""
-        from difflower.exporters.specs import load_export_module, spec_for_record
-
         refuse_options("torch", options)
         if threads:
             torch.set_num_threads(threads)

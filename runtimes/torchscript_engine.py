@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
+from difflower.artifact.formats import TORCHSCRIPT_FILE as FILE
+from difflower.artifact.formats import load_traced
+from difflower.artifact.manifest import ComponentRecord
 from difflower.errors import ArgumentError
-from difflower.exporters.torchscript import FILE, load_traced
-from difflower.manifest import ComponentRecord
 from difflower.runtimes.engine import refuse_options
 from difflower.runtimes.torch_engine import TorchEngine
 

@@ -23,7 +23,7 @@ def tiny_dirs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def sd_onnx(tiny_dirs, tmp_path_factory):
     """The tiny sd checkpoint exported to ONNX (dynamic shapes), once per session."""
-    from difflower.exporters import export
+    from difflower.driver import export
 
     out = tmp_path_factory.mktemp("art") / "sd-onnx"
     export(tiny_dirs["sd"], "onnx", out, progress=False)
@@ -33,7 +33,7 @@ def sd_onnx(tiny_dirs, tmp_path_factory):
 @pytest.fixture(scope="session")
 def sd_torchscript(tiny_dirs, tmp_path_factory):
     """The tiny sd checkpoint traced to TorchScript at its native size, once per session."""
-    from difflower.exporters import export
+    from difflower.driver import export
 
     out = tmp_path_factory.mktemp("art") / "sd-ts"
     export(tiny_dirs["sd"], "torchscript", out, progress=False)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import diffusers  # noqa: E402 - the oracle: missing it fails the suite, never skips it
 import pytest
 import torch
-
-diffusers = pytest.importorskip("diffusers")
 
 from difflower.reference.loading import load_vae  # noqa: E402
 

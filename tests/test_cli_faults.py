@@ -214,7 +214,7 @@ def test_export_copies_only_what_difflower_reads(tiny_dirs, sd_onnx):
 
 
 def test_code_next_to_a_config_is_not_copied(tiny_dirs, tmp_path):
-    from difflower.exporters import export
+    from difflower.driver import export
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(tiny_dirs["sd"], ckpt)

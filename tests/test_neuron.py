@@ -23,24 +23,24 @@ from dataclasses import replace
 import pytest
 import torch
 
+from difflower.artifact import formats
+from difflower.artifact.manifest import Manifest
+from difflower.artifact.specs import ComponentSpec, UNetExport, load_export_module
 from difflower.cli import main
+from difflower.driver import export
 from difflower.errors import ArgumentError
-from difflower.exporters import export
-from difflower.exporters.common import ExportOptions, run_export
 from difflower.exporters.neuron import (
     NeuronCompileError,
     NeuronExporter,
     cast_settings,
     compiler_args,
 )
-from difflower.exporters.specs import ComponentSpec, UNetExport, load_export_module
-from difflower.manifest import Manifest
 from difflower.runtimes import neuron_engine
 from difflower.runtimes.engine import EngineInputError
 from difflower.runtimes.neuron_engine import CfgSplit, NeuronEngine, cores_for
 from difflower.validate.parity import validate_artifact
 
-SDK_PROBLEM = neuron_engine.neuron_unavailable()
+SDK_PROBLEM = formats.neuron_unavailable()
 
 
 def cpu_stand_in_compile(module, inputs, args, workdir):
@@ -60,16 +60,23 @@ def cpu_stand_in_compile(module, inputs, args, workdir):
 @pytest.fixture
 def cpu_in_place_of_neuron(monkeypatch):
     """The SDK check passes and placing a module on a NeuronCore does nothing (the stand-in runs on the CPU)."""
-    monkeypatch.setattr(neuron_engine, "neuron_unavailable", lambda: None)
+    monkeypatch.setattr(formats, "neuron_unavailable", lambda: None)
     monkeypatch.setattr(neuron_engine, "place_on_core", lambda module, core: None)
 
 
 def stand_in_export(checkpoint, out, cache, components, **options):
-    """run_export with the neuron backend whose compile is `cpu_stand_in_compile`."""
-    options = ExportOptions(
-        components=tuple(components), progress=False, extra={"compile_cache": str(cache)}, **options
+    """The export with the neuron backend whose compile is `cpu_stand_in_compile`."""
+    exporter = NeuronExporter(compile_fn=cpu_stand_in_compile)
+    return export(
+        checkpoint,
+        "neuron",
+        out,
+        components=components,
+        progress=False,
+        compile_cache=str(cache),
+        exporter=exporter,
+        **options,
     )
-    return run_export(NeuronExporter(compile_fn=cpu_stand_in_compile), checkpoint, out, options)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +84,7 @@ def stand_in_artifact(tiny_dirs, tmp_path_factory):
     """A tiny SD neuron artifact (text encoder, UNet, VAE decoder) compiled by the CPU stand-in."""
     root = tmp_path_factory.mktemp("neuron")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(neuron_engine, "neuron_unavailable", lambda: None)
+        patch.setattr(formats, "neuron_unavailable", lambda: None)
         patch.setattr(neuron_engine, "place_on_core", lambda module, core: None)
         manifest = stand_in_export(
             tiny_dirs["sd"], root / "art", root / "cache", ["text_encoder", "unet", "vae_decoder"]
@@ -183,7 +190,7 @@ def test_stand_in_artifact_layout_and_compile_records(stand_in_artifact):
     assert config["compile_seconds"] > 0 and config["compile_cached"] is False
     assert manifest.components["text_encoder"].config["cfg_halves"] == 1
     assert manifest.components["text_encoder"].config["compiler_args"][-1] == "transformer"
-    assert all(r.parity["passed"] for r in manifest.components.values())
+    assert all(r.parity.passed for r in manifest.components.values())
     # the compiled module itself takes one half's batch
     compiled = torch.jit.load(str(art / "unet" / "model.neuron"))
     half = compiled(torch.randn(1, 4, 8, 8), torch.full((1,), 500.0), torch.randn(1, 77, 32))[0]
@@ -217,15 +224,22 @@ def test_a_killed_compile_fails_clearly_and_keeps_the_others(tiny_dirs, tmp_path
     manifest = stand_in_export(tiny_dirs["sd"], tmp_path / "out", cache, ["vae_encoder", "vae_decoder"])
     assert manifest.components["vae_encoder"].config["compile_cached"] is True  # reused, not compiled again
     assert manifest.components["vae_decoder"].config["compile_cached"] is False
-    assert all(r.parity["passed"] for r in manifest.components.values())
+    assert all(r.parity.passed for r in manifest.components.values())
 
 
 def test_a_compile_error_names_its_log(tiny_dirs, tmp_path, cpu_in_place_of_neuron):
     with pytest.raises(
         NeuronCompileError, match=r"compiling vae_decoder failed \(exit status 1: .*TypeError.*log .*compile\.log"
     ):
-        options = ExportOptions(components=("vae_decoder",), progress=False, extra={"compile_cache": str(tmp_path)})
-        run_export(NeuronExporter(compile_fn=_broken_compile), tiny_dirs["sd"], tmp_path / "out", options)
+        export(
+            tiny_dirs["sd"],
+            "neuron",
+            tmp_path / "out",
+            components=("vae_decoder",),
+            progress=False,
+            compile_cache=str(tmp_path),
+            exporter=NeuronExporter(compile_fn=_broken_compile),
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -264,7 +278,7 @@ class Recording:
 
 
 def test_data_parallel_splits_the_cfg_batch_over_two_cores(tiny_dirs, tmp_path):
-    from difflower.exporters.specs import component_specs
+    from difflower.artifact.specs import component_specs
     from difflower.reference.loading import read_model_index
 
     spec = next(s for s in component_specs(read_model_index(tiny_dirs["sd"])) if s.name == "unet")
@@ -331,6 +345,6 @@ def test_data_parallel_refuses_an_artifact_without_cfg_doubling(stand_in_artifac
 def test_real_neuron_export_and_data_parallel_validate(tiny_dirs, tmp_path):
     out = tmp_path / "neuron"
     manifest = export(tiny_dirs["sd"], "neuron", out, compile_cache=str(tmp_path / "cache"), progress=False)
-    assert all(r.parity["passed"] for r in manifest.components.values())
+    assert all(r.parity.passed for r in manifest.components.values())
     assert manifest.components["unet"].config["compiler"] == "difflower.exporters.neuron.neuronx_trace"
     assert validate_artifact(out, tiny_dirs["sd"], steps=3, engine_options={"data_parallel": True}).passed

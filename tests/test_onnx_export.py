@@ -13,11 +13,12 @@ pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
 
 from parity_helpers import assert_run_matches, sample_image, sample_mask  # noqa: E402
 
+from difflower.artifact.manifest import Manifest  # noqa: E402
 from difflower.cli import main  # noqa: E402
+from difflower.driver import export
 from difflower.errors import ArgumentError, CheckpointError  # noqa: E402
 from difflower.exporters import onnx as onnx_exporter  # noqa: E402
-from difflower.exporters.onnx import ExportParityError, export_onnx  # noqa: E402
-from difflower.manifest import Manifest  # noqa: E402
+from difflower.exporters.common import ExportParityError  # noqa: E402
 from difflower.reference.pipeline import load_pipeline  # noqa: E402
 from difflower.runtimes.engine import EngineInputError  # noqa: E402
 from difflower.runtimes.pipeline import load_artifact  # noqa: E402
@@ -33,9 +34,9 @@ def onnx_dirs(tiny_dirs, tmp_path_factory):
     out = {}
     for family in FAMILIES:
         out[(family, "dynamic")] = root / f"{family}-dynamic"
-        export_onnx(tiny_dirs[family], out[(family, "dynamic")], progress=False)
+        export(tiny_dirs[family], "onnx", out[(family, "dynamic")], progress=False)
         out[(family, "static")] = root / f"{family}-static"
-        export_onnx(tiny_dirs[family], out[(family, "static")], static=["1x64x64"], progress=False)
+        export(tiny_dirs[family], "onnx", out[(family, "static")], static=["1x64x64"], progress=False)
     return out
 
 
@@ -110,7 +111,7 @@ def test_manifest_records_shapes_hashes_and_versions(tiny_dirs, onnx_dirs):
         dynamic.source["files"]["unet/diffusion_pytorch_model.safetensors"]
         == hashlib.sha256(unet_file.read_bytes()).hexdigest()
     )
-    assert all(r.parity["passed"] for r in dynamic.components.values())
+    assert all(r.parity.passed for r in dynamic.components.values())
 
 
 def test_static_artifact_refuses_other_sizes_before_any_work(onnx_dirs):
@@ -176,20 +177,20 @@ def test_missing_manifest_and_wrong_reference(onnx_dirs, tiny_dirs, tmp_path):
 
 
 def test_interrupted_export_leaves_no_folder(tiny_dirs, tmp_path, monkeypatch):
-    from difflower.exporters import common
+    from difflower import driver
 
-    real = common._export_component
+    real = driver.write_component
     calls: list[str] = []
 
-    def interrupt_second(*args, **kwargs):
-        calls.append(args[1].name)
+    def interrupt_second(plan, spec, out):
+        calls.append(spec.name)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real(*args, **kwargs)
+        return real(plan, spec, out)
 
-    monkeypatch.setattr(common, "_export_component", interrupt_second)
+    monkeypatch.setattr(driver, "write_component", interrupt_second)
     with pytest.raises(KeyboardInterrupt):
-        export_onnx(tiny_dirs["sd"], tmp_path / "out", progress=False)
+        export(tiny_dirs["sd"], "onnx", tmp_path / "out", progress=False)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -210,33 +211,35 @@ def test_parity_miss_fails_the_export_unless_allowed(tiny_dirs, tmp_path, monkey
 
     monkeypatch.setattr(onnx_exporter, "torch_export", export_perturbed)
     with pytest.raises(ExportParityError, match=r"parity gate missed by unet .*nothing was written"):
-        export_onnx(tiny_dirs["sd"], tmp_path / "out", components=["unet"], progress=False)
+        export(tiny_dirs["sd"], "onnx", tmp_path / "out", components=["unet"], progress=False)
     assert not (tmp_path / "out").exists()
-    manifest = export_onnx(tiny_dirs["sd"], tmp_path / "out", components=["unet"], allow_mismatch=True, progress=False)
-    assert manifest.components["unet"].parity["passed"] is False
-    assert manifest.components["unet"].parity["max_abs"] > 1e-2
-    assert Manifest.read(tmp_path / "out").components["unet"].parity["passed"] is False
+    manifest = export(
+        tiny_dirs["sd"], "onnx", tmp_path / "out", components=["unet"], allow_mismatch=True, progress=False
+    )
+    assert manifest.components["unet"].parity.passed is False
+    assert manifest.components["unet"].parity.max_abs > 1e-2
+    assert Manifest.read(tmp_path / "out").components["unet"].parity.passed is False
 
 
 def test_large_components_use_one_external_data_file(tiny_dirs, tmp_path, monkeypatch):
     monkeypatch.setattr(onnx_exporter, "PROTOBUF_LIMIT", 0)  # every component counts as "over 2 GB"
-    manifest = export_onnx(tiny_dirs["sd"], tmp_path / "out", components=["unet"], progress=False)
+    manifest = export(tiny_dirs["sd"], "onnx", tmp_path / "out", components=["unet"], progress=False)
     assert manifest.components["unet"].files == ["unet/model.onnx", "unet/model.onnx_data"]
     graph = (tmp_path / "out" / "unet" / "model.onnx").stat().st_size
     weights = (tmp_path / "out" / "unet" / "model.onnx_data").stat().st_size
     assert weights > 5 * graph  # the weights live outside the protobuf (tensors under 1 KB stay inline)
-    assert manifest.components["unet"].parity["passed"]
+    assert manifest.components["unet"].parity.passed
 
 
 def test_existing_output_refused_and_component_subset(tiny_dirs, onnx_dirs, tmp_path):
     with pytest.raises(ArgumentError, match="already exists; pass --overwrite"):
-        export_onnx(tiny_dirs["sd"], onnx_dirs[("sd", "dynamic")], progress=False)
+        export(tiny_dirs["sd"], "onnx", onnx_dirs[("sd", "dynamic")], progress=False)
     with pytest.raises(ArgumentError, match="--components: unknown transformer; this checkpoint has text_encoder"):
-        export_onnx(tiny_dirs["sd"], tmp_path / "x", components=["transformer"], progress=False)
+        export(tiny_dirs["sd"], "onnx", tmp_path / "x", components=["transformer"], progress=False)
     with pytest.raises(ArgumentError, match="--static: expected BATCHxHEIGHTxWIDTH"):
-        export_onnx(tiny_dirs["sd"], tmp_path / "x", static=["512x512"], progress=False)
+        export(tiny_dirs["sd"], "onnx", tmp_path / "x", static=["512x512"], progress=False)
     with pytest.raises(ArgumentError, match="--static: 1x72x64: height and width must be multiples of 16"):
-        export_onnx(tiny_dirs["sd3"], tmp_path / "x", static=["1x72x64"], progress=False)
+        export(tiny_dirs["sd3"], "onnx", tmp_path / "x", static=["1x72x64"], progress=False)
     assert not (tmp_path / "x").exists()
 
 
@@ -259,7 +262,7 @@ def test_onnxruntime_fused_attention_variant(tiny_dirs, tmp_path, family):
     import onnx
 
     out = tmp_path / "fused"
-    manifest = export_onnx(tiny_dirs[family], out, attention="onnxruntime", progress=False)
+    manifest = export(tiny_dirs[family], "onnx", out, attention="onnxruntime", progress=False)
     denoiser = "transformer" if family == "sd3" else "unet"
     applied = {p["component"]: p for p in manifest.passes}
     assert applied[denoiser]["name"] == "attention" and applied[denoiser]["rewrites"]["attention modules"] > 0
@@ -267,7 +270,7 @@ def test_onnxruntime_fused_attention_variant(tiny_dirs, tmp_path, family):
     ops = [n.op_type for n in graph.node]
     assert ops.count("MultiHeadAttention") == applied[denoiser]["rewrites"]["attention modules"]
     assert ops.count("Softmax") == 0
-    assert all(r.parity["passed"] for r in manifest.components.values())
+    assert all(r.parity.passed for r in manifest.components.values())
     assert_run_matches(
         load_pipeline(tiny_dirs[family]), load_artifact(out), prompt="a cat", num_inference_steps=3, progress=False
     )

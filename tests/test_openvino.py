@@ -14,8 +14,8 @@ pytest.importorskip("nncf", reason="the openvino extra is not installed")
 from parity_helpers import assert_run_matches  # noqa: E402
 
 import difflower  # noqa: E402
+from difflower.artifact.manifest import Manifest  # noqa: E402
 from difflower.errors import ArgumentError, CheckpointError  # noqa: E402
-from difflower.manifest import Manifest  # noqa: E402
 from difflower.reference.pipeline import load_pipeline  # noqa: E402
 from difflower.runtimes.pipeline import load_artifact  # noqa: E402
 
@@ -62,7 +62,7 @@ def test_openvino_matches_eager_and_validates(tiny_dirs, ov_dirs, family, shapes
     """fp32 gates, dynamic and static: static at export (sd) or reshaped at load (sdxl, sd3)."""
     artifact = ov_dirs[(family, "static" if shapes == "static" else "dynamic")]
     manifest = Manifest.read(artifact)
-    assert manifest.backend == "openvino" and all(r.parity["passed"] for r in manifest.components.values())
+    assert manifest.backend == "openvino" and all(r.parity.passed for r in manifest.components.values())
     assert all((artifact / name / "openvino_model.xml").is_file() for name in manifest.components)
     options = {"static": (1, 64, 64)} if shapes == "reshaped" else {}
     assert_run_matches(load_pipeline(tiny_dirs[family]), load_artifact(artifact, **options), prompt="a red castle",
@@ -141,11 +141,11 @@ def test_fp16_weight_storage(tiny_dirs, ov_dirs, compressed_dirs):
     fp32 = Manifest.read(ov_dirs[("sd", "dynamic")])
     assert manifest.precision == "fp16"
     assert manifest.components["unet"].size_bytes < 0.6 * fp32.components["unet"].size_bytes
-    assert all(r.parity["passed"] for r in manifest.components.values())  # fp16 gates at export
+    assert all(r.parity.passed for r in manifest.components.values())  # fp16 gates at export
     report = difflower.validate(compressed_dirs["fp16"], tiny_dirs["sd"], steps=3)
     # The tiny random UNet sits on the fp16 cosine bound (0.9990 on the export's inputs, 0.99897 on
     # validate's); its PSNR, the trajectory and the image clear their fp16 gates with margin.
-    assert all(m["psnr"] >= 35 for c in report.components.values() for m in c["outputs"].values())
+    assert all(m.psnr >= 35 for c in report.components.values() for m in c.outputs.values())
     assert report.final_latents["passed"] and report.image["passed"]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import diffusers  # noqa: E402 - the oracle: missing it fails the suite, never skips it
 import numpy as np
 import PIL.Image
 import pytest
@@ -18,8 +19,6 @@ from difflower.errors import ArgumentError
 from difflower.reference.pipeline import load_pipeline
 from difflower.reference.schedulers import EulerScheduler
 from difflower.reference.tiny import make_tiny_checkpoint, tiny_spec
-
-diffusers = pytest.importorskip("diffusers")
 
 PROMPT = "a watercolor painting of a red castle"
 STEPS = 4

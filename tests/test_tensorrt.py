@@ -13,9 +13,10 @@ import torch
 pytest.importorskip("onnx", reason="the onnx extra is not installed")
 ort = pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
 
+from difflower.artifact.manifest import Bucket, Manifest  # noqa: E402
+from difflower.artifact.specs import component_specs  # noqa: E402
+from difflower.driver import export  # noqa: E402
 from difflower.errors import ArgumentError  # noqa: E402
-from difflower.exporters import export  # noqa: E402
-from difflower.exporters.specs import component_specs  # noqa: E402
 from difflower.exporters.tensorrt import (  # noqa: E402
     builder_flags,
     cached_engine,
@@ -23,7 +24,6 @@ from difflower.exporters.tensorrt import (  # noqa: E402
     onnx_files,
     optimization_profiles,
 )
-from difflower.manifest import Bucket, Manifest  # noqa: E402
 from difflower.reference.loading import read_model_index  # noqa: E402
 
 HAS_GPU_TENSORRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
@@ -170,7 +170,7 @@ def test_tensorrt_fp16_builds_generates_and_validates(tiny_dirs, tmp_path, famil
     out = tmp_path / family
     cache = tmp_path / "cache"
     manifest = export(tiny_dirs[family], "tensorrt", out, precision="fp16", cache_dir=str(cache), progress=False)
-    assert all(r.parity["passed"] for r in manifest.components.values())
+    assert all(r.parity.passed for r in manifest.components.values())
     assert all(r.config["engine_cache_key"] for r in manifest.components.values())
     again = export(tiny_dirs[family], "tensorrt", tmp_path / "again", precision="fp16", cache_dir=str(cache))
     assert all(r.config["engine_cache_hit"] for r in again.components.values())

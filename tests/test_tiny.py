@@ -108,7 +108,7 @@ def test_unknown_family(tmp_path):
         make_tiny_checkpoint(tmp_path / "x", "sd4")
 
 
-@pytest.mark.parametrize("family", ["sd", "sd3"])
+@pytest.mark.parametrize("family", ["sd", pytest.param("sd3", marks=pytest.mark.slow)])
 def test_the_same_seed_gives_the_same_bytes_on_every_cpu_dispatch(tmp_path, family):
     """torch's CPU randn differs between vector instruction sets; the tiny weights must not."""
     import torch.backends.cpu

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from difflower.artifact.manifest import Manifest
+from difflower.artifact.specs import example_inputs, load_export_module, spec_for_record
 from difflower.cli import main
+from difflower.driver import export
 from difflower.errors import ArgumentError, CheckpointError
-from difflower.exporters import export
-from difflower.exporters.specs import example_inputs, load_export_module, spec_for_record
-from difflower.manifest import Manifest
 from difflower.reference.pipeline import load_pipeline
 from difflower.runtimes.engine import EngineInputError
 from difflower.runtimes.pipeline import load_artifact
@@ -37,7 +37,7 @@ def test_validate_passes_at_the_fp32_gates(tiny_dirs, ts_dirs, family):
     assert report.passed
     assert report.settings["engine"] == "torchscript"
     assert [report.settings[k] for k in ("batch", "height", "width")] == [1, 64, 64]  # the artifact's bucket
-    assert all(c["passed"] for c in report.components.values())
+    assert all(c.passed for c in report.components.values())
     assert report.final_latents["gate"] == "|a - e| <= 1e-4 + 1e-2 |e|" and report.final_latents["passed"]
     assert report.final_latents["max_abs"] < 1e-4
     assert report.image["passed"] and (report.image["psnr"] is None or report.image["psnr"] >= 40)
@@ -53,7 +53,7 @@ def test_manifest_records_the_default_bucket_with_concrete_shapes(ts_dirs):
     assert unet.outputs[0].shape == (2, 4, 8, 8)
     assert manifest.components["vae_decoder"].inputs[0].shape == (1, 4, 8, 8)
     assert unet.files == ["unet/model.pt"] and unet.config["traced_on"] == "cpu"
-    assert all(r.parity["passed"] and r.parity["max_abs"] <= 1e-5 for r in manifest.components.values())
+    assert all(r.parity.passed and r.parity.max_abs <= 1e-5 for r in manifest.components.values())
     # model.pt alone: positional inputs in the manifest's order, a tuple of outputs, the reference's numbers
     traced = torch.jit.load(str(ts_dirs["sdxl"] / "unet" / "model.pt"))
     inputs = example_inputs(spec_for_record(unet), dict.fromkeys(("height", "width"), 64), seed=2)
@@ -70,7 +70,7 @@ def test_explicit_bucket_is_traced_and_other_sizes_are_refused(tiny_dirs, tmp_pa
     manifest = export(tiny_dirs["sd"], "torchscript", out, static=["1x64x96"], components=["unet"], progress=False)
     assert manifest.shapes["buckets"] == [[1, 64, 96]]
     assert manifest.components["unet"].inputs[0].shape == (2, 4, 8, 12)
-    assert manifest.components["unet"].parity["passed"]
+    assert manifest.components["unet"].parity.passed
     unet = load_artifact(out).unet
     good = {
         "sample": torch.randn(2, 4, 8, 12),
@@ -130,7 +130,7 @@ def test_damaged_model_pt_is_a_clear_error(ts_dirs, tmp_path):
     import json
     import shutil
 
-    from difflower.manifest import sha256_file
+    from difflower.artifact.manifest import sha256_file
 
     broken = tmp_path / "broken"
     shutil.copytree(ts_dirs["sd"], broken)
@@ -173,5 +173,5 @@ def test_cli_export_generate_validate_info(tiny_dirs, ts_dirs, tmp_path, capsys)
 def test_cuda_traced_artifact_matches_eager(tiny_dirs, tmp_path):
     out = tmp_path / "cuda"
     manifest = export(tiny_dirs["sd"], "torchscript", out, device="cuda", progress=False)
-    assert all(r.config["traced_on"] == "cuda" and r.parity["passed"] for r in manifest.components.values())
+    assert all(r.config["traced_on"] == "cuda" and r.parity.passed for r in manifest.components.values())
     assert validate_artifact(out, tiny_dirs["sd"], steps=2, device="cuda").passed

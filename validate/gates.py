@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from difflower.artifact.precision import Precision, precision_class
 from difflower.validate.metrics import Metrics
 
 VAE_KINDS = ("vae_encoder", "vae_decoder")
@@ -27,20 +28,11 @@ class Verdict:
         return {"passed": self.passed, "gate": self.gate}
 
 
-def precision_class(precision: str) -> str:
-    """fp32, half (fp16/bf16) or low (int8, int4, palettized, fp8)."""
-    if precision == "fp32":
-        return "fp32"
-    if precision in ("fp16", "bf16"):
-        return "half"
-    return "low"
-
-
 def _psnr_at_least(metrics: Metrics, floor: float) -> bool:
     return metrics.nonfinite == 0 and (metrics.psnr is None or metrics.psnr >= floor)
 
 
-def component_verdict(precision: str, kind: str, metrics: Metrics) -> Verdict:
+def component_verdict(precision: Precision, kind: str, metrics: Metrics) -> Verdict:
     """Component parity: one exported component vs the reference module on seeded inputs."""
     level = precision_class(precision)
     if level == "fp32":
@@ -53,7 +45,7 @@ def component_verdict(precision: str, kind: str, metrics: Metrics) -> Verdict:
     return Verdict(_psnr_at_least(metrics, 30), "PSNR >= 30 dB, no NaN/Inf")
 
 
-def trajectory_verdict(precision: str, actual: torch.Tensor, expected: torch.Tensor, metrics: Metrics) -> Verdict:
+def trajectory_verdict(precision: Precision, actual: torch.Tensor, expected: torch.Tensor, metrics: Metrics) -> Verdict:
     """The final latents of the whole denoising run vs the eager pipeline's, same noise."""
     level = precision_class(precision)
     if level == "fp32":
@@ -64,7 +56,7 @@ def trajectory_verdict(precision: str, actual: torch.Tensor, expected: torch.Ten
     return Verdict(_psnr_at_least(metrics, floor), f"PSNR >= {floor} dB")
 
 
-def image_verdict(precision: str, metrics: Metrics) -> Verdict:
+def image_verdict(precision: Precision, metrics: Metrics) -> Verdict:
     """The final decoded image vs the reference image."""
     floor = {"fp32": 40, "half": 30, "low": 25}[precision_class(precision)]
     return Verdict(_psnr_at_least(metrics, floor), f"PSNR >= {floor} dB")

@@ -1,7 +1,8 @@
-"""`difflower validate`: an artifact against the eager reference, at three levels.
+"""Parity: an artifact against the eager reference, at three levels.
 
-1. component: each exported component vs the reference module on seeded inputs at the
-   artifact's shapes;
+1. component: each exported component, run by its runtime engine, vs the reference module on
+   seeded inputs at the artifact's shapes (`component_parity`: the one function export,
+   validate and bench all use, producing the one `ComponentParity` record);
 2. trajectory: the whole denoising run with the reference's noise, latents compared after
    every step (the drift curve), the final latents gated;
 3. image: the final decoded image vs the reference image.
@@ -9,7 +10,9 @@
 
 from __future__ import annotations
 
+import gc
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,8 +20,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from difflower.artifact.manifest import ComponentRecord, Manifest, source_record
+from difflower.artifact.parity import ComponentParity, OutputParity
+from difflower.artifact.precision import Precision
+from difflower.artifact.specs import ShapePlan, example_inputs, load_export_module, spec_for_record
 from difflower.errors import DifflowerError
-from difflower.manifest import Bucket, Manifest, source_record
+from difflower.reference.pipeline import load_pipeline
+from difflower.runtimes.engine import Engine
+from difflower.runtimes.pipeline import default_engine, engine_class, load_artifact
 from difflower.validate.gates import component_verdict, image_verdict, trajectory_verdict
 from difflower.validate.metrics import compare
 
@@ -27,6 +36,57 @@ DEFAULT_PROMPT = "a watercolor painting of a lighthouse at sunset"
 
 class SourceMismatchError(DifflowerError):
     """The reference checkpoint is not the one the artifact was exported from."""
+
+
+# -- component parity: the one function ------------------------------------------------------------
+
+
+def component_parity(
+    engine: Engine,
+    inputs: Mapping[str, torch.Tensor],
+    expected: Sequence[torch.Tensor],
+    precision: Precision,
+    kind: str,
+    settings: dict[str, Any] | None = None,
+) -> ComponentParity:
+    """`engine` run on `inputs` against the reference's `expected` outputs, gated for `precision`."""
+    got = engine(inputs)
+    outputs = {}
+    for spec, reference in zip(engine.outputs, expected, strict=True):
+        metrics = compare(got[spec.name], reference)
+        verdict = component_verdict(precision, kind, metrics)
+        outputs[spec.name] = OutputParity(**metrics.to_json(), gate=verdict.gate, passed=verdict.passed)
+    return ComponentParity.of_outputs(outputs, {"engine": engine.backend, **(settings or {})})
+
+
+def exported_component_parity(
+    manifest: Manifest,
+    folder: Path,
+    record: ComponentRecord,
+    inputs: Mapping[str, torch.Tensor],
+    expected: Sequence[torch.Tensor],
+    device: str = "cpu",
+) -> ComponentParity:
+    """A component just written into `folder`, through the engine `generate` would open for it;
+    not measured (with the reason) where that engine cannot run on this machine."""
+    name = default_engine(manifest.backend)
+    cls = engine_class(name)
+    reason = cls.unavailable(device)
+    if reason is not None:
+        return ComponentParity.unmeasured(
+            reason, f"{manifest.precision} gates, to be checked with `difflower validate` where it runs"
+        )
+    options = cls.export_check_options(record, folder)
+    engine = cls.open(record, folder, manifest, device=device, **options)
+    settings = {"device": device, **options}
+    try:
+        return component_parity(engine, inputs, expected, manifest.precision, record.kind, settings)
+    finally:
+        del engine
+        gc.collect()
+
+
+# -- the whole artifact ----------------------------------------------------------------------------
 
 
 @dataclass
@@ -39,7 +99,7 @@ class ValidationReport:
     backend: str
     precision: str
     settings: dict[str, Any]
-    components: dict[str, dict[str, Any]] = field(default_factory=dict)
+    components: dict[str, ComponentParity] = field(default_factory=dict)
     trajectory: list[dict[str, Any]] = field(default_factory=list)
     final_latents: dict[str, Any] = field(default_factory=dict)
     image: dict[str, Any] = field(default_factory=dict)
@@ -49,7 +109,7 @@ class ValidationReport:
 
     @property
     def passed(self) -> bool:
-        verdicts = [c["passed"] for c in self.components.values()]
+        verdicts = [bool(c.passed) for c in self.components.values()]
         if self.not_run is None:
             verdicts += [self.final_latents.get("passed", False), self.image.get("passed", False)]
         return all(verdicts)
@@ -63,7 +123,7 @@ class ValidationReport:
             "precision": self.precision,
             "settings": self.settings,
             "passed": self.passed,
-            "components": self.components,
+            "components": {name: c.to_json() for name, c in self.components.items()},
             "trajectory": self.trajectory,
             "final_latents": self.final_latents,
             "image": self.image,
@@ -99,31 +159,24 @@ def validate_artifact(
     engine_options: dict[str, Any] | None = None,
 ) -> ValidationReport:
     """Validate `artifact` against the eager pipeline of `reference` (see the module docstring)."""
-    from difflower.exporters.specs import example_inputs, load_export_module, spec_for_record
-    from difflower.reference.pipeline import load_pipeline
-    from difflower.runtimes.pipeline import load_artifact
-
     artifact, reference = Path(artifact), Path(reference)
     manifest = Manifest.read(artifact)
     if not allow_source_mismatch:
         check_source(manifest, reference)
     pipe = load_artifact(artifact, engine=engine, device=device, **(engine_options or {}))
     eager = load_pipeline(reference)
-    spec = pipe.spec
-    bucket = manifest.buckets[0] if manifest.buckets else None
-    height = bucket.height if bucket else spec.sample_size * spec.vae_scale_factor
-    width = bucket.width if bucket else height
-    batch = bucket.batch if bucket else 1
+    plan = ShapePlan.of_manifest(manifest.shapes)
+    bucket = plan.parity_bucket(pipe.spec.native_size)
     settings = {
         "prompt": prompt,
         "steps": steps,
         "seed": seed,
-        "height": height,
-        "width": width,
-        "batch": batch,
+        "height": bucket.height,
+        "width": bucket.width,
+        "batch": bucket.batch,
         "guidance_scale": guidance_scale,
         "scheduler": type(pipe.scheduler).__name__,
-        "engine": next(iter(pipe.calls.engines.values())).backend,
+        "engine": next(iter(pipe.engines.values())).backend,
     }
     report = ValidationReport(
         str(artifact), str(reference), manifest.family, manifest.backend, manifest.precision, settings
@@ -131,26 +184,17 @@ def validate_artifact(
 
     # 1. component parity at the artifact's shapes
     start = time.perf_counter()
-    from difflower.exporters.specs import ShapePlan
-
-    plan = ShapePlan(cfg=manifest.shapes.get("cfg_doubles_denoiser_batch", True))
-    dims = plan.dims(Bucket(batch, height, width), spec.vae_scale_factor)
+    dims = plan.dims(bucket, pipe.spec.vae_scale_factor)
     for name, record in manifest.components.items():
         component = spec_for_record(record)
         inputs = example_inputs(component, dims, seed=seed + 1)
         module = load_export_module(component, reference)
         with torch.no_grad():
-            expected = module(*inputs.values())
-        got = pipe.calls.engines[name](inputs)
-        outputs = {}
-        passed = True
-        for tensor, ref in zip(record.outputs, expected, strict=True):
-            metrics = compare(got[tensor.name], ref)
-            verdict = component_verdict(manifest.precision, record.kind, metrics)
-            outputs[tensor.name] = {**metrics.to_json(), **verdict.to_json()}
-            passed &= verdict.passed
-        report.components[name] = {"passed": passed, "outputs": outputs}
+            expected = tuple(module(*inputs.values()))
         del module
+        report.components[name] = component_parity(
+            pipe.engines[name], inputs, expected, manifest.precision, record.kind
+        )
     report.seconds["components"] = time.perf_counter() - start
     if manifest.missing_for_generation():
         report.not_run = f"not measured: the artifact holds {', '.join(manifest.components)} only"
@@ -158,12 +202,12 @@ def validate_artifact(
 
     # 2 + 3. the same denoising run on both, same noise: drift per step and the final image
     start = time.perf_counter()
-    kwargs = dict(
-        prompt=[prompt] * batch,
+    kwargs: dict[str, Any] = dict(
+        prompt=[prompt] * bucket.batch,
         num_inference_steps=steps,
         guidance_scale=guidance_scale,
-        height=height,
-        width=width,
+        height=bucket.height,
+        width=bucket.width,
         output_type="np",
         return_trajectory=True,
         progress=progress,
@@ -171,6 +215,7 @@ def validate_artifact(
     expected_run = eager(generator=torch.Generator().manual_seed(seed), **kwargs)
     actual_run = pipe(generator=torch.Generator().manual_seed(seed), **kwargs)
     report.seconds["trajectory"] = time.perf_counter() - start
+    assert actual_run.trajectory is not None and expected_run.trajectory is not None
     for i, (a, e) in enumerate(zip(actual_run.trajectory, expected_run.trajectory, strict=True)):
         metrics = compare(a, e)
         report.trajectory.append({"step": i, "timestep": expected_run.timesteps[i], **metrics.to_json()})

@@ -30,10 +30,10 @@ def render(report: ValidationReport) -> str:
         f"  {'component':<16} {'output':<20} {'max abs':>9} {'PSNR dB':>8} {'cosine':>9}  gate",
     ]
     for name, component in report.components.items():
-        for output, m in component["outputs"].items():
+        for output, m in component.outputs.items():
             lines.append(
-                f"  {name:<16} {output:<20} {_num(m['max_abs']):>9} {_psnr(m['psnr']):>8} {m['cosine']:>9.6f}  "
-                f"{m['gate']}: {_ok(m['passed'])}"
+                f"  {name:<16} {output:<20} {_num(m.max_abs):>9} {_psnr(m.psnr):>8} {m.cosine:>9.6f}  "
+                f"{m.gate}: {_ok(m.passed)}"
             )
     if report.not_run is not None:
         lines += ["", f"  trajectory and image: {report.not_run}", ""]

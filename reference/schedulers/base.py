@@ -106,7 +106,7 @@ class SchedulerBase(Generic[C]):
     @classmethod
     def from_raw(cls, raw: dict[str, Any], source: Path) -> Any:
         """Parse a `scheduler_config.json` dict; raises CheckpointError naming `source` and the field."""
-        config = parse_config(
+        config: C = parse_config(
             cls.config_class, raw, source, ignored=cls.ignored_fields, must_be_default=dict(cls.unsupported_fields)
         )
         return cls(config)

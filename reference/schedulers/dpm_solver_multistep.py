@@ -131,8 +131,8 @@ class DPMSolverMultistepScheduler(SchedulerBase[DPMSolverMultistepConfig]):
             timesteps = (np.arange(0, n + 1) * step_ratio).round()[::-1][:-1].copy().astype(np.int64)
             timesteps += config.steps_offset
         else:  # trailing
-            step_ratio = config.num_train_timesteps / n
-            timesteps = np.arange(last_timestep, 0, -step_ratio).round().copy().astype(np.int64)
+            fractional_ratio = config.num_train_timesteps / n
+            timesteps = np.arange(last_timestep, 0, -fractional_ratio).round().copy().astype(np.int64)
             timesteps -= 1
 
         train_sigmas = (((1 - self._alphas_cumprod) / self._alphas_cumprod) ** 0.5).numpy()
@@ -280,6 +280,7 @@ class DPMSolverMultistepRun:
         # 3. second order: D1 is the backward difference of x_0 in lambda, scaled by h / h_0
         else:
             m0, m1 = self._model_outputs[-1], self._model_outputs[-2]
+            assert c.inv_r0 is not None and c.d1_coeff is not None  # every step but the first has them
             d1 = c.inv_r0 * (m0 - m1)
             if self._config.solver_type == "midpoint":
                 prev_sample = c.sample_coeff * sample - c.d0_coeff * m0 - c.d1_coeff * d1

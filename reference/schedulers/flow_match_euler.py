@@ -110,6 +110,7 @@ class FlowMatchEulerScheduler(SchedulerBase[FlowMatchEulerConfig]):
 
         # 2. shift towards high noise: static shift s maps sigma -> s sigma / (1 + (s - 1) sigma)
         if config.use_dynamic_shifting:
+            assert mu is not None  # checked above
             sigmas = time_shift(config.time_shift_type, mu, 1.0, sigmas)
         else:
             sigmas = config.shift * sigmas / (1 + (config.shift - 1) * sigmas)

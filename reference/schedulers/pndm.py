@@ -193,6 +193,7 @@ class PNDMRun:
         if len(ets) == 1 and self._counter == 0:
             self._cur_sample = sample
         elif len(ets) == 1 and self._counter == 1:
+            assert self._cur_sample is not None  # kept by the first call of the run
             model_output = (model_output + ets[-1]) / 2
             sample = self._cur_sample
             self._cur_sample = None

@@ -12,10 +12,10 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from difflower.errors import ArgumentError, CheckpointError
-from difflower.reference.schedulers.base import Scheduler
+from difflower.reference.schedulers.base import Scheduler, SchedulerBase
 from difflower.reference.schedulers.ddim import DDIMScheduler
 from difflower.reference.schedulers.ddpm import DDPMScheduler
 from difflower.reference.schedulers.dpm_solver_multistep import DPMSolverMultistepScheduler
@@ -28,17 +28,7 @@ from difflower.reference.schedulers.pndm import PNDMScheduler
 _DEFAULT_SOURCE = Path("scheduler/scheduler_config.json")
 
 
-class _SchedulerClass(Protocol):
-    class_name: str
-    config_class: type
-    ignored_fields: frozenset[str]
-    unsupported_fields: Mapping[str, Any]
-    is_flow_matching: bool
-
-    def __call__(self, config: Any) -> Scheduler: ...
-
-    def from_raw(self, raw: dict[str, Any], source: Path) -> Scheduler: ...
-
+_SchedulerClass = type[SchedulerBase[Any]]
 
 SCHEDULER_CLASSES: tuple[_SchedulerClass, ...] = (
     DDIMScheduler,

@@ -30,8 +30,8 @@ def spaced_timesteps(
         step_ratio = num_train_timesteps // num_inference_steps
         return (np.arange(0, num_inference_steps) * step_ratio).round()[::-1].astype(np.float64) + steps_offset
     if spacing == "trailing":
-        step_ratio = num_train_timesteps / num_inference_steps
-        return np.round(np.arange(num_train_timesteps, 0, -step_ratio)) - 1
+        fractional_ratio = num_train_timesteps / num_inference_steps
+        return np.round(np.arange(num_train_timesteps, 0, -fractional_ratio)) - 1
     raise ValueError(f"timestep_spacing {spacing!r} is not one of 'linspace', 'leading', 'trailing'")
 
 

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from difflower.manifest import Bucket, TensorSpec
+from difflower.artifact.manifest import Bucket, TensorSpec
 from difflower.reference.config import read_json
 from difflower.reference.loading import (
     ModelIndex,
@@ -73,6 +73,21 @@ class ShapePlan:
             "context_sequence": clip_length,
             "joint_sequence": clip_length + self.t5_sequence_length,
         }
+
+    def parity_bucket(self, native_size: int) -> Bucket:
+        """Where a component's parity is measured: the first bucket, else the model's native size
+        at one image (the one definition of that default for export, validate, bench and
+        calibration)."""
+        return self.buckets[0] if self.buckets else Bucket(1, native_size, native_size)
+
+    @staticmethod
+    def of_manifest(shapes: dict[str, Any]) -> ShapePlan:
+        """The plan a manifest's `shapes` section records."""
+        return ShapePlan(
+            tuple(Bucket(*b) for b in shapes.get("buckets", [])),
+            cfg=bool(shapes.get("cfg_doubles_denoiser_batch", True)),
+            t5_sequence_length=int(shapes.get("t5_sequence_length", 256)),
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {

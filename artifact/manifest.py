@@ -13,7 +13,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from difflower.errors import CheckpointError
+from difflower.artifact.parity import ComponentParity
+from difflower.artifact.precision import PRECISIONS, Precision
+from difflower.errors import ArgumentError, CheckpointError
 
 MANIFEST_NAME = "difflower.json"
 FORMAT = "difflower-artifact"
@@ -50,8 +52,6 @@ class Bucket:
     @staticmethod
     def parse(text: str, argument: str = "--static") -> Bucket:
         """'1x512x512' -> Bucket(1, 512, 512)."""
-        from difflower.errors import ArgumentError
-
         parts = text.lower().split("x")
         if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
             raise ArgumentError(argument, f"expected BATCHxHEIGHTxWIDTH such as 1x512x512, got {text!r}")
@@ -67,7 +67,7 @@ class ComponentRecord:
     files: list[str]
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
-    parity: dict[str, Any] = field(default_factory=dict)
+    parity: ComponentParity = field(default_factory=lambda: ComponentParity.unmeasured("not measured", ""))
     export_seconds: float = 0.0
     size_bytes: int = 0
     config: dict[str, Any] = field(default_factory=dict)
@@ -76,6 +76,7 @@ class ComponentRecord:
         out = asdict(self)
         out["inputs"] = [t.to_json() for t in self.inputs]
         out["outputs"] = [t.to_json() for t in self.outputs]
+        out["parity"] = self.parity.to_json()
         return out
 
     @staticmethod
@@ -83,6 +84,7 @@ class ComponentRecord:
         raw = dict(raw)
         raw["inputs"] = [TensorSpec.from_json(t) for t in raw["inputs"]]
         raw["outputs"] = [TensorSpec.from_json(t) for t in raw["outputs"]]
+        raw["parity"] = ComponentParity.from_json(raw.get("parity") or {})
         return ComponentRecord(**raw)
 
 
@@ -92,7 +94,7 @@ class Manifest:
 
     family: str
     backend: str
-    precision: str
+    precision: Precision
     source: dict[str, Any]
     pipeline: dict[str, Any]
     components: dict[str, ComponentRecord]
@@ -151,6 +153,10 @@ class Manifest:
             raise CheckpointError(path, f"malformed manifest ({err!r}); re-export the artifact") from None
         if not manifest.components:
             raise CheckpointError(path, "field 'components' lists no component; re-export the artifact")
+        if manifest.precision not in PRECISIONS:
+            raise CheckpointError(
+                path, f"field 'precision' is {manifest.precision!r}, not one of {', '.join(PRECISIONS)}; re-export it"
+            )
         for name, record in manifest.components.items():
             _check_record(path, Path(folder), name, record)
         _check_shapes(path, manifest.shapes)

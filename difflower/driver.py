@@ -1,0 +1,103 @@
+"""The export driver: one backend's files, checked through the engine that will run them.
+
+`export` is every stage in order, for every backend the same:
+
+1. plan (`exporters.common.plan_export`): read the checkpoint, settle the shapes, check every
+   option, before anything is written;
+2. write into a hidden temporary folder (`difflower.atomic`): the files the pipeline reads,
+   then per component the backend's files (`exporters.common.write_component`);
+3. measure each component's parity through the runtime engine `generate` opens for it
+   (`validate.parity.exported_component_parity`): what export checks is what runs;
+4. write `difflower.json` and rename the folder into place, unless a gate was missed (then
+   nothing is written, or everything with the numbers recorded under `allow_mismatch`).
+
+It sits above runtimes and validate, so the stages below it never import upwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from difflower.artifact.manifest import Manifest, not_an_artifact, record_files
+from difflower.atomic import atomic_directory
+from difflower.exporters import get_exporter
+from difflower.exporters.common import (
+    BackendExporter,
+    ExportOptions,
+    ExportParityError,
+    copy_support_files,
+    parse_buckets,
+    plan_export,
+    write_component,
+)
+from difflower.validate.parity import exported_component_parity
+
+
+def export(
+    model: str | Path,
+    backend: str,
+    out: str | Path,
+    *,
+    components: Sequence[str] | None = None,
+    static: Sequence[Any] = (),
+    precision: str | None = None,
+    attention: str = "sdpa",
+    fuse_qkv: bool = False,
+    cfg: bool = True,
+    allow_mismatch: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    exporter: BackendExporter | None = None,
+    **backend_options: Any,
+) -> Manifest:
+    """Export checkpoint `model` to `backend` at `out`; returns the Manifest written.
+
+    `precision` defaults to the backend's own default (fp32; fp16 for coreml).
+    `backend_options` are the backend's own settings (e.g. `quantize` for openvino); a backend
+    refuses the ones it does not know. `exporter` replaces the backend's exporter object (tests
+    give Neuron a CPU stand-in compiler).
+    """
+    exporter = exporter or get_exporter(backend)
+    options = ExportOptions(
+        components=tuple(components or ()),
+        buckets=parse_buckets(static),
+        precision=precision or getattr(exporter, "default_precision", "fp32"),
+        attention=attention,
+        fuse_qkv=fuse_qkv,
+        cfg=cfg,
+        allow_mismatch=allow_mismatch,
+        overwrite=overwrite,
+        progress=progress,
+        extra={k: v for k, v in backend_options.items() if v is not None},
+    )
+    plan = plan_export(exporter, model, options)
+    device = str(plan.options.extra.get("device", "cpu"))
+
+    with atomic_directory(out, overwrite, replaceable=not_an_artifact, protected=(plan.index.root,)) as tmp:
+        copy_support_files(plan.index, tmp)
+        manifest = plan.draft_manifest()
+        bar = tqdm(plan.specs, disable=not progress, desc="export", unit="component")
+        for spec in bar:
+            bar.set_description(f"exporting {spec.name} ({exporter.name})")
+            written = write_component(plan, spec, tmp)
+            manifest.components[spec.name] = written.record
+            manifest.passes += [{"component": spec.name, **p.to_json()} for p in written.passes]
+            bar.set_description(f"checking {spec.name} ({exporter.name})")
+            written.record.parity = exported_component_parity(
+                manifest, tmp, written.record, written.inputs, written.expected, device=device
+            )
+        bar.close()
+        manifest.files = record_files(tmp)
+        manifest.write(tmp)
+        missed = [r for r in manifest.components.values() if r.parity.passed is False]
+        if missed and not allow_mismatch:
+            names = ", ".join(f"{r.name} ({r.parity.summary}; gate {r.parity.gate})" for r in missed)
+            raise ExportParityError(
+                f"export: parity gate missed by {names}; nothing was written. Pass --allow-mismatch to keep the "
+                "artifact with these numbers recorded"
+            )
+    return manifest

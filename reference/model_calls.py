@@ -1,0 +1,39 @@
+"""How the one loop reaches the models: the `ModelCalls` protocol.
+
+The eager reference implements it over torch modules (`pipeline.TorchModelCalls`); runtimes
+implement it over an artifact's engines. The loop, the latent preparation and the pipeline
+see only this.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from difflower.reference.prompts import Conditioning, TextEncoderOutput
+from difflower.reference.request import GenerateRequest
+
+
+class ModelCalls(Protocol):
+    """How the loop reaches the models; the reference uses torch modules, runtimes use engines."""
+
+    def has_component(self, name: str) -> bool: ...
+
+    def prepare_run(self, request: GenerateRequest) -> None:
+        """Raise before any work when this request cannot be served (a static shape, a missing component)."""
+        ...
+
+    def text_encoder(self, name: str, input_ids: torch.Tensor) -> TextEncoderOutput: ...
+
+    def denoiser(self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The model prediction for `sample` (B, C, h, w) at `timestep` (B,)."""
+        ...
+
+    def vae_encode(self, image: torch.Tensor) -> torch.Tensor:
+        """Image (B, 3, H, W) in [-1, 1] -> posterior moments (B, 2C, h, w)."""
+        ...
+
+    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Unscaled latents (B, C, h, w) -> image (B, 3, H, W) in [-1, 1]."""
+        ...
