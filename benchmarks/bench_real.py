@@ -21,7 +21,7 @@ sys.path.insert(0, str(HERE))
 
 from onnx_unet import CACHE, checkpoint  # noqa: E402
 
-import difflower  # noqa: E402
+from difflower.driver import export  # noqa: E402
 from difflower.validate.bench import bench, plot, render  # noqa: E402
 
 NATIVE = {"sd15": "1x512x512", "sdxl": "1x1024x1024", "sd3": "1x1024x1024"}
@@ -35,7 +35,7 @@ def artifact(family: str, backend: str, source: Path) -> Path:
     if not (folder / "difflower.json").is_file():
         base, _, variant = backend.partition("-")
         static = [NATIVE[family]] if variant == "static" or base in ("torchscript",) else []
-        difflower.export(source, base, folder, components=COMPONENTS[family], static=static, overwrite=True)
+        export(source, base, folder, components=COMPONENTS[family], static=static, overwrite=True)
     return folder
 
 
@@ -51,7 +51,7 @@ def main() -> None:
     report = bench(artifacts, source, steps=args.steps, runs=args.runs, progress=True)
     print(render(report))
     out = HERE / "results" / f"bench-{args.family}.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out.write_text(json.dumps(report.to_json(), indent=2) + "\n")
     plot(report, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
 

@@ -8,8 +8,8 @@ SDXL baseline (torch eager vs torch.compile) that the TensorRT backend is to be 
    gates; and CUDA fp32 against CPU fp32.
 2. Real-size SDXL base config (random weights) at 1024x1024, 30 steps, batch 1, fp16 on CUDA:
    end-to-end time with torch eager, then with the UNet under torch.compile (compile time
-   reported separately), in one process on one GPU; peak GPU memory; the compiled run's image
-   PSNR against the eager one.
+   reported separately), in one process on one GPU, timed by difflower.validate.bench's harness;
+   peak GPU memory; the compiled run's image PSNR against the eager one.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 import traceback
 from pathlib import Path
 
@@ -28,10 +27,12 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from onnx_unet import timed_result  # noqa: E402
 from real_configs import real_spec  # noqa: E402
 
 from difflower.reference.pipeline import load_pipeline  # noqa: E402
 from difflower.reference.tiny import make_tiny_checkpoint  # noqa: E402
+from difflower.validate.bench import Timing, interleaved, machine_info, timed  # noqa: E402
 from difflower.validate.gates import image_verdict, trajectory_verdict  # noqa: E402
 from difflower.validate.metrics import compare  # noqa: E402
 
@@ -45,14 +46,15 @@ def _run(pipe, steps: int, size: int | None = None):
 def fp32_noise() -> None:
     """Draw every noise tensor in fp32 and cast it, so runs in fp16 and fp32 start from the same
     noise: the pipeline draws in the run's dtype as diffusers' randn_tensor does, and torch 2.11
-    draws different fp16 normals than fp32 ones for the same seed (torch 2.13 the same)."""
-    import difflower.reference.pipeline as pipeline
+    draws different fp16 normals than fp32 ones for the same seed (torch 2.13 the same). The
+    pipeline draws its noise in difflower.reference.latents."""
+    import difflower.reference.latents as latents
     from difflower.reference.schedulers.base import randn_like_diffusers
 
     def draw(shape, generator, device, dtype):
         return randn_like_diffusers(shape, generator, device, torch.float32).to(dtype)
 
-    pipeline.randn_like_diffusers = draw
+    latents.randn_like_diffusers = draw
 
 
 def tiny_parity(root: Path) -> dict:
@@ -83,42 +85,45 @@ def tiny_parity(root: Path) -> dict:
     return results
 
 
-def _timed_runs(pipe, steps: int, runs: int):
-    """`runs` timed 1024x1024 generations (synchronized); the last output and the times."""
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        out = _run(pipe, steps, 1024)
+def _synchronized(pipe, steps: int, outputs: list):
+    """One 1024x1024 generation that returns when the GPU is done; its output appended to `outputs`."""
+
+    def run() -> None:
+        outputs.append(_run(pipe, steps, 1024))
         torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return out, times
+
+    return run
+
+
+def _timed_runs(pipe, steps: int, runs: int) -> tuple[object, Timing]:
+    """`runs` timed 1024x1024 generations (synchronized, no further warm-up): the last output and the timing."""
+    outputs: list = []
+    timing = interleaved({"run": _synchronized(pipe, steps, outputs)}, runs, warmup=0)["run"]
+    return outputs[-1], timing
 
 
 def sdxl_baseline(root: Path, steps: int, compile_unet: bool) -> dict:
-    start = time.perf_counter()
-    path = make_tiny_checkpoint(root / "sdxl-real", spec=real_spec("sdxl"), seed=0)
-    report: dict = {"checkpoint_write_s": time.perf_counter() - start, "steps": steps, "size": 1024, "batch": 1}
+    path, seconds = timed_result(make_tiny_checkpoint, root / "sdxl-real", spec=real_spec("sdxl"), seed=0)
+    report: dict = {"checkpoint_write_s": seconds, "steps": steps, "size": 1024, "batch": 1}
     pipe = load_pipeline(path, dtype=torch.float16, device="cuda")
-    _run(pipe, 2, 1024)  # warm-up: cuDNN/cuBLAS heuristics, allocator
-    torch.cuda.synchronize()
+    _synchronized(pipe, 2, [])()  # warm-up: cuDNN/cuBLAS heuristics, allocator
     torch.cuda.reset_peak_memory_stats()
-    eager, times = _timed_runs(pipe, steps, 2)
-    report["eager_s"] = times
+    eager, timing = _timed_runs(pipe, steps, 2)
+    report["eager_s"] = list(timing.samples)
+    report["eager_timing"] = timing.to_json()
     report["eager_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     report["eager_image_finite"] = bool(np.isfinite(np.asarray(eager.images)).all())
-    print("eager", times, flush=True)
+    print("eager", report["eager_s"], flush=True)
     if compile_unet:
         unet = pipe.unet
         unet.compile()
-        start = time.perf_counter()
-        _run(pipe, 2, 1024)
-        torch.cuda.synchronize()
-        report["compile_warmup_s"] = time.perf_counter() - start
-        compiled, times = _timed_runs(pipe, steps, 2)
-        report["compiled_s"] = times
+        report["compile_warmup_s"] = timed(_synchronized(pipe, 2, []))
+        compiled, timing = _timed_runs(pipe, steps, 2)
+        report["compiled_s"] = list(timing.samples)
+        report["compiled_timing"] = timing.to_json()
         report["compiled_vs_eager_image"] = compare(np.asarray(compiled.images), np.asarray(eager.images)).to_json()
-        report["speedup_compiled_vs_eager"] = min(report["eager_s"]) / min(times)
-        print("compiled", times, flush=True)
+        report["speedup_compiled_vs_eager"] = report["eager_timing"]["min_s"] / timing.min_s
+        print("compiled", report["compiled_s"], flush=True)
     return report
 
 
@@ -132,11 +137,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.fp32_noise:
         fp32_noise()
-    import transformers
-
+    machine = machine_info()
     report: dict = {
-        "gpu": torch.cuda.get_device_name(0),
-        "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__},
+        "gpu": machine.get("gpu"),
+        "versions": {**machine["versions"], "cuda": torch.version.cuda},
+        "machine": machine,
         "noise": "drawn in fp32 for every run" if args.fp32_noise else "drawn in the run's dtype (as diffusers)",
     }
     with tempfile.TemporaryDirectory() as tmp:

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from difflower.exporters import export
+from difflower.driver import export
 from difflower.reference.tiny import make_tiny_checkpoint
+from difflower.validate.bench import machine_info
 from difflower.validate.parity import validate_artifact
 
 HERE = Path(__file__).resolve().parent
@@ -25,7 +26,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "gpu-torchscript.json")
     args = parser.parse_args()
-    report: dict = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "families": {}}
+    machine = machine_info()
+    report: dict = {"gpu": machine.get("gpu"), "torch": torch.__version__, "machine": machine, "families": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for family in ("sd", "sdxl", "sd3"):
             try:
@@ -34,10 +36,10 @@ def main() -> None:
                 manifest = export(source, "torchscript", artifact, device="cuda", progress=False)
                 result = validate_artifact(artifact, source, steps=4, device="cuda")
                 report["families"][family] = {
-                    "export_parity": {n: r.parity["summary"] for n, r in manifest.components.items()},
+                    "export_parity": {n: r.parity.summary for n, r in manifest.components.items()},
                     "traced_on": {n: r.config.get("traced_on") for n, r in manifest.components.items()},
                     "validate_passed": result.passed,
-                    "validate": result.to_json() if hasattr(result, "to_json") else str(result),
+                    "validate": result.to_json(),
                 }
             except Exception:
                 report["families"][family] = {"error": traceback.format_exc()[-2000:]}

@@ -20,9 +20,8 @@ import gc
 import json
 import multiprocessing
 import resource
-import statistics
 import sys
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -32,9 +31,9 @@ sys.path.insert(0, str(HERE))
 
 from onnx_unet import CACHE, checkpoint, sd15_step_inputs  # noqa: E402
 
-from difflower.exporters import export  # noqa: E402
-from difflower.manifest import Manifest  # noqa: E402
-from difflower.validate.bench import machine_info  # noqa: E402
+from difflower.artifact.manifest import Manifest  # noqa: E402
+from difflower.driver import export  # noqa: E402
+from difflower.validate.bench import Timing, interleaved, machine_info, timed  # noqa: E402
 from difflower.validate.metrics import compare  # noqa: E402
 
 STATIC = "1x512x512"
@@ -59,13 +58,15 @@ def build(source: Path, name: str) -> dict:
     folder = CACHE / f"sd15-passes-{name}"
     if (folder / "difflower.json").is_file():
         return {"cached": True}
-    start = time.perf_counter()
-    export(source, "onnx", folder, components=["unet"], overwrite=True, **CONFIGS[name])
-    return {"seconds": round(time.perf_counter() - start, 1)}
+    seconds = timed(partial(export, source, "onnx", folder, components=["unet"], overwrite=True, **CONFIGS[name]))
+    return {"seconds": round(seconds, 1)}
 
 
-def time_phase(phase: tuple[str, ...], inputs, runs: int, warmup: int):
-    """Load the phase's graphs, then time one call of each, interleaved; their first outputs too."""
+def time_phase(phase: tuple[str, ...], inputs, runs: int, warmup: int) -> tuple[dict[str, Timing], dict]:
+    """Load the phase's graphs, then time one call of each, interleaved; their first outputs too.
+
+    The first call of each graph is the first warm-up (its output is returned for parity); the
+    harness does the other warm-ups and the interleaved runs."""
     from difflower.runtimes.onnxruntime_engine import OnnxRuntimeEngine
 
     engines, outputs = {}, {}
@@ -73,16 +74,8 @@ def time_phase(phase: tuple[str, ...], inputs, runs: int, warmup: int):
         folder = CACHE / f"sd15-passes-{name}"
         engines[name] = OnnxRuntimeEngine(Manifest.read(folder).components["unet"], folder)
         outputs[name] = engines[name](inputs)["out_sample"]
-    for _ in range(warmup - 1):
-        for engine in engines.values():
-            engine(inputs)
-    times: dict[str, list[float]] = {name: [] for name in phase}
-    for _ in range(runs):
-        for name, engine in engines.items():
-            start = time.perf_counter()
-            engine(inputs)
-            times[name].append(time.perf_counter() - start)
-    return times, outputs
+    runners = {name: partial(engine, inputs) for name, engine in engines.items()}
+    return interleaved(runners, runs, warmup=max(warmup - 1, 0)), outputs
 
 
 def main() -> None:
@@ -112,21 +105,22 @@ def main() -> None:
         report["artifacts"][name] = {
             "precision": manifest.precision,
             "passes": [{k: p[k] for k in ("name", "rewrites", "parity")} for p in manifest.passes],
-            "export_parity_vs_reference": record.parity["summary"],
-            "export_gate": f"{record.parity['gate']}: {'ok' if record.parity['passed'] else 'MISSED'}",
+            "export_parity_vs_reference": record.parity.summary,
+            "export_gate": f"{record.parity.gate}: {'ok' if record.parity.passed else 'MISSED'}",
             "size_mib": round(record.size_bytes / 2**20, 1),
         }
     spawn = multiprocessing.get_context("spawn")
     for phase in phases:
         with spawn.Pool(1) as pool:  # a fresh process per phase: the last phase's memory is gone
-            times, phase_outputs = pool.apply(time_phase, (phase, inputs, args.runs, args.warmup))
+            timings, phase_outputs = pool.apply(time_phase, (phase, inputs, args.runs, args.warmup))
         outputs.update({name: torch.from_numpy(out) for name, out in phase_outputs.items()})
-        median = {name: statistics.median(t) for name, t in times.items()}
+        median = {name: t.median_s for name, t in timings.items()}
         base = phase[0]
         report["phases"].append({
             "median_s": median,
-            "runs_s": times,
+            "runs_s": {name: list(t.samples) for name, t in timings.items()},
             f"speedup_vs_{base}": {name: median[base] / m for name, m in median.items()},
+            "timings": {name: t.to_json() for name, t in timings.items()},
         })  # fmt: skip
         print(json.dumps(report["phases"][-1]["median_s"]), flush=True)
     report["parity_vs_fp32_dynamic"] = {

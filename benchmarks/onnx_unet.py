@@ -14,11 +14,11 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 
@@ -28,9 +28,17 @@ sys.path.insert(0, str(HERE))
 from real_configs import real_spec  # noqa: E402
 
 from difflower.reference.tiny import make_tiny_checkpoint  # noqa: E402
-from difflower.validate.bench import machine_info  # noqa: E402
+from difflower.validate.bench import interleaved, machine_info, timed  # noqa: E402
 
 CACHE = Path(os.environ.get("DIFFLOWER_BENCH_DIR", "/tmp/difflower-bench"))
+T = TypeVar("T")
+
+
+def timed_result(fn: Callable[..., T], *args: Any, **kwargs: Any) -> tuple[T, float]:
+    """`fn(*args, **kwargs)`'s result and the seconds it took, by difflower.validate.bench's `timed`."""
+    result: list[T] = []
+    seconds = timed(lambda: result.append(fn(*args, **kwargs)))
+    return result[0], seconds
 
 
 def checkpoint(family: str) -> Path:
@@ -51,29 +59,21 @@ def sd15_step_inputs() -> dict[str, torch.Tensor]:
     }
 
 
-def _median_seconds(fn, runs: int) -> tuple[float, list[float]]:
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times
-
-
 def _export_unet(source: Path, artifact: Path, attention: str) -> dict:
-    from difflower.exporters.onnx import export_onnx
+    from difflower.driver import export
 
     if (artifact / "difflower.json").is_file():
         return {}
-    start = time.perf_counter()
-    manifest = export_onnx(source, artifact, components=["unet"], attention=attention, overwrite=True)
-    return {"seconds": time.perf_counter() - start, "parity": manifest.components["unet"].parity}
+    manifest, seconds = timed_result(
+        export, source, "onnx", artifact, components=["unet"], attention=attention, overwrite=True
+    )
+    return {"seconds": seconds, "parity": manifest.components["unet"].parity.to_json()}
 
 
 def sd15_step(runs: int, warmup: int) -> dict:
     """One CFG step of the SD1.5 UNet at 512x512 (batch 2, 4x64x64 latents): torch eager vs ORT
     (standard ONNX attention) vs ORT (its fused MultiHeadAttention), interleaved in one process."""
-    from difflower.manifest import Manifest
+    from difflower.artifact.manifest import Manifest
     from difflower.reference.loading import load_unet
     from difflower.runtimes.onnxruntime_engine import OnnxRuntimeEngine
     from difflower.validate.metrics import compare
@@ -98,23 +98,18 @@ def sd15_step(runs: int, warmup: int) -> dict:
         runners[name] = lambda engine=engine: torch.from_numpy(engine(inputs)["out_sample"])
 
     # Warm-up: ORT's first calls grow its memory arena (the first timed call after a single
-    # warm-up was measured 40% slower than the rest); then interleave all three.
+    # warm-up was measured 40% slower than the rest). The first call of each is the first
+    # warm-up (its output is kept for parity); then the harness's other warm-ups and the
+    # interleaved runs.
     outputs = {name: run() for name, run in runners.items()}
-    for _ in range(warmup - 1):
-        for run in runners.values():
-            run()
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(runs):
-        for name, run in runners.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    median = {name: statistics.median(t) for name, t in times.items()}
+    timings = interleaved(runners, runs, warmup=max(warmup - 1, 0))
+    median = {name: t.median_s for name, t in timings.items()}
     return {
         "benchmark": "sd15 unet, one CFG step (batch 2, 4x64x64 latents = 512x512 px), fp32",
         "median_s": median,
         "ratio_vs_torch_eager": {name: median[name] / median["torch_eager"] for name in runners},
-        "runs_s": times,
+        "runs_s": {name: list(t.samples) for name, t in timings.items()},
+        "timings": {name: t.to_json() for name, t in timings.items()},
         "warmup_runs": warmup,
         "parity_vs_eager": {
             name: compare(out, outputs["torch_eager"]).to_json()
@@ -135,13 +130,11 @@ def sdxl_export() -> dict:
         "--out", str(artifact), "--components", "unet", "--overwrite",
     ]  # fmt: skip
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
+    done, seconds = timed_result(subprocess.run, command, capture_output=True, text=True)
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     if done.returncode != 0:
         raise SystemExit(f"export failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    from difflower.manifest import Manifest
+    from difflower.artifact.manifest import Manifest
 
     record = Manifest.read(artifact).components["unet"]
     return {
@@ -151,7 +144,7 @@ def sdxl_export() -> dict:
         "component_export_seconds": record.export_seconds,
         "files": record.files,
         "size_gib": record.size_bytes / 2**30,
-        "parity": record.parity,
+        "parity": record.parity.to_json(),
         "stdout": done.stdout[-2000:],
     }
 

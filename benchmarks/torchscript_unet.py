@@ -17,9 +17,7 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,13 +28,13 @@ sys.path.insert(0, str(HERE))
 
 from onnx_unet import CACHE, checkpoint, sd15_step_inputs  # noqa: E402
 
-from difflower.validate.bench import machine_info  # noqa: E402
+from difflower.validate.bench import interleaved, machine_info  # noqa: E402
 
 
 def _export(source: Path, artifact: Path) -> dict:
     """Export the UNet unless an earlier run did; what its manifest recorded either way."""
-    from difflower.exporters import export
-    from difflower.manifest import Manifest
+    from difflower.artifact.manifest import Manifest
+    from difflower.driver import export
 
     cached = (artifact / "difflower.json").is_file()
     if not cached:
@@ -48,27 +46,31 @@ def _export(source: Path, artifact: Path) -> dict:
         "export_seconds": record.export_seconds,
         "shapes": manifest.shapes,
         "size_gib": record.size_bytes / 2**30,
-        "parity": record.parity["summary"],
+        "parity": record.parity.summary,
     }
 
 
-def interleave(runners: dict[str, Callable[[], torch.Tensor]], rounds: int):
-    """Call every runner once per round, in turn: ({name: seconds per round}, {name: last output})."""
-    seconds: dict[str, list[float]] = {name: [] for name in runners}
-    outputs: dict[str, torch.Tensor] = {}
-    for _ in range(rounds):
-        for name, run in runners.items():
-            start = time.perf_counter()
+def keeping_outputs(
+    runners: dict[str, Callable[[], torch.Tensor]], outputs: dict[str, torch.Tensor]
+) -> dict[str, Callable[[], torch.Tensor]]:
+    """The runners, each also storing its latest output in `outputs`."""
+
+    def keep(name: str, run: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        def call() -> torch.Tensor:
             outputs[name] = run()
-            seconds[name].append(time.perf_counter() - start)
-    return seconds, outputs
+            return outputs[name]
+
+        return call
+
+    return {name: keep(name, run) for name, run in runners.items()}
 
 
 def sd15_step(runs: int, warmup: int) -> dict:
     """Eager vs torchscript (vs frozen torchscript), interleaved: medians, ratios, parity."""
-    from difflower.exporters.specs import UNetExport
-    from difflower.exporters.torchscript import FILE, load_traced
-    from difflower.manifest import Manifest
+    from difflower.artifact.formats import TORCHSCRIPT_FILE as FILE
+    from difflower.artifact.formats import load_traced
+    from difflower.artifact.manifest import Manifest
+    from difflower.artifact.specs import UNetExport
     from difflower.reference.loading import load_unet
     from difflower.runtimes.torchscript_engine import TorchScriptEngine
     from difflower.validate.metrics import compare
@@ -97,15 +99,18 @@ def sd15_step(runs: int, warmup: int) -> dict:
         "torchscript": lambda: engine(inputs)["out_sample"],
         "torchscript_frozen": run_frozen,
     }
-    warmup_s, outputs = interleave(runners, warmup)
-    times, _ = interleave(runners, runs)
-    median = {name: statistics.median(t) for name, t in times.items()}
+    # The warm-up rounds are timed too (interleaved, as the runs), and their last outputs kept for parity.
+    outputs: dict[str, torch.Tensor] = {}
+    warmups = interleaved(keeping_outputs(runners, outputs), warmup, warmup=0)
+    timings = interleaved(runners, runs, warmup=0)
+    median = {name: t.median_s for name, t in timings.items()}
     return {
         "benchmark": "sd15 unet, one CFG step (batch 2, 4x64x64 latents = 512x512 px, 77x768 context), fp32",
         "median_s": median,
         "ratio_vs_torch_eager": {name: median[name] / median["torch_eager"] for name in runners},
-        "runs_s": times,
-        "warmup_s": warmup_s,
+        "runs_s": {name: list(t.samples) for name, t in timings.items()},
+        "timings": {name: t.to_json() for name, t in timings.items()},
+        "warmup_s": {name: list(t.samples) for name, t in warmups.items()},
         "parity_vs_eager": {
             name: compare(out, outputs["torch_eager"]).to_json()
             for name, out in outputs.items()
@@ -123,6 +128,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args()
+    if args.warmup < 1 or args.runs < 1:
+        parser.error("needs at least 1 warm-up (its outputs give the parity) and 1 timed run")
     CACHE.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(os.cpu_count() or 1)
     result = sd15_step(args.runs, args.warmup)
