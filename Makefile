@@ -54,6 +54,7 @@ lint: $(VENV)/.installed-test
 	rm -rf $(LINT_BUILD) build
 	$(BIN)/python -m pip install --quiet --no-deps --target $(LINT_BUILD) . 2>&1 | grep -v -i warning || true
 	rm -rf build
+	test -f $(LINT_BUILD)/difflower/graph_passes/calibration_prompts.txt  # package data reaches a wheel install
 	cd $(LINT_BUILD) && ../$(BIN)/lint-imports ../pyproject.toml
 	cd $(LINT_BUILD) && ../$(BIN)/mypy --config-file ../pyproject.toml -p difflower.reference -p difflower.validate
 
