@@ -67,12 +67,28 @@ def multi_head_attention(
         scores = torch.matmul(query, key.transpose(-1, -2)) * scale  # (B, heads, Nq, Nk)
         out = torch.matmul(scores.softmax(dim=-1), value)  # (B, heads, Nq, d)
     elif backend in ("sdpa", "onnxruntime"):
-        out = F.scaled_dot_product_attention(query, key, value)
+        out = _sdpa(query, key, value)
     elif backend in ("split-einsum", "split-einsum-v2"):
         out = _split_einsum(query, key, value, chunked=backend == "split-einsum-v2")
     else:
         raise ValueError(f"unknown attention backend {backend!r}; use one of {ATTENTION_BACKENDS}")
     return out.to(out_dtype)
+
+
+def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """torch's scaled_dot_product_attention, or the same math where this torch build refuses it.
+
+    torch 2.13's bf16/fp16 flash attention on a CPU with AMX packs its operands with an AVX-512
+    routine; with the vector dispatch held below AVX-512 (ATEN_CPU_CAPABILITY=default or avx2)
+    it raises "pack_vnni2 is only supported when avx512 is supported" from 64 tokens on.
+    """
+    try:
+        return F.scaled_dot_product_attention(query, key, value)
+    except RuntimeError as err:
+        if "pack_vnni2" not in str(err):
+            raise
+    scores = torch.matmul(query, key.transpose(-1, -2)) * query.shape[-1] ** -0.5  # (B, heads, Nq, Nk)
+    return torch.matmul(scores.softmax(dim=-1), value)  # (B, heads, Nq, d)
 
 
 def _split_einsum(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, chunked: bool) -> torch.Tensor:
