@@ -236,11 +236,13 @@ def write_component(plan: ExportPlan, spec: ComponentSpec, out: Path) -> Written
         result = fuse_qkv(module, where=spec.name)
         applied.append(measured(result, module, inputs, expected, key="max_abs_vs_unfused"))
 
-    # 2. the backend's files
+    # 2. the backend's files, and the model's config beside them, as optimum lays components out
+    #    (optimum's and optimum-intel's pipelines and OpenVINO GenAI read <component>/config.json)
     written = backend.export_component(module, inputs, spec, folder, options)
     applied += written.passes
     del module
     gc.collect()
+    shutil.copyfile(plan.index.root / spec.source / "config.json", folder / "config.json")
     files = sorted(str(p.relative_to(out)) for p in folder.rglob("*") if p.is_file())
     record = ComponentRecord(
         name=spec.name,

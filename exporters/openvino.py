@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -56,6 +57,27 @@ def convert(module: torch.nn.Module, inputs: dict[str, torch.Tensor], spec: Comp
     return model
 
 
+def write_openvino_tokenizer(folder: Path) -> str:
+    """The tokenizer in `folder` also as OpenVINO models (openvino_tokenizer.xml/.bin and
+    openvino_detokenizer.xml/.bin), as optimum-intel lays a pipeline out and OpenVINO GenAI reads
+    it; returns what was written, or why not (the openvino-tokenizers package is optional)."""
+    import openvino as ov
+
+    try:
+        import openvino_tokenizers
+    except ImportError:
+        return "not written: pip install openvino-tokenizers (the openvino extra brings it)"
+    if not folder.is_dir():
+        return f"not written: {folder.name} not found"
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    encoder, decoder = openvino_tokenizers.convert_tokenizer(tokenizer, with_detokenizer=True)
+    ov.save_model(encoder, str(folder / "openvino_tokenizer.xml"))
+    ov.save_model(decoder, str(folder / "openvino_detokenizer.xml"))
+    return f"{folder.name}/openvino_tokenizer.xml"
+
+
 class OpenVINOExporter:
     """BackendExporter for OpenVINO IR, checked on the CPU plugin at f32."""
 
@@ -91,7 +113,11 @@ class OpenVINOExporter:
             model, result = compress_component(model, spec.kind, quantize, dataset)
             passes.append(result)
         ov.save_model(model, str(folder / XML), compress_to_fp16=options.precision == "fp16")
-        return ComponentExport(passes=passes, notes={"quantize": quantize} if quantize else {})
+        notes: dict[str, Any] = {"quantize": quantize} if quantize else {}
+        if spec.kind == "text_encoder":
+            tokenizer = "tokenizer" + spec.name.removeprefix("text_encoder")  # text_encoder_2 -> tokenizer_2
+            notes["openvino_tokenizer"] = write_openvino_tokenizer(folder.parent / tokenizer)
+        return ComponentExport(passes=passes, notes=notes)
 
     def versions(self) -> dict[str, str]:
         import nncf

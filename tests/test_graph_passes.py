@@ -144,7 +144,7 @@ def test_static_shapes_and_fp16_keep_external_weights(tiny_dirs, tmp_path, monke
     manifest = export(
         tiny_dirs["sd"], "onnx", tmp_path / "out", components=["unet"], static=["1x64x64"], precision="fp16"
     )
-    assert manifest.components["unet"].files == ["unet/model.onnx", "unet/model.onnx_data"]
+    assert manifest.components["unet"].files == ["unet/config.json", "unet/model.onnx", "unet/model.onnx_data"]
     assert [p["name"] for p in manifest.passes] == ["static_shapes", "fp16"]
     assert "onnxscript" in manifest.passes[0]["settings"]["optimizer"]
     assert manifest.passes[0]["rewrites"]["shape ops folded"] > 0

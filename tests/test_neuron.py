@@ -180,7 +180,7 @@ def test_stand_in_artifact_layout_and_compile_records(stand_in_artifact):
     assert manifest.backend == "neuron"
     assert Manifest.read(art).shapes["buckets"] == [[1, 64, 64]]  # static: the checkpoint's size, one image
     unet = manifest.components["unet"]
-    assert unet.files == ["unet/model.neuron"]
+    assert unet.files == ["unet/config.json", "unet/model.neuron"]
     assert [t.shape for t in unet.inputs] == [(2, 4, 8, 8), (2,), (2, 77, 32)]  # the engine takes the CFG batch
     config = unet.config
     assert config["compiler"] == f"{__name__}.cpu_stand_in_compile"

@@ -224,7 +224,7 @@ def test_parity_miss_fails_the_export_unless_allowed(tiny_dirs, tmp_path, monkey
 def test_large_components_use_one_external_data_file(tiny_dirs, tmp_path, monkeypatch):
     monkeypatch.setattr(onnx_exporter, "PROTOBUF_LIMIT", 0)  # every component counts as "over 2 GB"
     manifest = export(tiny_dirs["sd"], "onnx", tmp_path / "out", components=["unet"], progress=False)
-    assert manifest.components["unet"].files == ["unet/model.onnx", "unet/model.onnx_data"]
+    assert manifest.components["unet"].files == ["unet/config.json", "unet/model.onnx", "unet/model.onnx_data"]
     graph = (tmp_path / "out" / "unet" / "model.onnx").stat().st_size
     weights = (tmp_path / "out" / "unet" / "model.onnx_data").stat().st_size
     assert weights > 5 * graph  # the weights live outside the protobuf (tensors under 1 KB stay inline)
@@ -274,3 +274,13 @@ def test_onnxruntime_fused_attention_variant(tiny_dirs, tmp_path, family):
     assert_run_matches(
         load_pipeline(tiny_dirs[family]), load_artifact(out), prompt="a cat", num_inference_steps=3, progress=False
     )
+
+
+def test_components_carry_their_config_in_optimums_layout(tiny_dirs, onnx_dirs):
+    """optimum's ORTStableDiffusionPipeline (and optimum-intel, OpenVINO GenAI) read
+    <component>/config.json: the model's own config, the VAE's for both VAE halves."""
+    artifact, source = onnx_dirs[("sdxl", "dynamic")], tiny_dirs["sdxl"]
+    for name, record in Manifest.read(artifact).components.items():
+        assert f"{name}/config.json" in record.files
+        origin = "vae" if name.startswith("vae_") else name
+        assert (artifact / name / "config.json").read_bytes() == (source / origin / "config.json").read_bytes()

@@ -173,3 +173,25 @@ def test_truncated_ir_is_a_clear_error(ov_dirs, tmp_path):
     xml.write_text(xml.read_text()[:2000])
     with pytest.raises(CheckpointError, match=r"unet/openvino_model\.xml: OpenVINO cannot read it"):
         load_artifact(broken)
+
+
+def test_tokenizers_are_also_written_as_openvino_models(ov_dirs):
+    """optimum-intel's layout, read by OpenVINO GenAI: tokenizer/openvino_tokenizer.xml and the
+    detokenizer, which tokenize a prompt to the same ids as the transformers tokenizer."""
+    pytest.importorskip("openvino_tokenizers", reason="openvino-tokenizers (the openvino extra) is not installed")
+    import openvino as ov
+    import transformers
+
+    artifact = ov_dirs[("sdxl", "dynamic")]
+    manifest = Manifest.read(artifact)
+    for suffix in ("", "_2"):
+        folder = artifact / f"tokenizer{suffix}"
+        assert (
+            manifest.components[f"text_encoder{suffix}"].config["openvino_tokenizer"].endswith("openvino_tokenizer.xml")
+        )
+        assert (folder / "openvino_detokenizer.xml").is_file()
+        assert f"tokenizer{suffix}/openvino_tokenizer.bin" in manifest.files  # hashed like every file
+        compiled = ov.Core().compile_model(str(folder / "openvino_tokenizer.xml"), "CPU")
+        got = compiled(["a red castle"])["input_ids"][0].tolist()
+        expected = transformers.AutoTokenizer.from_pretrained(folder)("a red castle").input_ids
+        assert got[: len(expected)] == expected

@@ -52,7 +52,7 @@ def test_manifest_records_the_default_bucket_with_concrete_shapes(ts_dirs):
     assert [t.shape for t in unet.inputs] == [(2, 4, 8, 8), (2,), (2, 77, 64), (2, 32), (2, 6)]  # CFG: batch 2
     assert unet.outputs[0].shape == (2, 4, 8, 8)
     assert manifest.components["vae_decoder"].inputs[0].shape == (1, 4, 8, 8)
-    assert unet.files == ["unet/model.pt"] and unet.config["traced_on"] == "cpu"
+    assert unet.files == ["unet/config.json", "unet/model.pt"] and unet.config["traced_on"] == "cpu"
     assert all(r.parity.passed and r.parity.max_abs <= 1e-5 for r in manifest.components.values())
     # model.pt alone: positional inputs in the manifest's order, a tuple of outputs, the reference's numbers
     traced = torch.jit.load(str(ts_dirs["sdxl"] / "unet" / "model.pt"))
