@@ -20,10 +20,7 @@ TORCHSCRIPT_FILE = "model.pt"
 NEURON_FILE = "model.neuron"
 COREML_FILE = "model.mlpackage"
 TENSORRT_FILE = "model.plan"
-
-# Backends whose files are programs: loading them can run code, so they are checked against
-# the sha256 the export recorded before any engine opens them.
-CODE_BEARING = frozenset({"torchscript", "neuron", "tensorrt"})
+AOTI_FILE = "model.pt2"  # an AOTInductor package: generated kernels (a shared library) and the weights
 
 
 # -- ONNX ------------------------------------------------------------------------------------------

@@ -57,6 +57,7 @@ def load(
     scheduler: str | None = None,
     engine: str | None = None,
     threads: int | None = None,
+    compile: bool = False,
     **engine_options: Any,
 ) -> Any:
     """The pipeline for whatever `path` holds.
@@ -64,7 +65,8 @@ def load(
     An artifact folder (with difflower.json) runs its backend's engines (`engine` overrides:
     "onnxruntime", "torch", ...; `engine_options` are that engine's own settings); a
     diffusers-format checkpoint runs the eager reference.
-    `scheduler` swaps the scheduler by name (`euler`, `dpm++2m-karras`, ...).
+    `scheduler` swaps the scheduler by name (`euler`, `dpm++2m-karras`, ...). `compile` runs a
+    checkpoint's denoiser and VAE blocks under torch.compile (regional compilation).
     """
     from difflower.artifact.manifest import MANIFEST_NAME
     from difflower.reference.pipeline import load_pipeline
@@ -75,6 +77,8 @@ def load(
 
         if dtype is not None:
             raise ArgumentError("dtype", "an artifact computes in the precision it was exported with; drop --dtype")
+        if compile:
+            raise ArgumentError("compile", "compiles the eager reference; an artifact is compiled at export (aoti)")
         return load_artifact(
             path, engine=engine, device=str(device), threads=threads, scheduler=scheduler, **engine_options
         )
@@ -89,7 +93,12 @@ def load(
         if engine is not None or engine_options:
             raise ArgumentError("--engine", "engines run exported artifacts; a checkpoint runs the eager reference")
         return load_pipeline(
-            path, dtype=parse_dtype(dtype), device=parse_device(device), variant=variant, scheduler=scheduler
+            path,
+            dtype=parse_dtype(dtype),
+            device=parse_device(device),
+            variant=variant,
+            scheduler=scheduler,
+            compile=compile,
         )
     if not path.exists():
         if _REPO_ID.fullmatch(str(path)):

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from difflower.errors import ArgumentError, DifflowerError
+from difflower.exporters import BACKENDS
+from difflower.runtimes import ENGINES
 from difflower.threads import ThreadPolicy, prepare_process, threads_for_command
 
-BACKENDS = ("onnx", "openvino", "torchscript", "neuron", "coreml", "tensorrt")
-ENGINES = ("onnxruntime", "torch", "openvino", "torchscript", "neuron", "tensorrt", "coreml")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
@@ -163,6 +163,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         scheduler=args.scheduler,
         engine=args.engine,
         threads=args.threads,
+        compile=args.compile,
         **_engine_options(args),
     )
     start = time.perf_counter()
@@ -239,6 +240,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         auto_cast=args.auto_cast,
         auto_cast_type=args.auto_cast_type,
         chunk_unet=args.chunk_unet or None,
+        device=args.device,
     )
     print(f"wrote {args.out} ({manifest.backend}, {manifest.precision}, {manifest.shapes['graph']} shapes)")
     print(f"  {'component':<16} {'export s':>8} {'MB':>9}  parity")
@@ -404,6 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="checkpoints only (default fp32)")
     gen.add_argument("--device", default="cpu")
     gen.add_argument(
+        "--compile", action="store_true", help="checkpoints: torch.compile the repeated blocks (slow first image)"
+    )
+    gen.add_argument(
         "--no-memory-check", action="store_true", help="run a size even when its memory estimate exceeds what is free"
     )
     _add_engine_flags(gen)
@@ -440,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     exp.add_argument("--components", nargs="+", default=None, help="export only these components")
     exp.add_argument("--no-cfg", action="store_true", help="static denoiser batch without guidance doubling")
+    exp.add_argument("--device", default=None, help="torchscript, aoti: trace/compile on cpu (default) or cuda")
     exp.add_argument("--overwrite", action="store_true", help="replace --out if it is an earlier difflower artifact")
     exp.add_argument("--allow-mismatch", action="store_true", help="keep the artifact when a parity gate is missed")
     exp.set_defaults(handler=_cmd_export)
@@ -496,6 +502,7 @@ _FLAGS = {
     "device": "--device",
     "generator": "--seed",
     "threads": "--threads",
+    "compile": "--compile",
 }
 
 # Faults of the machine, not of difflower: a full disk, a read-only or forbidden folder.

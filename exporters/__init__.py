@@ -13,7 +13,7 @@ import importlib.util
 from difflower.errors import ArgumentError
 
 # Every backend of the design; a module that is absent is a backend not built yet.
-BACKENDS: tuple[str, ...] = ("onnx", "openvino", "torchscript", "neuron", "coreml", "tensorrt")
+BACKENDS: tuple[str, ...] = ("onnx", "openvino", "torchscript", "neuron", "coreml", "tensorrt", "aoti")
 # The pip extra that brings each backend's library.
 EXTRAS = {"onnx": "onnx", "openvino": "openvino", "coreml": "coreml", "tensorrt": "tensorrt", "neuron": "neuron"}
 

@@ -26,6 +26,7 @@ import PIL.Image
 import torch
 
 from difflower.errors import ArgumentError
+from difflower.reference.compile import compile_regions
 from difflower.reference.images import ImageInput, OutputType, postprocess
 from difflower.reference.latents import prepare_latents
 from difflower.reference.loading import Family, load_components
@@ -257,14 +258,20 @@ def load_pipeline(
     device: torch.device | str = "cpu",
     variant: str | None = None,
     scheduler: str | None = None,
+    compile: bool = False,
 ) -> DiffusionPipeline:
-    """The eager reference pipeline of a diffusers-format checkpoint folder."""
+    """The eager reference pipeline of a diffusers-format checkpoint folder; `compile` compiles
+    the denoiser's and the VAE's repeated blocks with torch.compile (see reference.compile)."""
 
     index, components = load_components(path, dtype=dtype, variant=variant)
     spec = spec_from_configs(index)
     for name, component in components.items():
         if isinstance(component, torch.nn.Module):
             components[name] = component.to(device)
+    if compile:
+        for name in ("unet", "transformer", "vae"):
+            if name in components:
+                compile_regions(components[name], where=name)
     scheduler_config = components.pop("scheduler")
     sched = load_scheduler(scheduler_config, source=index.root / "scheduler" / "scheduler_config.json")
     pipe = DiffusionPipeline(

@@ -25,10 +25,8 @@ from difflower.reference.prompts import Conditioning, TextEncoderOutput
 from difflower.reference.request import GenerateRequest
 from difflower.reference.schedulers import load_scheduler
 from difflower.reference.spec import PipelineSpec
+from difflower.runtimes import ENGINES
 from difflower.runtimes.engine import Array, Engine, EngineInputError
-
-# Engine names; each is `difflower.runtimes.<name>_engine` with a module attribute ENGINE.
-ENGINES: tuple[str, ...] = ("onnxruntime", "torch", "openvino", "torchscript", "neuron", "tensorrt", "coreml")
 
 
 def _torch(x: Array) -> torch.Tensor:

@@ -1,0 +1,123 @@
+"""AOTInductor packages (`--backend aoti`) and compiled eager (`compile=True`).
+
+Each package is compiled by Inductor (C++ on the CPU), a minute or so per tiny component on two
+cores: the default run compiles the tiny SD UNet (one static bucket) and checks it through the
+engine, the gates, the version and device checks and the sha256 check; the whole pipeline of
+every family, the multi-bucket graph and the fused-QKV composition run with `make test-slow`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from difflower.artifact.manifest import Manifest
+from difflower.cli import main
+from difflower.driver import export
+from difflower.errors import ArgumentError, CheckpointError
+from difflower.reference.pipeline import load_pipeline
+from difflower.runtimes.pipeline import load_artifact, make_engines
+from difflower.validate.parity import validate_artifact
+
+
+@pytest.fixture(scope="module")
+def aoti_unet(tiny_dirs, tmp_path_factory):
+    """The tiny SD UNet as an AOTInductor package, at the native size with CFG (2x4x8x8)."""
+    out = tmp_path_factory.mktemp("aoti") / "unet"
+    export(tiny_dirs["sd"], "aoti", out, components=["unet"], progress=False)
+    return out
+
+
+def test_the_package_meets_the_fp32_gates_through_the_engine(tiny_dirs, aoti_unet):
+    manifest = Manifest.read(aoti_unet)
+    record = manifest.components["unet"]
+    assert record.files == ["unet/config.json", "unet/model.pt2"]
+    assert record.parity.passed and record.parity.max_abs <= 1e-4 and record.parity.settings["engine"] == "aoti"
+    assert record.config["compiled_on"] == "cpu" and record.config["torch"] == torch.__version__
+    assert record.config["compile_seconds"] > 0 and record.config["peak_rss_gib_after_compile"] > 0
+    assert [t.shape for t in record.inputs] == [(2, 4, 8, 8), (2,), (2, 77, 32)]  # static: one bucket
+    report = validate_artifact(aoti_unet, tiny_dirs["sd"], steps=2)  # a partial artifact: component parity
+    assert report.passed and report.components["unet"].max_abs <= 1e-4
+
+
+def test_a_package_runs_only_with_its_torch_and_its_device(aoti_unet, tmp_path):
+    art = tmp_path / "art"
+    shutil.copytree(aoti_unet, art)
+    raw = json.loads((art / "difflower.json").read_text())
+    raw["components"]["unet"]["config"]["torch"] = "2.99.0"
+    (art / "difflower.json").write_text(json.dumps(raw))
+    with pytest.raises(ArgumentError, match=r"compiled by torch 2\.99\.0; this is torch .* re-export"):
+        make_engines(Manifest.read(art), art)
+    with pytest.raises(ArgumentError, match=r"compiled for cpu; a package runs where it was compiled for"):
+        make_engines(Manifest.read(aoti_unet), aoti_unet, device="cuda")
+
+
+def test_a_changed_package_is_not_loaded(aoti_unet, tmp_path):
+    """A package holds a shared library: it is opened only when it is the one the export wrote."""
+    art = tmp_path / "art"
+    shutil.copytree(aoti_unet, art)
+    package = art / "unet" / "model.pt2"
+    package.write_bytes(package.read_bytes() + b"\0")
+    with pytest.raises(CheckpointError, match=r"model\.pt2: differs from what was exported"):
+        make_engines(Manifest.read(art), art)
+
+
+def test_fp16_on_the_cpu_and_onnxruntimes_attention_are_refused_before_work(tiny_dirs, tmp_path, capsys):
+    base = ["export", str(tiny_dirs["sd"]), "--backend", "aoti", "--out", str(tmp_path / "x")]
+    assert main([*base, "--precision", "fp16"]) == 2
+    assert "fp16 kernels are for the GPU; on the CPU use bf16" in capsys.readouterr().err
+    assert main([*base, "--attention", "onnxruntime"]) == 2
+    assert "aoti takes sdpa or math" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_compiled_eager_meets_the_fp32_gates(tiny_dirs):
+    """Regional compilation: the repeated blocks under torch.compile, the rest eager."""
+    eager = load_pipeline(tiny_dirs["sd"])
+    compiled = load_pipeline(tiny_dirs["sd"], compile=True)
+    compiled_blocks = [m for m in compiled.unet.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    assert len(compiled_blocks) >= 4
+    kwargs = dict(num_inference_steps=2, output_type="np", return_trajectory=True, progress=False)
+    a = compiled("a red castle", generator=torch.Generator().manual_seed(1), **kwargs)
+    e = eager("a red castle", generator=torch.Generator().manual_seed(1), **kwargs)
+    torch.testing.assert_close(a.trajectory[-1], e.trajectory[-1], atol=1e-4, rtol=1e-2)
+    assert abs(a.images - e.images).max() <= 1e-3
+
+
+def test_compile_is_for_checkpoints(aoti_unet, capsys, tmp_path):
+    assert main(["generate", str(aoti_unet), "--prompt", "a", "--compile", "-o", str(tmp_path / "x.png")]) == 2
+    assert "an artifact is compiled at export (aoti)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3"])
+def test_every_family_validates_end_to_end(tiny_dirs, tmp_path, family):
+    out = tmp_path / family
+    manifest = export(tiny_dirs[family], "aoti", out, progress=False)
+    assert all(r.parity.passed for r in manifest.components.values())
+    report = validate_artifact(out, tiny_dirs[family], steps=3)
+    assert report.passed, report.to_json()
+
+
+@pytest.mark.slow
+def test_several_buckets_share_one_dynamic_graph_and_compose_with_fused_qkv(tiny_dirs, tmp_path):
+    out = tmp_path / "buckets"
+    manifest = export(
+        tiny_dirs["sd"], "aoti", out, components=["unet"], static=["1x64x64", "1x64x96"], fuse_qkv=True, progress=False
+    )
+    record = manifest.components["unet"]
+    assert record.parity.passed and "latent_width" in record.config["dynamic_dims"]
+    assert any(p["name"] == "fuse_qkv" for p in manifest.passes)
+    engine = make_engines(manifest, out)["unet"]
+    for width in (8, 12):
+        inputs = {
+            "sample": torch.randn(2, 4, 8, width),
+            "timestep": torch.full((2,), 500.0),
+            "encoder_hidden_states": torch.randn(2, 77, 32),
+        }
+        assert engine(inputs)["out_sample"].shape == (2, 4, 8, width)
+    pipe = load_artifact(out)
+    assert pipe.manifest.buckets[1].width == 96
