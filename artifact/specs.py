@@ -18,6 +18,7 @@ from torch import nn
 
 from difflower.artifact.manifest import Bucket, TensorSpec
 from difflower.reference.config import read_json
+from difflower.reference.embeddings import guidance_scale_embedding
 from difflower.reference.loading import (
     ModelIndex,
     load_sd3_transformer,
@@ -198,6 +199,8 @@ def _unet_spec(folder: Path) -> ComponentSpec:
         pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
         inputs.append(_t("text_embeds", "float32", "denoiser_batch", pooled))
         inputs.append(_t("time_ids", "float32", "denoiser_batch", 6))
+    if config.time_cond_proj_dim is not None:  # guidance-distilled (LCM): the guidance scale's embedding
+        inputs.append(_t("timestep_cond", "float32", "denoiser_batch", config.time_cond_proj_dim))
     return ComponentSpec(
         "unet",
         "unet",
@@ -205,7 +208,11 @@ def _unet_spec(folder: Path) -> ComponentSpec:
         "UNet2DConditionModel",
         tuple(inputs),
         (_t("out_sample", "float32", "denoiser_batch", config.out_channels, "latent_height", "latent_width"),),
-        {"text_time": text_time, "in_channels": config.in_channels},
+        {
+            "text_time": text_time,
+            "in_channels": config.in_channels,
+            "guidance_embedded": config.time_cond_proj_dim is not None,
+        },
     )
 
 
@@ -263,14 +270,19 @@ class TextEncoderExport(nn.Module):
 
 
 class UNetExport(nn.Module):
-    def __init__(self, unet: nn.Module, text_time: bool):
+    """sample, timestep, encoder_hidden_states[, text_embeds, time_ids][, timestep_cond] -> (out_sample,)."""
+
+    def __init__(self, unet: nn.Module, text_time: bool, guidance_embedded: bool = False):
         super().__init__()
         self.unet = unet
         self.text_time = text_time
+        self.guidance_embedded = guidance_embedded
 
-    def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
-        added = {"text_embeds": text_embeds, "time_ids": time_ids} if self.text_time else None
-        return (self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added)[0],)
+    def forward(self, sample, timestep, encoder_hidden_states, *conditions):
+        added = {"text_embeds": conditions[0], "time_ids": conditions[1]} if self.text_time else None
+        timestep_cond = conditions[-1] if self.guidance_embedded else None
+        out = self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, timestep_cond=timestep_cond)
+        return (out[0],)
 
 
 class TransformerExport(nn.Module):
@@ -315,7 +327,7 @@ def wrap_module(spec: ComponentSpec, model: nn.Module) -> nn.Module:
             model, spec.class_name == "T5EncoderModel", bool(spec.facts.get("with_projection"))
         )
     elif spec.kind == "unet":
-        module = UNetExport(model, spec.facts["text_time"])
+        module = UNetExport(model, spec.facts["text_time"], bool(spec.facts.get("guidance_embedded")))
     elif spec.kind == "transformer":
         module = TransformerExport(model)
     elif spec.kind == "vae_encoder":
@@ -363,6 +375,8 @@ def example_inputs(spec: ComponentSpec, dims: dict[str, int], seed: int = 0) -> 
             out[tensor.name] = ids
         elif tensor.name == "timestep":
             out[tensor.name] = torch.full(shape, 637.5)
+        elif tensor.name == "timestep_cond":  # the embedding of a guidance scale of 7.5 (w - 1 = 6.5)
+            out[tensor.name] = guidance_scale_embedding(torch.full((shape[0],), 6.5), shape[1])
         elif tensor.name == "time_ids":
             h, w = dims["height"], dims["width"]
             out[tensor.name] = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32).repeat(shape[0], 1)

@@ -44,6 +44,8 @@ def calibration_dataset(
             values = [sample, timestep, cond.encoder_hidden_states]
             if cond.text_embeds is not None:
                 values += [cond.text_embeds, cond.time_ids]
+            if cond.timestep_cond is not None:
+                values.append(cond.timestep_cond)
         else:
             values = [sample, cond.encoder_hidden_states, cond.pooled_projections, timestep]
         samples.append({n: v.detach().float().numpy().copy() for n, v in zip(names, values, strict=True)})

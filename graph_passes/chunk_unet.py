@@ -30,11 +30,12 @@ class FirstHalf(nn.Module):
         super().__init__()
         self.unet, self.stop, self.text_time = unet, stop, text_time
 
-    def forward(self, sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
+    def forward(self, sample, timestep, encoder_hidden_states, *conditions):
         if self.unet.config.center_input_sample:
             sample = 2 * sample - 1.0
-        added = {"text_embeds": text_embeds, "time_ids": time_ids} if self.text_time else None
-        emb = self.unet.embed(sample, timestep, added)
+        added = {"text_embeds": conditions[0], "time_ids": conditions[1]} if self.text_time else None
+        timestep_cond = conditions[-1] if self.unet.config.time_cond_proj_dim is not None else None
+        emb = self.unet.embed(sample, timestep, added, timestep_cond)
         sample, skips = self.unet.run_stages(sample, [], emb, encoder_hidden_states, 0, self.stop)
         return (sample, emb, *skips)
 

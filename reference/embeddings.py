@@ -44,18 +44,46 @@ class Timesteps(nn.Module):
 
 
 class TimestepEmbedding(nn.Module):
-    """Linear-act-linear MLP on a projected timestep (keys `linear_1`, `linear_2`)."""
+    """Linear-act-linear MLP on a projected timestep (keys `linear_1`, `linear_2`); with
+    `cond_proj_dim` (LCM-distilled UNets' `time_cond_proj_dim`) a condition, the guidance scale's
+    embedding, is projected (`cond_proj`) and added to the input first."""
 
-    def __init__(self, in_channels: int, time_embed_dim: int, act_fn: str = "silu", post_act_fn: str | None = None):
+    def __init__(
+        self,
+        in_channels: int,
+        time_embed_dim: int,
+        act_fn: str = "silu",
+        post_act_fn: str | None = None,
+        cond_proj_dim: int | None = None,
+    ):
         super().__init__()
         self.linear_1 = nn.Linear(in_channels, time_embed_dim)
         self.act = activation(act_fn)
         self.linear_2 = nn.Linear(time_embed_dim, time_embed_dim)
         self.post_act = activation(post_act_fn) if post_act_fn is not None else None
+        self.cond_proj = nn.Linear(cond_proj_dim, in_channels, bias=False) if cond_proj_dim is not None else None
 
-    def forward(self, sample: torch.Tensor) -> torch.Tensor:
+    def forward(self, sample: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        if condition is not None:
+            if self.cond_proj is None:
+                raise ValueError("a timestep condition was given to an embedding built without time_cond_proj_dim")
+            sample = sample + self.cond_proj(condition)  # (B, in_channels)
         sample = self.linear_2(self.act(self.linear_1(sample)))
         return self.post_act(sample) if self.post_act is not None else sample
+
+
+def guidance_scale_embedding(w: torch.Tensor, embedding_dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The sinusoidal embedding of guidance scales `w` (B,) -> (B, embedding_dim), as diffusers'
+    LatentConsistencyModelPipeline computes it for a guidance-distilled UNet's `timestep_cond`."""
+    w = w * 1000.0
+    half_dim = embedding_dim // 2
+    emb = torch.log(torch.tensor(10000.0)) / (half_dim - 1)
+    emb = torch.exp(torch.arange(half_dim, dtype=dtype) * -emb)
+    emb = w.to(dtype)[:, None] * emb[None, :]  # (B, half_dim)
+    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)  # (B, 2 * half_dim)
+    if embedding_dim % 2 == 1:
+        emb = torch.nn.functional.pad(emb, (0, 1))  # (B, embedding_dim)
+    return emb
 
 
 class TextProjection(nn.Module):

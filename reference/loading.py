@@ -56,6 +56,8 @@ _PIPELINE_FAMILIES: dict[str, Family] = {
     "StableDiffusionPipeline": "sd",
     "StableDiffusionImg2ImgPipeline": "sd",
     "StableDiffusionInpaintPipeline": "sd",
+    "LatentConsistencyModelPipeline": "sd",
+    "LatentConsistencyModelImg2ImgPipeline": "sd",
     "StableDiffusionXLPipeline": "sdxl",
     "StableDiffusionXLImg2ImgPipeline": "sdxl",
     "StableDiffusionXLInpaintPipeline": "sdxl",

@@ -17,7 +17,7 @@ of the torch modules: `TorchModelCalls` here, the runtimes' engine calls elsewhe
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ import torch
 
 from difflower.errors import ArgumentError
 from difflower.reference.compile import compile_regions
+from difflower.reference.embeddings import guidance_scale_embedding
 from difflower.reference.images import ImageInput, OutputType, postprocess
 from difflower.reference.latents import prepare_latents
 from difflower.reference.loading import Family, load_components
@@ -75,7 +76,9 @@ class TorchModelCalls:
         added = None
         if cond.text_embeds is not None:
             added = {"text_embeds": cond.text_embeds, "time_ids": cond.time_ids}
-        return self.components["unet"](sample, timestep, cond.encoder_hidden_states, added_cond_kwargs=added)[0]
+        unet = self.components["unet"]
+        context = cond.encoder_hidden_states
+        return unet(sample, timestep, context, added_cond_kwargs=added, timestep_cond=cond.timestep_cond)[0]
 
     @torch.no_grad()
     def vae_encode(self, image: torch.Tensor) -> torch.Tensor:
@@ -207,6 +210,10 @@ class DiffusionPipeline:
         positive, negative = request.prompts.encode(self._text, self.tokenizers, request.images_per_prompt)
         cond = Conditioning.for_guidance(negative, positive) if negative is not None else positive
         dtype = positive.encoder_hidden_states.dtype
+        if spec.time_cond_proj_dim is not None:  # a guidance-distilled UNet: w - 1 as an embedding, (B, dim)
+            w = torch.full((request.batch,), request.guidance_scale - 1)
+            w_embedding = guidance_scale_embedding(w, spec.time_cond_proj_dim)
+            cond = replace(cond, timestep_cond=w_embedding.to(self.device, dtype))
 
         # 3. the starting latents (drawing the generator in diffusers' order), then the loop
         state = prepare_latents(request, spec, self.calls, run, start, self.device, dtype)

@@ -52,6 +52,7 @@ class Conditioning:
     text_embeds: torch.Tensor | None = None  # SDXL pooled projection
     time_ids: torch.Tensor | None = None  # SDXL micro-conditioning
     pooled_projections: torch.Tensor | None = None  # SD3 pooled projection
+    timestep_cond: torch.Tensor | None = None  # guidance-distilled UNets: the guidance scale's embedding
 
     @staticmethod
     def for_guidance(negative: Conditioning, positive: Conditioning) -> Conditioning:
@@ -65,6 +66,7 @@ class Conditioning:
             cat(negative.text_embeds, positive.text_embeds),
             cat(negative.time_ids, positive.time_ids),
             cat(negative.pooled_projections, positive.pooled_projections),
+            cat(negative.timestep_cond, positive.timestep_cond),
         )
 
 

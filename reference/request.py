@@ -45,6 +45,11 @@ DEFAULTS: dict[tuple[str, Task], TaskDefaults] = {
     ("sd3", "img2img"): TaskDefaults(50, 7.0, 0.6),
     ("sd3", "inpaint"): TaskDefaults(50, 7.0, 0.6),
 }
+# Pipelines whose own defaults differ from their family's (diffusers' LatentConsistencyModel*Pipeline).
+PIPELINE_DEFAULTS: dict[tuple[str, Task], TaskDefaults] = {
+    ("LatentConsistencyModelPipeline", "txt2img"): TaskDefaults(4, 8.5),
+    ("LatentConsistencyModelImg2ImgPipeline", "img2img"): TaskDefaults(4, 8.5, 0.8),
+}
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,7 @@ class GenerateRequest:
 
     task: Task
     prompts: PromptInputs
+    cfg: bool  # classifier-free guidance: negative and positive halves in one doubled denoiser batch
     prompt_count: int
     images_per_prompt: int
     steps: int
@@ -74,8 +80,7 @@ class GenerateRequest:
 
     @property
     def do_cfg(self) -> bool:
-        """Classifier-free guidance: negative and positive halves in one doubled denoiser batch."""
-        return self.guidance_scale > 1.0
+        return self.cfg
 
 
 def build_request(
@@ -105,7 +110,7 @@ def build_request(
     if mask_image is not None and image is None:
         raise ArgumentError("mask_image", "needs an image to inpaint; pass image= as well")
     task: Task = "txt2img" if image is None else ("inpaint" if mask_image is not None else "img2img")
-    defaults = DEFAULTS[(spec.family, task)]
+    defaults = PIPELINE_DEFAULTS.get((spec.pipeline_class or "", task)) or DEFAULTS[(spec.family, task)]
     if task == "txt2img" and strength is not None:
         raise ArgumentError("strength", "applies to img2img and inpainting; pass an image as well, or drop it")
 
@@ -140,13 +145,16 @@ def build_request(
             "mask_image", f"is {image_size(mask_image)} (h, w) but image is {image_size(image)}; give them one size"
         )
 
+    # A guidance-distilled UNet takes the guidance scale as an input instead: no doubled batch.
+    cfg = guidance > 1.0 and spec.time_cond_proj_dim is None
     return GenerateRequest(
         task=task,
+        cfg=cfg,
         prompts=_prompt_inputs(
             spec,
             has_t5,
             prompts,
-            guidance > 1.0,
+            cfg,
             (height, width),
             {"negative_prompt": negative_prompt, **family_options},
         ),

@@ -36,6 +36,11 @@ class PipelineSpec:
     # resolution, and the denoiser's first block width (None in manifests of older exports).
     vae_full_resolution_channels: int | None = None
     denoiser_channels: int | None = None
+    # A guidance-distilled UNet (LCM): the guidance scale goes in as an embedding of this width,
+    # and classifier-free guidance (the doubled batch) is off.
+    time_cond_proj_dim: int | None = None
+    # The checkpoint's pipeline class, for the defaults of the pipelines that have their own (LCM).
+    pipeline_class: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("vae_scale_factor", "latent_channels", "denoiser_in_channels", "sample_size", "patch_size"):
@@ -99,6 +104,7 @@ def spec_from_configs(index: ModelIndex) -> PipelineSpec:
             denoiser_in_channels=unet.in_channels,
             sample_size=sample_size or 64,
             denoiser_channels=unet.block_out_channels[0],
+            time_cond_proj_dim=unet.time_cond_proj_dim,
         )
     channels = vae.block_out_channels
     return PipelineSpec(
@@ -114,5 +120,6 @@ def spec_from_configs(index: ModelIndex) -> PipelineSpec:
         # The decoder's last block works at full size with channels[0]; the upsampler before it
         # hands over channels[1] at full size.
         vae_full_resolution_channels=max(channels[:2]),
+        pipeline_class=index.pipeline_class,
         **extra,
     )

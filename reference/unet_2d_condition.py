@@ -37,7 +37,6 @@ UNET_DEFAULT_ONLY_FIELDS = {
     "class_embed_type": None,
     "num_class_embeds": None,
     "time_embedding_type": "positional",
-    "time_cond_proj_dim": None,
     "attention_type": "default",
     "class_embeddings_concat": False,
     "cross_attention_norm": None,
@@ -92,6 +91,8 @@ class UNetConfig:
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
     projection_class_embeddings_input_dim: int | None = None
+    # Guidance-distilled UNets (LCM): the width of the guidance-scale embedding added to the time embedding.
+    time_cond_proj_dim: int | None = None
 
     def __post_init__(self) -> None:
         require_positive(
@@ -164,7 +165,11 @@ class UNet2DConditionModel(nn.Module):
         time_embed_dim = config.time_embedding_dim or channels[0] * 4
         self.time_proj = Timesteps(channels[0], config.flip_sin_to_cos, config.freq_shift)
         self.time_embedding = TimestepEmbedding(
-            channels[0], time_embed_dim, act_fn=config.act_fn, post_act_fn=config.timestep_post_act
+            channels[0],
+            time_embed_dim,
+            act_fn=config.act_fn,
+            post_act_fn=config.timestep_post_act,
+            cond_proj_dim=config.time_cond_proj_dim,
         )
         self.add_time_proj: Timesteps | None
         self.add_embedding: TimestepEmbedding | None
@@ -275,15 +280,17 @@ class UNet2DConditionModel(nn.Module):
         encoder_hidden_states: torch.Tensor,
         added_cond_kwargs: dict[str, torch.Tensor] | None = None,
         return_dict: bool = True,
+        timestep_cond: torch.Tensor | None = None,
     ) -> UNetOutput | tuple[torch.Tensor]:
         """sample (B, C, H, W); timestep scalar, (1,) or (B,); encoder_hidden_states (B, T, D).
 
         SDXL (`addition_embed_type="text_time"`) also needs `added_cond_kwargs` with
-        `text_embeds` (B, pooled_dim) and `time_ids` (B, 6).
+        `text_embeds` (B, pooled_dim) and `time_ids` (B, 6); a guidance-distilled UNet
+        (`time_cond_proj_dim`) takes the guidance scale's embedding as `timestep_cond` (B, dim).
         """
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
-        emb = self.embed(sample, timestep, added_cond_kwargs)
+        emb = self.embed(sample, timestep, added_cond_kwargs, timestep_cond)
         sample, _ = self.run_stages(sample, [], emb, encoder_hidden_states)
         return UNetOutput(sample) if return_dict else (sample,)
 
@@ -292,6 +299,7 @@ class UNet2DConditionModel(nn.Module):
         sample: torch.Tensor,
         timestep: torch.Tensor | float | int,
         added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+        timestep_cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The time (and SDXL text-time) embedding every resnet receives: (B, time_embed_dim)."""
         if not torch.is_tensor(timestep):
@@ -299,7 +307,10 @@ class UNet2DConditionModel(nn.Module):
         elif timestep.ndim == 0:
             timestep = timestep[None].to(sample.device)
         timestep = timestep.expand(sample.shape[0])  # (B,)
-        emb = self.time_embedding(self.time_proj(timestep).to(sample.dtype))  # (B, time_embed_dim)
+        if self.config.time_cond_proj_dim is not None and timestep_cond is None:
+            raise ValueError("this UNet is guidance-distilled (time_cond_proj_dim): pass timestep_cond")
+        condition = None if timestep_cond is None else timestep_cond.to(sample.dtype)
+        emb = self.time_embedding(self.time_proj(timestep).to(sample.dtype), condition)  # (B, time_embed_dim)
         if self.add_embedding is not None:
             emb = emb + self._text_time_embedding(added_cond_kwargs, emb.dtype)
         if self.time_embed_act is not None:

@@ -100,6 +100,8 @@ class EngineModelCalls:
         if cond.text_embeds is not None:
             inputs["text_embeds"] = cond.text_embeds.float()
             inputs["time_ids"] = cond.time_ids.float()
+        if cond.timestep_cond is not None:
+            inputs["timestep_cond"] = cond.timestep_cond.float()
         return self._run("unet", inputs)["out_sample"]
 
     def _transformer(self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:

@@ -257,6 +257,23 @@ CASES: list[tuple[str, dict[str, Any], float | None]] = [
         },
         None,
     ),
+    ("lcm-dreamshaper", {"_class_name": "LCMScheduler", **SCALED, "set_alpha_to_one": True, "steps_offset": 1}, None),
+    (
+        "lcm-v-zsnr-unclipped",
+        {
+            "_class_name": "LCMScheduler",
+            **SCALED,
+            "prediction_type": "v_prediction",
+            "rescale_betas_zero_snr": True,
+            "set_alpha_to_one": False,
+            "timestep_scaling": 5.0,
+        },
+        None,
+    ),
+    ("lcm-sample-clip", {"_class_name": "LCMScheduler", "prediction_type": "sample", "clip_sample": True}, None),
+    ("tcd-defaults", {"_class_name": "TCDScheduler", **SCALED}, None),
+    ("tcd-v", {"_class_name": "TCDScheduler", **SCALED, "prediction_type": "v_prediction"}, None),
+    ("tcd-sample", {"_class_name": "TCDScheduler", "prediction_type": "sample"}, None),
     ("flow-sd3-shift3", SD3_FLOW, None),
     ("flow-defaults", {"_class_name": "FlowMatchEulerDiscreteScheduler"}, None),
     ("flow-dynamic-mu", FLUX_FLOW, 1.0),
@@ -267,7 +284,7 @@ CASES: list[tuple[str, dict[str, Any], float | None]] = [
     ),
 ]
 CASE_IDS = [case[0] for case in CASES]
-STOCHASTIC = {"DDPMScheduler", "EulerAncestralDiscreteScheduler"}
+STOCHASTIC = {"DDPMScheduler", "EulerAncestralDiscreteScheduler", "LCMScheduler", "TCDScheduler"}
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -403,7 +420,7 @@ def test_schedule_matches_diffusers(case):
             assert torch.equal(run.timesteps, theirs.timesteps), n
         else:
             assert_close(run.timesteps, theirs.timesteps, f"timesteps n={n}")
-        if raw["_class_name"] in ("DDIMScheduler", "DDPMScheduler", "PNDMScheduler"):
+        if raw["_class_name"] in ("DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LCMScheduler", "TCDScheduler"):
             assert run.sigmas is None
         else:
             assert run.sigmas.dtype == torch.float32
@@ -569,6 +586,8 @@ NAME_OVERRIDES: dict[str, tuple[str, dict[str, Any]]] = {
         "DPMSolverMultistepScheduler",
         {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
     ),
+    "lcm": ("LCMScheduler", {}),
+    "tcd": ("TCDScheduler", {}),
     "flow-euler": ("FlowMatchEulerDiscreteScheduler", {}),
 }
 BASES = {
@@ -694,3 +713,33 @@ def test_no_reference_file_imports_diffusers():
     for path in root.glob("*.py"):
         text = path.read_text()
         assert "import diffusers" not in text and "from diffusers" not in text, path.name
+
+
+# --- few-step schedulers ---------------------------------------------------------------------
+
+
+def test_lcm_refuses_more_steps_than_it_was_distilled_with():
+    ours = load_scheduler({"_class_name": "LCMScheduler", "original_inference_steps": 8}, SOURCE)
+    assert len(ours.set_timesteps(8).timesteps) == 8
+    with pytest.raises(
+        ArgumentError, match=r"num_inference_steps: 9 is more than the 8 steps this model was distilled"
+    ):
+        ours.set_timesteps(9)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.3, 1.0])
+def test_tcd_gamma_is_diffusers_eta(gamma):
+    """gamma 0 is deterministic TCD, 1 fully stochastic; both as diffusers' step(eta=...)."""
+    from difflower.reference.schedulers import TCDScheduler
+
+    raw = {"_class_name": "TCDScheduler", **SCALED}
+    ours = TCDScheduler(load_scheduler(raw, SOURCE).config, gamma=gamma)
+    theirs = diffusers.TCDScheduler.from_config(raw)
+    run = ours.set_timesteps(4)
+    theirs.set_timesteps(4)
+    x_ours = x_theirs = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2))
+    gen_ours, gen_theirs = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    for i, t in enumerate(theirs.timesteps):
+        x_ours = run.step(fake_model(x_ours, t), i, x_ours, generator=gen_ours)
+        x_theirs = theirs.step(fake_model(x_theirs, t), t, x_theirs, eta=gamma, generator=gen_theirs).prev_sample
+    assert_close(x_ours, x_theirs, f"tcd gamma={gamma}")

@@ -19,6 +19,7 @@ from difflower.reference.schedulers.flow_match_euler import (
     FlowMatchEulerScheduler,
     calculate_shift,
 )
+from difflower.reference.schedulers.lcm import LCMConfig, LCMScheduler
 from difflower.reference.schedulers.pndm import PNDMConfig, PNDMScheduler
 from difflower.reference.schedulers.registry import (
     SCHEDULER_CLASSES,
@@ -27,6 +28,7 @@ from difflower.reference.schedulers.registry import (
     scheduler_by_name,
     scheduler_names,
 )
+from difflower.reference.schedulers.tcd import TCDConfig, TCDScheduler
 
 __all__ = [
     "SCHEDULER_CLASSES",
@@ -43,10 +45,14 @@ __all__ = [
     "EulerScheduler",
     "FlowMatchEulerConfig",
     "FlowMatchEulerScheduler",
+    "LCMConfig",
+    "LCMScheduler",
     "PNDMConfig",
     "PNDMScheduler",
     "Scheduler",
     "SchedulerRun",
+    "TCDConfig",
+    "TCDScheduler",
     "calculate_shift",
     "load_scheduler",
     "scheduler_by_name",

@@ -22,7 +22,9 @@ from difflower.reference.schedulers.dpm_solver_multistep import DPMSolverMultist
 from difflower.reference.schedulers.euler import EulerScheduler
 from difflower.reference.schedulers.euler_ancestral import EulerAncestralScheduler
 from difflower.reference.schedulers.flow_match_euler import FlowMatchEulerScheduler
+from difflower.reference.schedulers.lcm import LCMScheduler
 from difflower.reference.schedulers.pndm import PNDMScheduler
+from difflower.reference.schedulers.tcd import TCDScheduler
 
 # Where a config that came from no file is said to come from, in error messages.
 _DEFAULT_SOURCE = Path("scheduler/scheduler_config.json")
@@ -38,6 +40,8 @@ SCHEDULER_CLASSES: tuple[_SchedulerClass, ...] = (
     EulerAncestralScheduler,
     DPMSolverMultistepScheduler,
     FlowMatchEulerScheduler,
+    LCMScheduler,
+    TCDScheduler,
 )
 _BY_CLASS_NAME: dict[str, _SchedulerClass] = {cls.class_name: cls for cls in SCHEDULER_CLASSES}
 
@@ -71,6 +75,9 @@ _NAMED: dict[str, _NamedScheduler] = {
         DPMSolverMultistepScheduler,
         {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
     ),
+    # Few-step samplers for consistency-distilled models (LCM, LCM-LoRA, TCD), 2-8 steps.
+    "lcm": _NamedScheduler(LCMScheduler, {}),
+    "tcd": _NamedScheduler(TCDScheduler, {}),
     "flow-euler": _NamedScheduler(FlowMatchEulerScheduler, {}),
 }
 
