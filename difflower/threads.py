@@ -6,6 +6,12 @@ on that core: on 2 cores beside one busy process, a 20-step tiny SD generation t
 with 2 threads against 0.5 s with 1. So the command line counts the cores that are idle when it
 starts (a short sample of /proc/stat) and gives torch that many threads, at least one; an
 explicit `--threads N` (or `DIFFLOWER_THREADS`, or `OMP_NUM_THREADS`) overrides the choice.
+
+The count alone cannot help when the other process arrives after start-up: then the spinning
+default wait policy made a tiny generation 43x slower (benchmarks/contention.py). OpenMP's
+PASSIVE policy keeps it within 1.5x, costs nothing measurable on a real-size step, and costs
+the tiny toy model ~3x on a quiet machine (its parallel regions are shorter than a wake-up);
+`OMP_WAIT_POLICY` set by the user wins.
 """
 
 from __future__ import annotations
