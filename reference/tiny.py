@@ -283,7 +283,11 @@ def _write_checkpoint(root: Path, spec: TinySpec, seed: int) -> None:
 
     # 2. text encoders and tokenizers (transformers classes)
     suffixes = ["", "_2", "_3"]
-    clip_tokenizer = build_clip_tokenizer()
+    clip_vocab = {clip.vocab_size for clip in spec.clips}
+    if len(clip_vocab) > 1:
+        sizes = ", ".join(str(size) for size in clip_vocab)
+        raise ValueError(f"the CLIP encoders of one checkpoint share a tokenizer; their vocab sizes differ ({sizes})")
+    clip_tokenizer = build_clip_tokenizer(next(iter(clip_vocab), None))
     for i, clip in enumerate(spec.clips):
         name = "text_encoder" + suffixes[i]
         class_name = _save_clip(root / name, clip, clip_tokenizer, seed + 2 + i)
@@ -346,8 +350,13 @@ def save_weights(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: 
     (folder / f"{WEIGHTS_NAME}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def build_clip_tokenizer() -> Any:
-    """A byte-level BPE CLIP tokenizer over every byte plus merges for a few common words."""
+def build_clip_tokenizer(vocab_size: int | None = None) -> Any:
+    """A byte-level BPE CLIP tokenizer over every byte plus merges for a few common words.
+
+    `vocab_size` pads the vocabulary with entries no text produces (`<|unused_N|>`), so a
+    real-size text encoder (CLIP's 49408 rows) gets a tokenizer of its own size; the ids of
+    the real entries do not change.
+    """
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import CLIPTokenizer
 
@@ -365,6 +374,10 @@ def build_clip_tokenizer() -> Any:
                 vocab[merged] = len(vocab)
                 merges.append(pair)
             pieces = [merged] + pieces[2:]
+    if vocab_size is not None:
+        if vocab_size < len(vocab):
+            raise ValueError(f"vocab_size {vocab_size} is below the tiny tokenizer's {len(vocab)} entries")
+        vocab.update({f"<|unused_{i}|>": i for i in range(len(vocab), vocab_size)})
     # transformers annotates merges as strings; its BPE takes the (left, right) pairs as well
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)  # type: ignore[arg-type]
 

@@ -12,7 +12,7 @@ import diffusers  # noqa: E402 - the oracle: missing it fails the suite, never s
 import pytest
 import torch
 
-from difflower.errors import ArgumentError
+from difflower.errors import ArgumentError, CheckpointError
 from difflower.reference.loading import load_components
 from difflower.reference.tiny import make_tiny_checkpoint
 
@@ -161,3 +161,20 @@ def test_clip_tensors_carry_the_text_model_prefix_every_transformers_reads(tiny_
             with safe_open(str(tiny_dirs[family] / name / "model.safetensors"), "pt") as handle:
                 keys = list(handle.keys())
             assert all(k.startswith("text_model.") or k == "text_projection.weight" for k in keys), keys[:3]
+
+
+def test_a_real_size_clip_gets_a_tokenizer_of_its_vocabulary(tmp_path):
+    # Real-size benchmark checkpoints pair CLIP's 49408-row embedding with the local tokenizer:
+    # padded with unused entries, it passes the loader's tokenizer check and keeps every id.
+    from difflower.reference.loading import check_tokenizer
+    from difflower.reference.tiny import build_clip_tokenizer
+
+    small, padded = build_clip_tokenizer(), build_clip_tokenizer(49408)
+    assert len(padded) == 49408
+    prompt = "a photograph of an astronaut riding a horse"
+    assert padded(prompt).input_ids == small(prompt).input_ids
+    check_tokenizer(padded, tmp_path, 49408, "text_encoder")
+    with pytest.raises(CheckpointError, match="embeds 49408"):
+        check_tokenizer(small, tmp_path, 49408, "text_encoder")
+    with pytest.raises(ValueError, match="below"):
+        build_clip_tokenizer(10)
