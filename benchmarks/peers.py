@@ -893,8 +893,9 @@ def main() -> None:
             "txt2img": f"{args.steps} steps (scheduler of the checkpoint: PNDM), guidance {args.guidance}, seed "
             f"{args.seed}, prompt {args.prompt!r}; a 2-step warm-up run, median of {args.e2e_runs}, interleaved",
             "phases": "one worker process per engine; diffusers eager in every phase is the baseline",
-            "openvino_compile": "PERFORMANCE_HINT=LATENCY, INFERENCE_PRECISION_HINT=f32 for fp32 (difflower's own "
-            "settings), the same for optimum-intel and GenAI",
+            "openvino_compile": "PERFORMANCE_HINT=LATENCY everywhere; difflower's engine compiles every artifact "
+            "with INFERENCE_PRECISION_HINT=f32; optimum-intel and GenAI get f32 for fp32 models and OpenVINO's default "
+            "for int8 (bf16 for the float ops on a CPU with bf16 units, as optimum-intel runs them)",
         },
         "checkpoint": str(checkpoint),
         "machine": machine(),
