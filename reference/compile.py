@@ -10,6 +10,7 @@ the unchanged checkpoint as before.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from difflower.errors import ArgumentError
@@ -31,4 +32,9 @@ def compile_regions(model: nn.Module, where: str = "model") -> int:
             count += 1
     if count == 0:
         raise ArgumentError("compile", f"{where} has no block difflower compiles regionally; load it without compile")
+    # Every instance of a block class shares one forward, and dynamo keeps one graph per shape of
+    # it up to `recompile_limit` (8), then runs the rest eagerly with a warning: SD1.5's UNet
+    # has resnet blocks of 14 distinct input shapes. Allow one graph per compiled block.
+    dynamo_config = torch._dynamo.config
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, count)
     return count

@@ -121,3 +121,14 @@ def test_several_buckets_share_one_dynamic_graph_and_compose_with_fused_qkv(tiny
         assert engine(inputs)["out_sample"].shape == (2, 4, 8, width)
     pipe = load_artifact(out)
     assert pipe.manifest.buckets[1].width == 96
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; this torch sees none")
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_cuda_packages_meet_their_gates_on_the_gpu(tiny_dirs, tmp_path, precision):
+    out = tmp_path / precision
+    manifest = export(tiny_dirs["sd"], "aoti", out, device="cuda", precision=precision, progress=False)
+    assert all(r.config["compiled_on"] == "cuda" and r.parity.passed for r in manifest.components.values())
+    assert validate_artifact(out, tiny_dirs["sd"], steps=2, device="cuda").passed
+    with pytest.raises(ArgumentError, match=r"compiled for cuda; a package runs where it was compiled for"):
+        make_engines(manifest, out, device="cpu")
