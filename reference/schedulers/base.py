@@ -132,6 +132,22 @@ class SchedulerBase(Generic[C]):
         raise NotImplementedError
 
 
+def predicted_original_sample(
+    prediction_type: str,
+    sample: torch.Tensor,
+    model_output: torch.Tensor,
+    sqrt_alpha_prod: float,
+    sqrt_beta_prod: float,
+) -> torch.Tensor:
+    """x_0 implied by the model output at x_t = sqrt(alpha_prod) x_0 + sqrt(1 - alpha_prod) eps
+    (DDPM, DDIM and LCM write it alike; v_prediction: Salimans & Ho 2022, section 2.4)."""
+    if prediction_type == "epsilon":
+        return (sample - sqrt_beta_prod * model_output) / sqrt_alpha_prod
+    if prediction_type == "sample":
+        return model_output
+    return sqrt_alpha_prod * sample - sqrt_beta_prod * model_output  # v_prediction
+
+
 def check_num_inference_steps(num_inference_steps: int, num_train_timesteps: int | None = None) -> None:
     """Raise ArgumentError unless 1 <= num_inference_steps (<= num_train_timesteps when given)."""
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):

@@ -19,6 +19,7 @@ from difflower.reference.schedulers.base import (
     SchedulerBase,
     TimestepSpacing,
     check_step_index,
+    predicted_original_sample,
     randn_like_diffusers,
 )
 from difflower.reference.schedulers.betas import add_noise_alpha_prod, alphas_cumprod_for, check_trained_betas
@@ -156,12 +157,9 @@ class DDPMRun:
         config = self._config
 
         # 1. predicted original sample (x_0)
-        if config.prediction_type == "epsilon":
-            pred_original_sample = (sample - c.sqrt_beta_prod * model_output) / c.sqrt_alpha_prod
-        elif config.prediction_type == "sample":
-            pred_original_sample = model_output
-        else:  # v_prediction
-            pred_original_sample = c.sqrt_alpha_prod * sample - c.sqrt_beta_prod * model_output
+        pred_original_sample = predicted_original_sample(
+            config.prediction_type, sample, model_output, c.sqrt_alpha_prod, c.sqrt_beta_prod
+        )
 
         # 2. clip x_0 (pixel-space models trained on [-1, 1])
         if config.clip_sample:
