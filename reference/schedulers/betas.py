@@ -8,10 +8,11 @@ the values (and everything derived from them) are bit-identical to diffusers'.
 from __future__ import annotations
 
 import math
+from typing import Generic, TypeVar
 
 import torch
 
-from difflower.reference.schedulers.base import BetaSchedule
+from difflower.reference.schedulers.base import BetaSchedule, check_step_index
 
 
 def make_betas(
@@ -119,3 +120,32 @@ def add_noise_alpha_prod(
     sqrt_alpha_prod = alpha_prod**0.5
     sqrt_one_minus_alpha_prod = (1 - alpha_prod) ** 0.5
     return sqrt_alpha_prod * original_samples + sqrt_one_minus_alpha_prod * noise
+
+
+StepT = TypeVar("StepT")
+ConfigT = TypeVar("ConfigT")
+
+
+class AlphaProductRun(Generic[StepT, ConfigT]):
+    """What the runs of the alpha-product samplers (DDPM, DDIM, LCM, TCD) share: the schedule and
+    its per-step coefficients, no input scaling, and q(x_t | x_0) for img2img. Each adds `step`."""
+
+    init_noise_sigma = 1.0
+    order = 1
+    sigmas = None
+
+    def __init__(self, timesteps: torch.Tensor, steps: list[StepT], alphas_cumprod: torch.Tensor, config: ConfigT):
+        self.timesteps = timesteps
+        self._steps = steps
+        self._timestep_values = [int(t) for t in timesteps.tolist()]
+        self._alphas_cumprod = alphas_cumprod
+        self._config = config
+
+    def scale_model_input(self, sample: torch.Tensor, step_index: int) -> torch.Tensor:
+        check_step_index(step_index, len(self._steps))
+        return sample
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, step_index: int) -> torch.Tensor:
+        """q(x_t | x_0) at t = timesteps[step_index]."""
+        check_step_index(step_index, len(self._steps))
+        return add_noise_alpha_prod(self._alphas_cumprod, self._timestep_values[step_index], original_samples, noise)

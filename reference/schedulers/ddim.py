@@ -22,7 +22,11 @@ from difflower.reference.schedulers.base import (
     predicted_original_sample,
     randn_like_diffusers,
 )
-from difflower.reference.schedulers.betas import add_noise_alpha_prod, alphas_cumprod_for, check_trained_betas
+from difflower.reference.schedulers.betas import (
+    AlphaProductRun,
+    alphas_cumprod_for,
+    check_trained_betas,
+)
 from difflower.reference.schedulers.spacing import discrete_timesteps
 
 
@@ -126,12 +130,8 @@ class _DDIMStep:
     std_dev: float
 
 
-class DDIMRun:
+class DDIMRun(AlphaProductRun[_DDIMStep, DDIMConfig]):
     """One DDIM sampling run; stateless between steps."""
-
-    init_noise_sigma = 1.0
-    order = 1
-    sigmas = None
 
     def __init__(
         self,
@@ -141,16 +141,8 @@ class DDIMRun:
         config: DDIMConfig,
         eta: float,
     ):
-        self.timesteps = timesteps
-        self._steps = steps
-        self._timestep_values = [int(t) for t in timesteps.tolist()]
-        self._alphas_cumprod = alphas_cumprod
-        self._config = config
+        super().__init__(timesteps, steps, alphas_cumprod, config)
         self._eta = eta
-
-    def scale_model_input(self, sample: torch.Tensor, step_index: int) -> torch.Tensor:
-        check_step_index(step_index, len(self._steps))
-        return sample
 
     def step(
         self,
@@ -188,8 +180,3 @@ class DDIMRun:
             noise = randn_like_diffusers(model_output.shape, generator, model_output.device, model_output.dtype)
             prev_sample = prev_sample + c.std_dev * noise
         return prev_sample
-
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, step_index: int) -> torch.Tensor:
-        """q(x_t | x_0) at t = timesteps[step_index]."""
-        check_step_index(step_index, len(self._steps))
-        return add_noise_alpha_prod(self._alphas_cumprod, self._timestep_values[step_index], original_samples, noise)

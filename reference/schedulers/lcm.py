@@ -26,7 +26,11 @@ from difflower.reference.schedulers.base import (
     predicted_original_sample,
     randn_like_diffusers,
 )
-from difflower.reference.schedulers.betas import add_noise_alpha_prod, alphas_cumprod_for, check_trained_betas
+from difflower.reference.schedulers.betas import (
+    AlphaProductRun,
+    alphas_cumprod_for,
+    check_trained_betas,
+)
 
 # The consistency models' data standard deviation, in their boundary condition (diffusers' sigma_data).
 SIGMA_DATA = 0.5
@@ -139,23 +143,8 @@ class _LCMStep:
     c_out: float
 
 
-class LCMRun:
+class LCMRun(AlphaProductRun[_LCMStep, LCMConfig]):
     """One LCM sampling run; stateless between steps."""
-
-    init_noise_sigma = 1.0
-    order = 1
-    sigmas = None
-
-    def __init__(self, timesteps: torch.Tensor, steps: list[_LCMStep], alphas_cumprod: torch.Tensor, config: LCMConfig):
-        self.timesteps = timesteps
-        self._steps = steps
-        self._timestep_values = [int(t) for t in timesteps.tolist()]
-        self._alphas_cumprod = alphas_cumprod
-        self._config = config
-
-    def scale_model_input(self, sample: torch.Tensor, step_index: int) -> torch.Tensor:
-        check_step_index(step_index, len(self._steps))
-        return sample
 
     def step(
         self,
@@ -184,8 +173,3 @@ class LCMRun:
             return denoised
         noise = randn_like_diffusers(model_output.shape, generator, model_output.device, denoised.dtype)
         return c.sqrt_alpha_prod_prev * denoised + c.sqrt_beta_prod_prev * noise
-
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, step_index: int) -> torch.Tensor:
-        """q(x_t | x_0) at t = timesteps[step_index]."""
-        check_step_index(step_index, len(self._steps))
-        return add_noise_alpha_prod(self._alphas_cumprod, self._timestep_values[step_index], original_samples, noise)

@@ -17,7 +17,7 @@ import torch
 
 from difflower.errors import ArgumentError
 from difflower.reference.schedulers.base import Generator, SchedulerBase, check_step_index, randn_like_diffusers
-from difflower.reference.schedulers.betas import add_noise_alpha_prod, alphas_cumprod_for
+from difflower.reference.schedulers.betas import AlphaProductRun, alphas_cumprod_for
 from difflower.reference.schedulers.lcm import LCMConfig, distillation_timesteps
 
 # diffusers' TCDScheduler takes exactly LCMScheduler's config.
@@ -94,12 +94,8 @@ class _TCDStep:
     noise_coeff: float
 
 
-class TCDRun:
+class TCDRun(AlphaProductRun[_TCDStep, TCDConfig]):
     """One TCD sampling run; stateless between steps."""
-
-    init_noise_sigma = 1.0
-    order = 1
-    sigmas = None
 
     def __init__(
         self,
@@ -109,16 +105,8 @@ class TCDRun:
         config: TCDConfig,
         gamma: float,
     ):
-        self.timesteps = timesteps
-        self._steps = steps
-        self._timestep_values = [int(t) for t in timesteps.tolist()]
-        self._alphas_cumprod = alphas_cumprod
-        self._config = config
+        super().__init__(timesteps, steps, alphas_cumprod, config)
         self._gamma = gamma
-
-    def scale_model_input(self, sample: torch.Tensor, step_index: int) -> torch.Tensor:
-        check_step_index(step_index, len(self._steps))
-        return sample
 
     def step(
         self,
@@ -149,8 +137,3 @@ class TCDRun:
             return pred_noised_sample
         noise = randn_like_diffusers(model_output.shape, generator, model_output.device, pred_noised_sample.dtype)
         return c.forward_coeff * pred_noised_sample + c.noise_coeff * noise
-
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, step_index: int) -> torch.Tensor:
-        """q(x_t | x_0) at t = timesteps[step_index]."""
-        check_step_index(step_index, len(self._steps))
-        return add_noise_alpha_prod(self._alphas_cumprod, self._timestep_values[step_index], original_samples, noise)
