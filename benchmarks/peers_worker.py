@@ -236,7 +236,27 @@ class Difflower(Engine):
         return image_to_float(out.images)
 
 
-class OptimumIntel(Engine):
+class OptimumPipeline(Engine):
+    """optimum's pipelines (OpenVINO and ONNX Runtime) share diffusers' call; their UNet config is a dict."""
+
+    pipe: Any
+
+    def e2e(self, prompt, seed, steps, guidance, height, width):
+        scale = self.pipe.vae_scale_factor
+        latents = initial_noise(seed, (1, self.pipe.unet.config.get("in_channels", 4), height // scale, width // scale))
+        out = self.pipe(
+            prompt,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=height,
+            width=width,
+            latents=latents,
+            output_type="np",
+        )
+        return image_to_float(out.images)
+
+
+class OptimumIntel(OptimumPipeline):
     """optimum-intel's OVStableDiffusionPipeline on an IR folder (its own export, or another's)."""
 
     def __init__(self, folder: str, static: list[int] | None = None, precision: str = "fp32", **_: Any):
@@ -267,22 +287,8 @@ class OptimumIntel(Engine):
         out = self.pipe.unet(sample=sample, timestep=t, encoder_hidden_states=context)
         return np.asarray(out["out_sample"] if "out_sample" in out else next(iter(out.values())))
 
-    def e2e(self, prompt, seed, steps, guidance, height, width):
-        scale = self.pipe.vae_scale_factor
-        latents = initial_noise(seed, (1, self.pipe.unet.config.get("in_channels", 4), height // scale, width // scale))
-        out = self.pipe(
-            prompt,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            height=height,
-            width=width,
-            latents=latents,
-            output_type="np",
-        )
-        return image_to_float(out.images)
 
-
-class OptimumORT(Engine):
+class OptimumORT(OptimumPipeline):
     """optimum's ORTStableDiffusionPipeline (optimum-onnx) on an ONNX folder, CPU provider."""
 
     def __init__(self, folder: str, **_: Any):
@@ -306,20 +312,6 @@ class OptimumORT(Engine):
             encoder_hidden_states=torch.from_numpy(context),
         )
         return np.asarray(out.out_sample if hasattr(out, "out_sample") else out[0])
-
-    def e2e(self, prompt, seed, steps, guidance, height, width):
-        scale = self.pipe.vae_scale_factor
-        latents = initial_noise(seed, (1, self.pipe.unet.config.get("in_channels", 4), height // scale, width // scale))
-        out = self.pipe(
-            prompt,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            height=height,
-            width=width,
-            latents=latents,
-            output_type="np",
-        )
-        return image_to_float(out.images)
 
 
 class GenAI(Engine):
