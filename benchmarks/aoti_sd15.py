@@ -34,19 +34,19 @@ from onnx_unet import CACHE, checkpoint, sd15_step_inputs  # noqa: E402
 from difflower.validate.bench import interleaved, machine_info, timed  # noqa: E402
 
 ARTIFACTS = {
-    "aoti": ("aoti", {"static": ["1x512x512"]}),
-    "onnxruntime": ("onnx", {}),
-    "openvino_static": ("openvino", {"static": ["1x512x512"]}),
+    "aoti": ("aoti", {"components": ["unet"], "static": ["1x512x512"]}),
+    "onnxruntime": ("onnx", {"components": ["unet"]}),
+    "openvino_static": ("openvino", {"components": ["unet"], "static": ["1x512x512"]}),
 }
 EXPORT = """
 import json, resource, sys, time
 from difflower.driver import export
 start = time.perf_counter()
-manifest = export(sys.argv[1], sys.argv[2], sys.argv[3], components=["unet"], progress=False, **json.loads(sys.argv[4]))
-record = manifest.components["unet"]
+manifest = export(sys.argv[1], sys.argv[2], sys.argv[3], progress=False, **json.loads(sys.argv[4]))
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_gib": peak, "parity": record.parity.summary,
-                  "compile_seconds": record.config.get("compile_seconds")}))
+components = {name: {"parity": r.parity.summary, "passed": r.parity.passed, "export_seconds": r.export_seconds,
+                     "compile_seconds": r.config.get("compile_seconds")} for name, r in manifest.components.items()}
+print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss_gib": peak, "components": components}))
 """
 
 

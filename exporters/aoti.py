@@ -11,7 +11,8 @@ such dim a `torch.export.Dim` bounded by the buckets' smallest and largest value
 then limiting the artifact to those buckets like every backend does.
 
 Precision: `fp32` (default), or `bf16` / `fp16` weights and compute, with fp32 inputs and outputs
-(the wrapper casts at its edges, like ONNX's keep_io_types). Device: `cpu` (default) or `cuda`;
+(the wrapper casts at its edges, like ONNX's keep_io_types); a VAE whose config sets
+`force_upcast` stays fp32 under `fp16`, as in the eager reference. Device: `cpu` (default) or `cuda`;
 a package runs only on the device type and the torch version it was compiled with, both
 recorded in the manifest. A package is compiled native code: the engine checks its sha256.
 """
@@ -34,6 +35,7 @@ from difflower.artifact.specs import ComponentSpec
 from difflower.errors import ArgumentError
 from difflower.exporters.common import ComponentExport, ExportOptions
 from difflower.exporters.torchscript import trace_device
+from difflower.reference.autoencoder_kl import VAEConfig
 from difflower.reference.loading import ModelIndex, read_vae_config
 
 DTYPES: dict[StoragePrecision, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -78,6 +80,14 @@ def dynamic_shapes(spec: ComponentSpec, options: ExportOptions, vae_scale_factor
     return out
 
 
+def compute_precision(spec: ComponentSpec, precision: StoragePrecision, vae: VAEConfig) -> StoragePrecision:
+    """The precision `spec` computes in under `--precision`: a VAE whose config sets force_upcast
+    (SDXL's overflows in fp16) stays fp32 under fp16, as the eager reference keeps it."""
+    if precision == "fp16" and spec.kind.startswith("vae") and vae.force_upcast:
+        return "fp32"
+    return precision
+
+
 class AotiExporter:
     """BackendExporter for AOTInductor packages."""
 
@@ -101,11 +111,13 @@ class AotiExporter:
         options: ExportOptions,
     ) -> ComponentExport:
         device = trace_device(options)
-        if options.precision != "fp32":
-            module = CastAtEdges(module, DTYPES[options.precision])
+        vae = read_vae_config(Path(options.source_root or ".") / "vae")
+        precision = compute_precision(spec, options.precision, vae)
+        if precision != "fp32":
+            module = CastAtEdges(module, DTYPES[precision])
         module = module.to(device).eval()
         args = tuple(t.to(device) for t in inputs.values())
-        factor = read_vae_config(Path(options.source_root or ".") / "vae").downscale_factor
+        factor = vae.downscale_factor
         shapes = dynamic_shapes(spec, options, factor)
         start = time.perf_counter()
         with torch.no_grad(), warnings.catch_warnings():
@@ -127,7 +139,7 @@ class AotiExporter:
                 "dynamic_dims": sorted(
                     {name for t in spec.inputs for axis, name in enumerate(t.shape) if axis in shapes[t.name]}
                 ),
-                "compute_precision": options.precision,
+                "compute_precision": precision,
             }
         )
 

@@ -9,6 +9,10 @@ export recorded before it is opened.
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -31,6 +35,37 @@ class _Package(torch.nn.Module):
         # Compiled kernels index inputs with the strides they were compiled for (contiguous); the
         # loop's timestep is an expanded (stride 0) tensor, read past its one element otherwise.
         return tuple(self.runner(*(a.contiguous() for a in args)))
+
+
+# Opens a package in a child process; the child's exit status is the verdict.
+LOAD_CHECK = "import sys, torch; torch._inductor.aoti_load_package(sys.argv[1])"
+_loader_checked: set[tuple[str, str]] = set()
+
+
+def check_loader(path: Path, device_type: str) -> None:
+    """Open the package at `path` in a child process before this process does, once per torch
+    version and device type: a loader that crashes takes the child down, not the user's process.
+
+    torch 2.11.0+cu130's AOTInductor loader segfaulted on the H200 machine lent to this project
+    opening every CUDA package, one nn.Linear's too (benchmarks/results/aoti-gpu-h200.json): in
+    process that is a dead interpreter and no message. A child that fails with a Python error is
+    left to the load in this process, which reports it as a CheckpointError."""
+    key = (torch.__version__, device_type)
+    if key in _loader_checked:
+        return
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_CHECK, str(path)], capture_output=True, text=True, cwd=tempfile.gettempdir()
+    )
+    if result.returncode < 0:
+        name = signal.Signals(-result.returncode).name
+        raise CheckpointError(
+            path,
+            f"torch {torch.__version__}'s AOTInductor loader crashed ({name}) opening this {device_type} package in a "
+            "check process; this torch build cannot run aoti packages here. Use another torch build, or run the "
+            "checkpoint with --compile, or export --backend torchscript",
+        )
+    if result.returncode == 0:
+        _loader_checked.add(key)
 
 
 def load_package(path: Path) -> _Package:
@@ -83,7 +118,10 @@ class AotiEngine(TorchEngine):
             raise ArgumentError("--device", problem)
         if threads:
             torch.set_num_threads(threads)
-        return cls(record, load_package(Path(folder) / record.name / FILE), str(wanted))
+        path = Path(folder) / record.name / FILE
+        if wanted.type == "cuda" and path.is_file():
+            check_loader(path, wanted.type)
+        return cls(record, load_package(path), str(wanted))
 
 
 ENGINE = AotiEngine

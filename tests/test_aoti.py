@@ -55,6 +55,36 @@ def test_a_package_runs_only_with_its_torch_and_its_device(aoti_unet, tmp_path):
         make_engines(Manifest.read(aoti_unet), aoti_unet, device="cuda")
 
 
+def test_a_loader_that_crashes_is_one_line_not_a_dead_process(aoti_unet, monkeypatch):
+    """torch 2.11's loader segfaulted opening CUDA packages on the lent H200: the engine opens a
+    package in a child first, so a crash there is a CheckpointError here (a CUDA-only check,
+    driven here on the CPU package)."""
+    from difflower.runtimes import aoti_engine
+
+    package = aoti_unet / "unet" / "model.pt2"
+    monkeypatch.setattr(aoti_engine, "_loader_checked", set())
+    monkeypatch.setattr(aoti_engine, "LOAD_CHECK", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    with pytest.raises(CheckpointError, match=r"model\.pt2: torch .*'s AOTInductor loader crashed \(SIGSEGV\)"):
+        aoti_engine.check_loader(package, "cpu")
+    monkeypatch.undo()
+    monkeypatch.setattr(aoti_engine, "_loader_checked", set())
+    aoti_engine.check_loader(package, "cpu")  # the real check: the package opens in the child
+    assert aoti_engine._loader_checked == {(torch.__version__, "cpu")}
+
+
+def test_an_fp16_package_keeps_a_force_upcast_vae_in_fp32():
+    from types import SimpleNamespace
+
+    from difflower.exporters.aoti import compute_precision
+    from difflower.reference.autoencoder_kl import VAEConfig
+
+    upcast, plain = VAEConfig(force_upcast=True), VAEConfig(force_upcast=False)
+    assert compute_precision(SimpleNamespace(kind="vae_decoder"), "fp16", upcast) == "fp32"
+    assert compute_precision(SimpleNamespace(kind="vae_encoder"), "fp16", plain) == "fp16"
+    assert compute_precision(SimpleNamespace(kind="vae_decoder"), "bf16", upcast) == "bf16"
+    assert compute_precision(SimpleNamespace(kind="unet"), "fp16", upcast) == "fp16"
+
+
 def test_a_changed_package_is_not_loaded(aoti_unet, tmp_path):
     """A package holds a shared library: it is opened only when it is the one the export wrote."""
     art = tmp_path / "art"
