@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -267,8 +268,21 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+# A Hub cache snapshot links each large file to `blobs/<sha256 of its content>` (the LFS object id).
+_HUB_BLOB = re.compile(r"[0-9a-f]{64}")
+
+
+def source_file_sha256(path: Path) -> str:
+    """sha256 of a source file; for a link into a Hub cache's blobs, the blob's name, which is that
+    sha256 (the Hub names LFS objects by it), so a many-GB snapshot is not read again."""
+    target = path.resolve()
+    if path.is_symlink() and target.parent.name == "blobs" and _HUB_BLOB.fullmatch(target.name):
+        return target.name
+    return sha256_file(path)
+
+
 def source_record(root: Path) -> dict[str, Any]:
     """The source checkpoint's path and the sha256 of every weight file in it."""
     root = Path(root).absolute()
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin", ".model"))
-    return {"path": str(root), "files": {str(p.relative_to(root)): sha256_file(p) for p in files}}
+    return {"path": str(root), "files": {str(p.relative_to(root)): source_file_sha256(p) for p in files}}

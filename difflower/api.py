@@ -6,17 +6,15 @@ runs the eager reference.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from difflower.errors import ArgumentError, CheckpointError
+from difflower.hub import resolve_checkpoint
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# `org/name` or `org/name@revision`: what a Hugging Face Hub repo id looks like.
-_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
 # Component folders only an exported artifact has (a checkpoint has unet/vae, not these).
 _ARTIFACT_FOLDERS = ("vae_decoder", "vae_encoder")
 
@@ -62,16 +60,17 @@ def load(
 ) -> Any:
     """The pipeline for whatever `path` holds.
 
-    An artifact folder (with difflower.json) runs its backend's engines (`engine` overrides:
-    "onnxruntime", "torch", ...; `engine_options` are that engine's own settings); a
-    diffusers-format checkpoint runs the eager reference.
+    `path` is a folder, or a Hugging Face Hub repo id `org/name[@revision]` (a checkpoint, fetched
+    into the Hub cache by difflower.hub). An artifact folder (with difflower.json) runs its
+    backend's engines (`engine` overrides: "onnxruntime", "torch", ...; `engine_options` are that
+    engine's own settings); a diffusers-format checkpoint runs the eager reference.
     `scheduler` swaps the scheduler by name (`euler`, `dpm++2m-karras`, ...). `compile` runs a
     checkpoint's denoiser and VAE blocks under torch.compile (regional compilation).
     """
     from difflower.artifact.manifest import MANIFEST_NAME
     from difflower.reference.pipeline import load_pipeline
 
-    path = Path(path)
+    path, _ = resolve_checkpoint(path, variant)
     if (path / MANIFEST_NAME).is_file():
         from difflower.runtimes.pipeline import load_artifact
 
@@ -101,12 +100,6 @@ def load(
             compile=compile,
         )
     if not path.exists():
-        if _REPO_ID.fullmatch(str(path)):
-            raise CheckpointError(
-                path,
-                "not a local folder. difflower reads local diffusers folders; if this is a Hugging Face Hub repo "
-                f"id, download it first: hf download {str(path).split('@')[0]} --local-dir DIR",
-            )
         raise CheckpointError(path, "not found")
     raise CheckpointError(path, "holds neither model_index.json (a diffusers checkpoint) nor difflower.json")
 

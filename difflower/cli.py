@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 
 from difflower.errors import ArgumentError, DifflowerError
 from difflower.exporters import BACKENDS
+from difflower.hub import is_repo_id
 from difflower.runtimes import ENGINES
 from difflower.threads import ThreadPolicy, prepare_process, threads_for_command
 
@@ -160,6 +161,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         args.model,
         dtype=args.dtype,
         device=args.device,
+        variant=args.variant,
         scheduler=args.scheduler,
         engine=args.engine,
         threads=args.threads,
@@ -187,7 +189,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     # 3. save
     metadata = {
         "difflower": difflower.__version__,
-        "model": str(Path(args.model).absolute()),
+        "model": str(args.model) if is_repo_id(args.model) else str(Path(args.model).absolute()),
         "prompt": args.prompt,
         "negative_prompt": args.negative_prompt or "",
         "seed": str(args.seed),
@@ -325,7 +327,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     shapes = manifest.shapes
     buckets = ", ".join("x".join(map(str, b)) for b in shapes.get("buckets", [])) or "any"
     print(f"{args.artifact}: {manifest.family} artifact, backend {manifest.backend}, precision {manifest.precision}")
-    print(f"  created {manifest.created_at} from {manifest.source.get('path')}")
+    hub = manifest.source.get("hub")
+    origin = f"{hub['repo_id']}@{hub['commit']} (revision {hub['revision']})" if hub else manifest.source.get("path")
+    print(f"  created {manifest.created_at} from {origin}")
     print(
         f"  shapes: {shapes.get('graph')} graphs, buckets {buckets}, CFG doubles the denoiser batch: "
         f"{shapes.get('cfg_doubles_denoiser_batch')}"
@@ -390,7 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.set_defaults(handler=_cmd_tiny)
 
     gen = commands.add_parser("generate", help="generate images with a checkpoint or an artifact")
-    gen.add_argument("model", type=Path, metavar="MODEL", help="a diffusers-format checkpoint or an artifact folder")
+    gen.add_argument(
+        "model", type=Path, metavar="MODEL", help="a diffusers-format checkpoint, a Hub repo id, or an artifact folder"
+    )
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default: the family's)")
@@ -404,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--mask", type=Path, default=None, help="inpainting mask (white = repaint)")
     gen.add_argument("--strength", type=finite_float, default=None, help="img2img/inpainting strength in [0, 1]")
     gen.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="checkpoints only (default fp32)")
+    gen.add_argument(
+        "--variant", default=None, help="checkpoints: the weights variant to read, e.g. fp16 (*.fp16.safetensors)"
+    )
     gen.add_argument("--device", default="cpu")
     gen.add_argument(
         "--compile", action="store_true", help="checkpoints: torch.compile the repeated blocks (slow first image)"
@@ -417,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(handler=_cmd_generate)
 
     exp = commands.add_parser("export", help="export a checkpoint to a backend artifact, checked against the reference")
-    exp.add_argument("model", type=Path, metavar="MODEL", help="diffusers-format checkpoint folder")
+    exp.add_argument("model", type=Path, metavar="MODEL", help="diffusers-format checkpoint folder or Hub repo id")
     exp.add_argument("--backend", required=True, choices=BACKENDS)
     exp.add_argument("--quantize", default=None, help="backend compression, e.g. int8-weight, int4-weight, int8")
     exp.add_argument("--auto-cast", default=None, choices=("none", "matmul", "all"), help="neuron: ops to cast")

@@ -34,6 +34,7 @@ from difflower.exporters.common import (
     plan_export,
     write_component,
 )
+from difflower.hub import resolve_checkpoint
 from difflower.validate.parity import exported_component_parity
 
 
@@ -54,7 +55,8 @@ def export(
     exporter: BackendExporter | None = None,
     **backend_options: Any,
 ) -> Manifest:
-    """Export checkpoint `model` to `backend` at `out`; returns the Manifest written.
+    """Export checkpoint `model` (a folder, or a Hub repo id `org/name[@revision]`) to `backend` at
+    `out`; returns the Manifest written.
 
     `precision` defaults to the backend's own default (fp32; fp16 for coreml).
     `backend_options` are the backend's own settings (e.g. `quantize` for openvino); a backend
@@ -74,12 +76,15 @@ def export(
         progress=progress,
         extra={k: v for k, v in backend_options.items() if v is not None},
     )
-    plan = plan_export(exporter, model, options)
+    folder, snapshot = resolve_checkpoint(model)
+    plan = plan_export(exporter, folder, options)
     device = str(plan.options.extra.get("device", "cpu"))
 
     with atomic_directory(out, overwrite, replaceable=not_an_artifact, protected=(plan.index.root,)) as tmp:
         copy_support_files(plan.index, tmp)
         manifest = plan.draft_manifest()
+        if snapshot is not None:
+            manifest.source["hub"] = snapshot.to_json()
         bar = tqdm(plan.specs, disable=not progress, desc="export", unit="component")
         for spec in bar:
             bar.set_description(f"exporting {spec.name} ({exporter.name})")

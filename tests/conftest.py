@@ -11,6 +11,18 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(autouse=True)
+def offline_hub(tmp_path_factory, monkeypatch):
+    """No test reaches the Hugging Face Hub: offline, with an empty cache of the test's own (a test
+    that needs a cached repo builds one there, see test_hub.py)."""
+    from huggingface_hub import constants
+
+    cache = tmp_path_factory.mktemp("hub-cache")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
     """{family: path} of the three tiny checkpoints (seed 0)."""

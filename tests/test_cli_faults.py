@@ -143,7 +143,9 @@ def test_a_deleted_manifest_and_a_hub_repo_id_get_their_own_messages(sd_onnx, tm
     assert main(["generate", str(broken), "--prompt", "a", "-o", str(tmp_path / "x.png")]) == 2
     assert "looks like a difflower artifact" in _one_line(capsys, f"difflower generate: error: {broken}/difflower.json")
     assert main(["generate", "stabilityai/sd-turbo", "--prompt", "a", "-o", str(tmp_path / "x.png")]) == 2
-    assert "hf download stabilityai/sd-turbo --local-dir" in _one_line(capsys, "difflower generate: error: ")
+    line = _one_line(capsys, "difflower generate: error: stabilityai/sd-turbo: no local folder of that name")
+    assert "not in the Hub cache" in line and "HF_HUB_OFFLINE is set" in line
+    assert "hf download stabilityai/sd-turbo --revision main" in line
 
 
 def _edit_manifest(folder, edit):

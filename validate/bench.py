@@ -32,6 +32,7 @@ import torch
 from difflower.artifact.manifest import ComponentRecord, Manifest
 from difflower.artifact.specs import ShapePlan, component_specs, example_inputs, spec_for_record, wrap_module
 from difflower.errors import ArgumentError
+from difflower.hub import resolve_checkpoint
 from difflower.machine import machine_record
 from difflower.reference.loading import read_model_index
 from difflower.reference.pipeline import load_pipeline
@@ -223,7 +224,8 @@ def bench(
         raise ArgumentError("--runs", f"needs at least 1 timed run and 0 or more warm-ups, got {runs} and {warmup}")
     targets = []
     if reference is not None:
-        targets.append(_Target("eager", Path(reference), None, TargetResult(str(reference), "reference")))
+        folder, _ = resolve_checkpoint(reference)
+        targets.append(_Target("eager", folder, None, TargetResult(str(reference), "reference")))
     for path in artifacts:
         manifest = Manifest.read(path)
         targets.append(_Target(Path(path).name, Path(path), manifest, TargetResult(str(path), manifest.backend)))
