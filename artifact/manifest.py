@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 from difflower.artifact.parity import ComponentParity
 from difflower.artifact.precision import PRECISIONS, Precision
 from difflower.errors import ArgumentError, CheckpointError
+from difflower.reference.lora import Lora, read_lora
 
 MANIFEST_NAME = "difflower.json"
 FORMAT = "difflower-artifact"
@@ -279,6 +281,27 @@ def source_file_sha256(path: Path) -> str:
     if path.is_symlink() and target.parent.name == "blobs" and _HUB_BLOB.fullmatch(target.name):
         return target.name
     return sha256_file(path)
+
+
+def lora_records(loras: Sequence[Lora]) -> list[dict[str, Any]]:
+    """What the manifest records of each fused LoRA: path, scale, format, modules and sha256."""
+    return [{**lora.to_json(), "sha256": sha256_file(lora.path)} for lora in loras]
+
+
+def recorded_loras(manifest: Manifest) -> list[Lora]:
+    """The LoRAs an artifact was exported with, read again from their recorded paths for the
+    reference side of a comparison; a file that is gone or changed is one line naming it."""
+    loras = []
+    for record in manifest.source.get("loras", []):
+        path = Path(record["path"])
+        if not path.is_file() or sha256_file(path) != record["sha256"]:
+            raise CheckpointError(
+                path,
+                f"the artifact's UNet/text encoders have this LoRA fused (sha256 {record['sha256'][:12]}...), and the "
+                "file is gone or changed; the reference needs the same file to compare with",
+            )
+        loras.append(read_lora(path, float(record["scale"])))
+    return loras
 
 
 def source_record(root: Path) -> dict[str, Any]:

@@ -9,6 +9,7 @@ with the classifier-free-guidance doubling of the denoiser batch accounted for.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -29,6 +30,7 @@ from difflower.reference.loading import (
     read_unet_config,
     read_vae_config,
 )
+from difflower.reference.lora import Lora, fuse_loras
 
 ComponentKind = Literal["text_encoder", "unet", "transformer", "vae_encoder", "vae_decoder"]
 
@@ -339,8 +341,8 @@ def wrap_module(spec: ComponentSpec, model: nn.Module) -> nn.Module:
     return module.eval().requires_grad_(False)
 
 
-def load_export_module(spec: ComponentSpec, root: Path) -> nn.Module:
-    """The reference module of `spec`, loaded fp32 on the CPU and wrapped for export."""
+def load_export_module(spec: ComponentSpec, root: Path, loras: Sequence[Lora] = ()) -> nn.Module:
+    """The reference module of `spec`, loaded fp32 on the CPU with `loras` fused, wrapped for export."""
     folder = Path(root) / spec.source
     if spec.kind == "text_encoder":
         model = load_text_encoder(folder, spec.class_name, torch.float32)
@@ -354,6 +356,8 @@ def load_export_module(spec: ComponentSpec, root: Path) -> nn.Module:
             model.decoder = model.post_quant_conv = None  # only the encoder half is exported (and carried)
         else:
             model.encoder = model.quant_conv = None  # only the decoder half is exported (and carried)
+    if loras and spec.kind in ("text_encoder", "unet", "transformer"):
+        fuse_loras(model, spec.source, loras)
     return wrap_module(spec, model)
 
 

@@ -6,6 +6,7 @@ runs the eager reference.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,7 @@ def load(
     engine: str | None = None,
     threads: int | None = None,
     compile: bool = False,
+    lora: Sequence[str | Path | tuple[str | Path, float]] | None = None,
     **engine_options: Any,
 ) -> Any:
     """The pipeline for whatever `path` holds.
@@ -65,9 +67,11 @@ def load(
     backend's engines (`engine` overrides: "onnxruntime", "torch", ...; `engine_options` are that
     engine's own settings); a diffusers-format checkpoint runs the eager reference.
     `scheduler` swaps the scheduler by name (`euler`, `dpm++2m-karras`, ...). `compile` runs a
-    checkpoint's denoiser and VAE blocks under torch.compile (regional compilation).
+    checkpoint's denoiser and VAE blocks under torch.compile (regional compilation). `lora` fuses
+    LoRA files into a checkpoint's denoiser and text encoders: `FILE`, `FILE:SCALE` or (file, scale).
     """
     from difflower.artifact.manifest import MANIFEST_NAME
+    from difflower.reference.lora import read_loras
     from difflower.reference.pipeline import load_pipeline
 
     path, _ = resolve_checkpoint(path, variant)
@@ -78,6 +82,8 @@ def load(
             raise ArgumentError("dtype", "an artifact computes in the precision it was exported with; drop --dtype")
         if compile:
             raise ArgumentError("compile", "compiles the eager reference; an artifact is compiled at export (aoti)")
+        if lora:
+            raise ArgumentError("--lora", "an artifact has its LoRAs fused at export (difflower info lists them)")
         return load_artifact(
             path, engine=engine, device=str(device), threads=threads, scheduler=scheduler, **engine_options
         )
@@ -98,6 +104,7 @@ def load(
             variant=variant,
             scheduler=scheduler,
             compile=compile,
+            loras=read_loras(lora),
         )
     if not path.exists():
         raise CheckpointError(path, "not found")

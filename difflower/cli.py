@@ -163,6 +163,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         device=args.device,
         variant=args.variant,
         scheduler=args.scheduler,
+        lora=args.lora,
         engine=args.engine,
         threads=args.threads,
         compile=args.compile,
@@ -243,6 +244,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         auto_cast_type=args.auto_cast_type,
         chunk_unet=args.chunk_unet or None,
         device=args.device,
+        lora=args.lora or (),
     )
     print(f"wrote {args.out} ({manifest.backend}, {manifest.precision}, {manifest.shapes['graph']} shapes)")
     print(f"  {'component':<16} {'export s':>8} {'MB':>9}  parity")
@@ -330,6 +332,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
     hub = manifest.source.get("hub")
     origin = f"{hub['repo_id']}@{hub['commit']} (revision {hub['revision']})" if hub else manifest.source.get("path")
     print(f"  created {manifest.created_at} from {origin}")
+    for lora in manifest.source.get("loras", []):
+        modules = ", ".join(f"{name} {count}" for name, count in lora["modules"].items())
+        detail = f"{lora['format']}; {modules} modules; sha256 {lora['sha256'][:12]}"
+        print(f"  LoRA fused: {lora['path']} x {lora['scale']} ({detail})")
     print(
         f"  shapes: {shapes.get('graph')} graphs, buckets {buckets}, CFG doubles the denoiser batch: "
         f"{shapes.get('cfg_doubles_denoiser_batch')}"
@@ -413,6 +419,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--variant", default=None, help="checkpoints: the weights variant to read, e.g. fp16 (*.fp16.safetensors)"
     )
+    gen.add_argument(
+        "--lora",
+        action="append",
+        metavar="FILE[:SCALE]",
+        help="fuse a LoRA (diffusers/peft or kohya .safetensors) into the denoiser and text encoders (repeatable)",
+    )
     gen.add_argument("--device", default="cpu")
     gen.add_argument(
         "--compile", action="store_true", help="checkpoints: torch.compile the repeated blocks (slow first image)"
@@ -453,6 +465,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--calibration-steps", type=positive_int, default=None, help="int8: steps per calibration prompt (10)"
     )
     exp.add_argument("--components", nargs="+", default=None, help="export only these components")
+    exp.add_argument(
+        "--lora",
+        action="append",
+        metavar="FILE[:SCALE]",
+        help="fuse a LoRA (diffusers/peft or kohya .safetensors) into the denoiser and text encoders (repeatable)",
+    )
     exp.add_argument("--no-cfg", action="store_true", help="static denoiser batch without guidance doubling")
     exp.add_argument("--device", default=None, help="torchscript, aoti: trace/compile on cpu (default) or cuda")
     exp.add_argument("--overwrite", action="store_true", help="replace --out if it is an earlier difflower artifact")

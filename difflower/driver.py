@@ -35,6 +35,7 @@ from difflower.exporters.common import (
     write_component,
 )
 from difflower.hub import resolve_checkpoint
+from difflower.reference.lora import read_loras
 from difflower.validate.parity import exported_component_parity
 
 
@@ -53,6 +54,7 @@ def export(
     overwrite: bool = False,
     progress: bool = True,
     exporter: BackendExporter | None = None,
+    lora: Sequence[str | Path | tuple[str | Path, float]] = (),
     **backend_options: Any,
 ) -> Manifest:
     """Export checkpoint `model` (a folder, or a Hub repo id `org/name[@revision]`) to `backend` at
@@ -61,7 +63,8 @@ def export(
     `precision` defaults to the backend's own default (fp32; fp16 for coreml).
     `backend_options` are the backend's own settings (e.g. `quantize` for openvino); a backend
     refuses the ones it does not know. `exporter` replaces the backend's exporter object (tests
-    give Neuron a CPU stand-in compiler).
+    give Neuron a CPU stand-in compiler). `lora` fuses LoRA files (`FILE`, `FILE:SCALE` or
+    (file, scale)) into the denoiser and text encoders before export; the manifest records them.
     """
     exporter = exporter or get_exporter(backend)
     options = ExportOptions(
@@ -75,6 +78,7 @@ def export(
         overwrite=overwrite,
         progress=progress,
         extra={k: v for k, v in backend_options.items() if v is not None},
+        loras=read_loras(lora),
     )
     folder, snapshot = resolve_checkpoint(model)
     plan = plan_export(exporter, folder, options)

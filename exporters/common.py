@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import torch
 
-from difflower.artifact.manifest import Bucket, ComponentRecord, Manifest, source_record
+from difflower.artifact.manifest import Bucket, ComponentRecord, Manifest, lora_records, source_record
 from difflower.artifact.precision import Precision, StoragePrecision, parse_storage_precision, quantized_precision
 from difflower.artifact.specs import (
     ComponentSpec,
@@ -44,6 +44,7 @@ from difflower.graph_passes.calibration import DENOISERS
 from difflower.graph_passes.fuse_qkv import fuse_qkv
 from difflower.machine import machine_record
 from difflower.reference.loading import ModelIndex, read_model_index, support_files
+from difflower.reference.lora import Lora, check_components
 from difflower.reference.spec import PipelineSpec, spec_from_configs
 from difflower.version import __version__
 
@@ -66,6 +67,7 @@ class ExportOptions:
     overwrite: bool = False
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+    loras: tuple[Lora, ...] = ()  # fused into the denoiser and text encoders before export
     source_root: Path | None = None  # set by plan_export: the checkpoint folder being exported
 
     def __post_init__(self) -> None:
@@ -158,7 +160,10 @@ class ExportPlan:
             family=self.index.family,
             backend=self.backend.name,
             precision=self.options.effective_precision,
-            source=source_record(self.index.root),
+            source={
+                **source_record(self.index.root),
+                **({"loras": lora_records(self.options.loras)} if self.options.loras else {}),
+            },
             pipeline=asdict(self.pipeline),
             components={},
             shapes=self.options.plan.to_json(),
@@ -181,6 +186,7 @@ def plan_export(backend: BackendExporter, model: Path | str, options: ExportOpti
         if bucket.height % multiple or bucket.width % multiple:
             raise ArgumentError("--static", f"{bucket}: height and width must be multiples of {multiple}")
     every = component_specs(index)
+    check_components(options.loras, set(index.components))
     options = replace(options, source_root=index.root)
     backend.check_options(options, index)
     return ExportPlan(backend, index, pipeline, options, _select(every, options.components), every)
@@ -220,7 +226,7 @@ def write_component(plan: ExportPlan, spec: ComponentSpec, out: Path) -> Written
     start = time.perf_counter()
     folder = out / spec.name
     folder.mkdir()
-    module = load_export_module(spec, plan.index.root)
+    module = load_export_module(spec, plan.index.root, options.loras)
     dims = options.plan.dims(plan.parity_bucket, plan.pipeline.vae_scale_factor)
     inputs = example_inputs(spec, dims)
 

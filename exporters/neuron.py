@@ -46,13 +46,14 @@ import torch
 
 from difflower.artifact import formats
 from difflower.artifact.formats import NEURON_FILE as FILE
-from difflower.artifact.manifest import sha256_file
+from difflower.artifact.manifest import lora_records, sha256_file
 from difflower.artifact.specs import ComponentSpec, load_export_module
 from difflower.errors import ArgumentError, DifflowerError
 from difflower.exporters.common import ComponentExport, ExportOptions
 from difflower.exporters.torchscript import check_traced_options
 from difflower.graph_passes.attention_variant import apply_attention_variant
 from difflower.reference.loading import ModelIndex
+from difflower.reference.lora import Lora
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,7 @@ class CompileJob:
     args: tuple[str, ...]
     compile_fn: CompileFn
     entry: Path  # its compile-cache folder: inputs.pt, compile.log, workdir/, then model.neuron and compile.json
+    loras: tuple[Lora, ...] = ()  # fused before compiling, as write_component fuses them
 
     @property
     def compiler(self) -> str:
@@ -171,6 +173,7 @@ def cache_key(job: CompileJob, inputs: Sequence[torch.Tensor]) -> str:
         "args": list(job.args),
         "attention": job.attention,
         "compiler": job.compiler,
+        "loras": lora_records(job.loras),
         "versions": versions,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
@@ -190,7 +193,7 @@ def _compile_child(job: CompileJob) -> None:
     with open(job.entry / "compile.log", "a") as sink:
         os.dup2(sink.fileno(), 1)
         os.dup2(sink.fileno(), 2)
-    module = load_export_module(job.spec, job.root)
+    module = load_export_module(job.spec, job.root, job.loras)
     if job.spec.kind != "text_encoder" and job.attention != "sdpa":  # as write_component did to the reference
         apply_attention_variant(module, job.attention, where=job.spec.name)
     inputs = tuple(torch.load(job.entry / "inputs.pt"))
@@ -276,7 +279,9 @@ class NeuronExporter:
         example = tuple(t.chunk(halves)[0].contiguous() for t in inputs.values())
         args = compiler_args(spec, cast_settings(options.precision, options.extra))
         cache = Path(options.extra.get("compile_cache") or DEFAULT_CACHE)
-        job = CompileJob(spec, Path(options.source_root), options.attention, tuple(args), self.compile_fn, cache)
+        job = CompileJob(
+            spec, Path(options.source_root), options.attention, tuple(args), self.compile_fn, cache, options.loras
+        )
         job = replace(job, entry=cache / cache_key(job, example))
 
         # 2. compile in a child process, unless an earlier run already did

@@ -17,6 +17,7 @@ of the torch modules: `TorchModelCalls` here, the runtimes' engine calls elsewhe
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from difflower.reference.images import ImageInput, OutputType, postprocess
 from difflower.reference.latents import prepare_latents
 from difflower.reference.loading import Family, load_components
 from difflower.reference.loop import denoise
+from difflower.reference.lora import Lora, check_components, fuse_loras
 from difflower.reference.memory import check_memory as check_request_memory
 from difflower.reference.model_calls import ModelCalls
 from difflower.reference.prompts import Conditioning, TextEncoderOutput
@@ -266,11 +268,17 @@ def load_pipeline(
     variant: str | None = None,
     scheduler: str | None = None,
     compile: bool = False,
+    loras: Sequence[Lora] = (),
 ) -> DiffusionPipeline:
     """The eager reference pipeline of a diffusers-format checkpoint folder; `compile` compiles
-    the denoiser's and the VAE's repeated blocks with torch.compile (see reference.compile)."""
+    the denoiser's and the VAE's repeated blocks with torch.compile (see reference.compile);
+    `loras` are fused into the denoiser and the text encoders (see reference.lora)."""
 
     index, components = load_components(path, dtype=dtype, variant=variant)
+    check_components(loras, set(index.components))
+    for name in ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        if loras and isinstance(components.get(name), torch.nn.Module):
+            fuse_loras(components[name], name, loras)
     spec = spec_from_configs(index)
     for name, component in components.items():
         if isinstance(component, torch.nn.Module):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from difflower.artifact.manifest import ComponentRecord
+from difflower.artifact.manifest import ComponentRecord, recorded_loras
 from difflower.artifact.specs import load_export_module, spec_for_record
 from difflower.runtimes.engine import Array, Engine, refuse_options, torch_dtype
 
@@ -34,7 +34,8 @@ class TorchEngine(Engine):
         refuse_options("torch", options)
         if threads:
             torch.set_num_threads(threads)
-        return cls(record, load_export_module(spec_for_record(record), Path(manifest.source["path"])), device)
+        source, loras = Path(manifest.source["path"]), recorded_loras(manifest)
+        return cls(record, load_export_module(spec_for_record(record), source, loras), device)
 
     @torch.no_grad()
     def run(self, inputs: Mapping[str, Array]) -> dict[str, torch.Tensor]:

@@ -6,10 +6,10 @@ from __future__ import annotations
 import dataclasses
 
 import diffusers  # the oracle: missing it fails the suite, never skips it
-import numpy as np
 import pytest
 import torch
-from parity_helpers import assert_run_matches
+from parity_helpers import assert_run_matches, diffusers_run, ours_run
+from parity_helpers import assert_same_as_diffusers as _assert_same
 
 from difflower.driver import export
 from difflower.errors import ArgumentError
@@ -49,39 +49,16 @@ def lcm_dirs(tmp_path_factory):
     return out
 
 
-def _diffusers_run(pipe, steps, **kwargs):
-    pipe.set_progress_bar_config(disable=True)
-    latents = []
-
-    def capture(_pipe, _i, _t, tensors):
-        latents.append(tensors["latents"].clone())
-        return tensors
-
-    out = pipe(PROMPT, num_inference_steps=steps, callback_on_step_end=capture, output_type="np", **kwargs)
-    return out.images, latents
-
-
-def _ours(pipe, steps, **kwargs):
-    return pipe(PROMPT, num_inference_steps=steps, output_type="np", return_trajectory=True, progress=False, **kwargs)
-
-
-def _assert_same(ours, images, latents):
-    assert len(ours.trajectory) == len(latents) > 0
-    for a, e in zip(ours.trajectory, latents, strict=True):
-        torch.testing.assert_close(a, e, atol=1e-4, rtol=0)
-    assert np.abs(ours.images - images).max() <= 1e-3
-
-
 @pytest.mark.parametrize("steps", [1, 2, 4])
 def test_lcm_pipeline_matches_diffusers(lcm_dirs, steps):
     """The w embedding, no CFG batch doubling, the boundary condition and the per-step noise."""
     theirs = diffusers.LatentConsistencyModelPipeline.from_pretrained(lcm_dirs["sd"], safety_checker=None)
-    images, latents = _diffusers_run(theirs, steps, generator=torch.Generator().manual_seed(5))
+    images, latents = diffusers_run(theirs, PROMPT, steps, generator=torch.Generator().manual_seed(5))
     pipe = load_pipeline(lcm_dirs["sd"])
     calls = []
     denoiser = pipe.calls.denoiser
     pipe.calls.denoiser = lambda s, t, c: calls.append(s.shape[0]) or denoiser(s, t, c)
-    ours = _ours(pipe, steps, generator=torch.Generator().manual_seed(5))
+    ours = ours_run(pipe, PROMPT, steps, generator=torch.Generator().manual_seed(5))
     _assert_same(ours, images, latents)
     assert calls == [1] * steps  # one denoiser call of batch 1 per step: guidance is an input, not a batch
 
@@ -97,16 +74,20 @@ def test_tcd_on_a_guidance_distilled_unet_matches_diffusers(lcm_dirs):
     """diffusers' Stable Diffusion pipeline with TCDScheduler and eta 0.3 (TCD's gamma)."""
     theirs = diffusers.StableDiffusionPipeline.from_pretrained(lcm_dirs["sd"], safety_checker=None)
     theirs.scheduler = diffusers.TCDScheduler.from_config(theirs.scheduler.config)
-    images, latents = _diffusers_run(theirs, 4, generator=torch.Generator().manual_seed(2), eta=0.3)
+    images, latents = diffusers_run(theirs, PROMPT, 4, generator=torch.Generator().manual_seed(2), eta=0.3)
     pipe = load_pipeline(lcm_dirs["sd"], scheduler="tcd")
-    _assert_same(_ours(pipe, 4, generator=torch.Generator().manual_seed(2), guidance_scale=7.5), images, latents)
+    _assert_same(
+        ours_run(pipe, PROMPT, 4, generator=torch.Generator().manual_seed(2), guidance_scale=7.5), images, latents
+    )
 
 
 def test_lcm_sdxl_matches_diffusers(lcm_dirs):
     theirs = diffusers.StableDiffusionXLPipeline.from_pretrained(lcm_dirs["sdxl"])
-    images, latents = _diffusers_run(theirs, 4, generator=torch.Generator().manual_seed(9), guidance_scale=6.0)
+    images, latents = diffusers_run(theirs, PROMPT, 4, generator=torch.Generator().manual_seed(9), guidance_scale=6.0)
     pipe = load_pipeline(lcm_dirs["sdxl"])
-    _assert_same(_ours(pipe, 4, generator=torch.Generator().manual_seed(9), guidance_scale=6.0), images, latents)
+    _assert_same(
+        ours_run(pipe, PROMPT, 4, generator=torch.Generator().manual_seed(9), guidance_scale=6.0), images, latents
+    )
 
 
 @pytest.mark.parametrize("scheduler", ["lcm", "tcd"])
@@ -116,9 +97,13 @@ def test_few_step_schedulers_by_name_on_a_plain_model_match_diffusers(tiny_dirs,
     cls = {"lcm": diffusers.LCMScheduler, "tcd": diffusers.TCDScheduler}[scheduler]
     theirs.scheduler = cls.from_config(theirs.scheduler.config)
     extra = {"eta": 0.3} if scheduler == "tcd" else {}
-    images, latents = _diffusers_run(theirs, 4, generator=torch.Generator().manual_seed(4), guidance_scale=2.0, **extra)
+    images, latents = diffusers_run(
+        theirs, PROMPT, 4, generator=torch.Generator().manual_seed(4), guidance_scale=2.0, **extra
+    )
     pipe = load_pipeline(tiny_dirs["sd"], scheduler=scheduler)
-    _assert_same(_ours(pipe, 4, generator=torch.Generator().manual_seed(4), guidance_scale=2.0), images, latents)
+    _assert_same(
+        ours_run(pipe, PROMPT, 4, generator=torch.Generator().manual_seed(4), guidance_scale=2.0), images, latents
+    )
 
 
 def test_lcm_refuses_more_steps_than_distilled(lcm_dirs):

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from difflower.artifact.manifest import ComponentRecord, Manifest, source_record
+from difflower.artifact.manifest import ComponentRecord, Manifest, recorded_loras, source_record
 from difflower.artifact.parity import ComponentParity, OutputParity
 from difflower.artifact.precision import Precision
 from difflower.artifact.specs import ShapePlan, example_inputs, load_export_module, spec_for_record
@@ -165,7 +165,8 @@ def validate_artifact(
     if not allow_source_mismatch:
         check_source(manifest, reference)
     pipe = load_artifact(artifact, engine=engine, device=device, **(engine_options or {}))
-    eager = load_pipeline(reference)
+    loras = recorded_loras(manifest)  # fused into the artifact, so into the reference it is held to
+    eager = load_pipeline(reference, loras=loras)
     plan = ShapePlan.of_manifest(manifest.shapes)
     bucket = plan.parity_bucket(pipe.spec.native_size)
     settings = {
@@ -189,7 +190,7 @@ def validate_artifact(
     for name, record in manifest.components.items():
         component = spec_for_record(record)
         inputs = example_inputs(component, dims, seed=seed + 1)
-        module = load_export_module(component, reference)
+        module = load_export_module(component, reference, loras)
         with torch.no_grad():
             expected = tuple(module(*inputs.values()))
         del module

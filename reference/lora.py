@@ -1,0 +1,242 @@
+"""LoRA fused into the reference modules' weights, as diffusers' `load_lora_weights` + `fuse_lora` does.
+
+Fusing before export gives every backend the adapted model at no run-time cost. Formats: the
+diffusers/peft one (`<component>.<module>.lora_A.weight` / `lora_B.weight`, with the adapter
+config diffusers writes in the safetensors metadata), diffusers' older one (`.lora.down.weight` /
+`.lora.up.weight`) and kohya's (`lora_unet_<module>` / `lora_te[12]_<module>` with `lora_down`,
+`lora_up` and `alpha`, module paths written with underscores; the original SD/SGM block names,
+`input_blocks` and so on, are not mapped and are refused as unmatched).
+
+A module's update is W += scale x (alpha / rank) x (up @ down), where alpha and rank follow
+diffusers' rules: the metadata's `lora_alpha` / `r` (and their per-module patterns); else the
+file's per-module alphas (kohya), the most common one for modules without; else alpha = rank.
+A LoRA whose keys do not all match a Linear or Conv2d of the model is an error, never a partial fuse.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from difflower.errors import ArgumentError, CheckpointError
+
+DENOISER = "denoiser"  # the UNet or the transformer, whichever the model has
+_PREFIXES = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+_KOHYA = {
+    "lora_unet_": DENOISER,
+    "lora_te_": "text_encoder",
+    "lora_te1_": "text_encoder",
+    "lora_te2_": "text_encoder_2",
+}
+_PAIRS = (  # (down suffix, up suffix, format)
+    (".lora_A.weight", ".lora_B.weight", "peft"),
+    (".lora.down.weight", ".lora.up.weight", "diffusers"),
+    (".lora_down.weight", ".lora_up.weight", "kohya"),
+)
+
+
+@dataclass
+class LoraUpdate:
+    """One module's low-rank update: up (out, rank[, 1, 1]) @ down (rank, in[, kh, kw]), times `scaling`."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    scaling: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    def delta(self) -> torch.Tensor:
+        down, up = self.down.float(), self.up.float()
+        product = up.flatten(1) @ down.flatten(1)
+        return (product * self.scaling).reshape(up.shape[0], *down.shape[1:])
+
+
+@dataclass
+class Lora:
+    """A LoRA file read for fusing: its updates by component and module path."""
+
+    path: Path
+    scale: float
+    format: str
+    # component -> module key -> update; kohya keys are module paths with '.' written as '_'
+    updates: dict[str, dict[str, LoraUpdate]] = field(default_factory=dict)
+
+    @property
+    def flat_keys(self) -> bool:
+        return self.format == "kohya"
+
+    def to_json(self) -> dict[str, Any]:
+        modules = {component: len(self.updates[component]) for component in sorted(self.updates)}
+        return {"path": str(self.path.absolute()), "scale": self.scale, "format": self.format, "modules": modules}
+
+
+def parse_lora_argument(value: str) -> tuple[Path, float]:
+    """`FILE` or `FILE:SCALE` (the command line's --lora) -> (path, scale)."""
+    path, sep, scale = value.rpartition(":")
+    if not sep or not path or Path(value).exists():
+        return Path(value), 1.0
+    try:
+        number = float(scale)
+    except ValueError:
+        raise ArgumentError("--lora", f"expected FILE or FILE:SCALE, got {value!r}") from None
+    if number != number or number in (float("inf"), float("-inf")):
+        raise ArgumentError("--lora", f"the scale must be a finite number, got {scale!r}")
+    return Path(path), number
+
+
+def read_loras(values: Iterable[str | Path | tuple[str | Path, float]] | None) -> tuple[Lora, ...]:
+    """LoRAs given as `FILE`, `FILE:SCALE` or (file, scale), read in order."""
+    loras = []
+    for value in values or ():
+        path, scale = value if isinstance(value, tuple) else parse_lora_argument(str(value))
+        loras.append(read_lora(path, float(scale)))
+    return tuple(loras)
+
+
+def read_lora(path: Path | str, scale: float = 1.0) -> Lora:
+    """The LoRA at `path` (a .safetensors file), checked and split by component."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, "LoRA file not found")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - not a dict
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(
+            path, f"not a readable safetensors file ({str(err)[:120]}); pass a LoRA .safetensors"
+        ) from None
+    if any("dora_scale" in key or "lora_magnitude_vector" in key for key in tensors):
+        raise CheckpointError(path, "a DoRA adapter; difflower fuses plain LoRA only")
+    fmt = next((f for down, _, f in _PAIRS if any(key.endswith(down) for key in tensors)), None)
+    if fmt is None:
+        sample = ", ".join(sorted(tensors)[:3]) or "none"
+        raise CheckpointError(path, f"no LoRA weights in the diffusers/peft or kohya format (keys like {sample})")
+    config = _adapter_config(path, metadata)
+    lora = Lora(path, scale, fmt)
+    down_suffix, up_suffix, _ = next(p for p in _PAIRS if p[2] == fmt)
+    pairs: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, float | None]]] = {}
+    for key in sorted(k for k in tensors if k.endswith(down_suffix)):
+        stem = key[: -len(down_suffix)]
+        up = tensors.get(stem + up_suffix)
+        if up is None:
+            raise CheckpointError(path, f"'{key}' has no '{stem + up_suffix}'; the LoRA file is incomplete")
+        alpha = tensors.get(stem + ".alpha")
+        component, module = _split(stem, fmt)
+        pairs.setdefault(component, {})[module] = (tensors[key], up, None if alpha is None else float(alpha))
+    for component, modules in pairs.items():
+        lora.updates[component] = _with_scaling(modules, config.get(component))
+    return lora
+
+
+def _split(stem: str, fmt: str) -> tuple[str, str]:
+    """(component, module key) of a LoRA key's stem."""
+    if fmt == "kohya":
+        for prefix, component in _KOHYA.items():
+            if stem.startswith(prefix):
+                return component, stem[len(prefix) :]
+        return DENOISER, stem
+    head, _, rest = stem.partition(".")
+    if head in ("unet", "transformer"):
+        return DENOISER, rest
+    if head in _PREFIXES:
+        return head, rest
+    return DENOISER, stem  # saved from the bare denoiser (no prefix), as diffusers assumes
+
+
+def _adapter_config(path: Path, metadata: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """diffusers' adapter config from the safetensors metadata, by component ({} when absent)."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    try:
+        flat = json.loads(raw)
+    except ValueError:
+        raise CheckpointError(path, "its 'lora_adapter_metadata' is not JSON; the file is damaged") from None
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        prefix, _, name = key.partition(".")
+        component = DENOISER if prefix in ("unet", "transformer") else prefix
+        out.setdefault(component, {})[name] = value
+    return out
+
+
+def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """peft's per-module pattern lookup: a pattern matches a module path's tail."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
+
+
+def _with_scaling(
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor, float | None]], config: dict[str, Any] | None
+) -> dict[str, LoraUpdate]:
+    """Each module's update with its alpha / rank, by diffusers' rules (see the module docstring)."""
+    alphas = [alpha for _, _, alpha in modules.values() if alpha is not None]
+    common_alpha = collections.Counter(alphas).most_common(1)[0][0] if alphas else None
+    out = {}
+    for module, (down, up, alpha) in modules.items():
+        rank = int(down.shape[0])
+        if config:
+            alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", rank))
+            rank = _pattern_value(config.get("rank_pattern") or {}, module, config.get("r", rank))
+        elif alpha is None:
+            alpha = common_alpha if common_alpha is not None else rank
+        out[module] = LoraUpdate(down, up, float(alpha) / float(rank))
+    return out
+
+
+def check_components(loras: Sequence[Lora], available: set[str]) -> None:
+    """Refuse a LoRA that updates a component the model does not have (an SDXL LoRA on SD 1.5...)."""
+    for lora in loras:
+        missing = sorted(c for c in lora.updates if c != DENOISER and c not in available)
+        if missing:
+            raise CheckpointError(
+                lora.path, f"updates {', '.join(missing)}, which this model does not have; is it for another family?"
+            )
+
+
+def fuse_loras(model: nn.Module, component: str, loras: Sequence[Lora]) -> int:
+    """Fuse every LoRA's updates for `component` into `model`'s weights in place; returns the
+    number of modules updated. `component` is the model's folder name (unet, text_encoder, ...)."""
+    key = DENOISER if component in ("unet", "transformer") else component
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    fused = 0
+    for lora in loras:
+        updates = lora.updates.get(key, {})
+        targets = {name.replace(".", "_"): m for name, m in layers.items()} if lora.flat_keys else layers
+        unmatched = sorted(set(updates) - set(targets))
+        if unmatched:
+            sample = ", ".join(unmatched[:3])
+            raise CheckpointError(
+                lora.path,
+                f"{len(unmatched)} of {len(updates)} {component} modules match no layer of this model ({sample}); "
+                "refusing a partial fuse. Is the LoRA for this model family (and in the diffusers, peft or kohya "
+                "layout)?",
+            )
+        with torch.no_grad():
+            for name, update in updates.items():
+                layer = targets[name]
+                delta = update.delta() * lora.scale
+                if delta.shape != layer.weight.shape:
+                    raise CheckpointError(
+                        lora.path,
+                        f"{component} layer '{name}' has weight {tuple(layer.weight.shape)} but the LoRA update is "
+                        f"{tuple(delta.shape)} (rank {update.rank}); the LoRA is for another model",
+                    )
+                layer.weight.copy_((layer.weight.float() + delta).to(layer.weight.dtype))
+                fused += 1
+    return fused

@@ -1,0 +1,204 @@
+"""LoRA fused before export (reference.lora), against diffusers' load_lora_weights + fuse_lora.
+
+The LoRA files are written by the field's own tools on the tiny checkpoints: peft adapters with
+random weights (init_lora_weights=False, so B is not zero) saved by diffusers' save_lora_weights
+(with the adapter config in the metadata), and the same weights renamed to kohya's layout with
+per-module alphas. diffusers, with peft as its LoRA backend, is the oracle.
+"""
+
+from __future__ import annotations
+
+import diffusers  # the oracle: missing it fails the suite, never skips it
+import pytest
+import torch
+from parity_helpers import assert_same_as_diffusers, diffusers_run, ours_run
+from safetensors.torch import load_file, save_file
+
+from difflower.artifact.manifest import Manifest
+from difflower.cli import main
+from difflower.driver import export
+from difflower.errors import ArgumentError, CheckpointError
+from difflower.reference.lora import parse_lora_argument, read_lora
+from difflower.reference.pipeline import load_pipeline
+from difflower.validate.parity import validate_artifact
+
+PROMPT = "a watercolor painting of a red castle"
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1"]  # conv1: a 3x3 conv LoRA
+TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def _add_adapter(model, rank: int, alpha: int, targets: list[str], seed: int) -> tuple[dict, dict]:
+    """A random peft adapter injected into `model`: (its state dict, its LoraConfig as a dict)."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False)
+    inject_adapter_in_model(config, model)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.mul_(0.5)  # keep the tiny model's activations in range
+    settings = {k: v for k, v in config.to_dict().items() if k not in ("peft_type", "task_type")}
+    settings["target_modules"] = sorted(settings["target_modules"])
+    return get_peft_model_state_dict(model), settings
+
+
+def _peft_fused(model, state_dict: dict, settings: dict, scale: float):
+    """`model` with the adapter merged by peft itself (its set_scale and merge)."""
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    inject_adapter_in_model(LoraConfig(**settings), model)
+    set_peft_model_state_dict(model, state_dict)
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.set_scale("default", scale)
+            module.merge()
+    return {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
+
+
+@pytest.fixture(scope="module")
+def lora_files(tiny_dirs, tmp_path_factory):
+    """{'peft': file, 'kohya': file, 'text_settings': ...}: one adapter on the tiny sd UNet (rank 4,
+    alpha 8) and text encoder (rank 2, alpha 2), in diffusers' peft layout and renamed to kohya's.
+
+    transformers 5.24 wants peft >= 0.22 for its own adapter methods and PyPI's newest is 0.21.2,
+    so the text encoder's adapter is injected, and its oracle merged, by peft directly."""
+    root = tmp_path_factory.mktemp("lora")
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(tiny_dirs["sd"], safety_checker=None)
+    unet_layers, unet_config = _add_adapter(pipe.unet, 4, 8, UNET_TARGETS, seed=1)
+    text_layers, text_config = _add_adapter(pipe.text_encoder, 2, 2, TEXT_TARGETS, seed=2)
+    diffusers.StableDiffusionPipeline.save_lora_weights(
+        root / "peft",
+        unet_lora_layers=unet_layers,
+        text_encoder_lora_layers=text_layers,
+        unet_lora_adapter_metadata=unet_config,
+        text_encoder_lora_adapter_metadata=text_config,
+    )
+    peft = root / "peft" / "pytorch_lora_weights.safetensors"
+    kohya: dict[str, torch.Tensor] = {}
+    for key, value in load_file(peft).items():
+        component, _, rest = key.partition(".")
+        module, _, which = rest.rpartition(".lora_")
+        prefix = {"unet": "lora_unet_", "text_encoder": "lora_te_"}[component]
+        name = prefix + module.replace(".", "_")
+        kohya[f"{name}.lora_{'down' if which.startswith('A') else 'up'}.weight"] = value
+        rank = value.shape[0] if which.startswith("A") else value.shape[1]
+        kohya[f"{name}.alpha"] = torch.tensor(float(rank * (2 if component == "unet" else 1)))  # peft's alphas
+    save_file(kohya, root / "kohya.safetensors")
+    text = {k.removeprefix("text_encoder."): v for k, v in text_layers.items()}
+    return {"peft": peft, "kohya": root / "kohya.safetensors", "text": (text, text_config)}
+
+
+def _fused_by_diffusers(checkpoint, files, fmt, scale):
+    """diffusers' pipeline with the LoRA fused: the UNet by diffusers (lora_state_dict converts kohya,
+    load_lora_adapter, fuse_lora), the text encoder by peft (see lora_files)."""
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(checkpoint, safety_checker=None)
+    state, alphas, metadata = pipe.lora_state_dict(str(files[fmt]), return_lora_metadata=True)
+    unet_state = {k: v for k, v in state.items() if k.startswith("unet.")}
+    pipe.unet.load_lora_adapter(
+        unet_state, prefix="unet", network_alphas=alphas, adapter_name="x", metadata=metadata, _pipeline=pipe
+    )
+    pipe.fuse_lora(components=["unet"], lora_scale=scale, adapter_names=["x"])
+    pipe.unet.unload_lora()
+    text_state, text_settings = files["text"]
+    merged = _peft_fused(pipe.text_encoder, text_state, text_settings, scale)
+    fresh = diffusers.StableDiffusionPipeline.from_pretrained(checkpoint, safety_checker=None).text_encoder
+    fresh.load_state_dict(merged)
+    pipe.text_encoder = fresh
+    return pipe
+
+
+@pytest.mark.parametrize("fmt", ["peft", "kohya"])
+def test_fused_weights_equal_diffusers_fuse_lora(tiny_dirs, lora_files, fmt):
+    theirs = _fused_by_diffusers(tiny_dirs["sd"], lora_files, fmt, 0.7)
+    ours = load_pipeline(tiny_dirs["sd"], loras=[read_lora(lora_files[fmt], 0.7)])
+    base = load_pipeline(tiny_dirs["sd"])
+    for name in ("unet", "text_encoder"):
+        mine, reference = getattr(ours, name).state_dict(), getattr(theirs, name).state_dict()
+        assert mine.keys() == reference.keys()
+        worst = max((mine[k] - reference[k]).abs().max().item() for k in mine)
+        assert worst <= 1e-5, (name, worst)
+        before = getattr(base, name).state_dict()
+        changed = sum(not torch.equal(mine[k], before[k]) for k in mine)
+        assert changed >= {"unet": 20, "text_encoder": 8}[name]  # every targeted layer moved
+
+
+def test_images_equal_diffusers_with_the_fused_lora(tiny_dirs, lora_files):
+    theirs = _fused_by_diffusers(tiny_dirs["sd"], lora_files, "peft", 0.8)
+    images, latents = diffusers_run(theirs, PROMPT, 3, generator=torch.Generator().manual_seed(3))
+    ours = load_pipeline(tiny_dirs["sd"], loras=[read_lora(lora_files["peft"], 0.8)])
+    out = ours_run(ours, PROMPT, 3, generator=torch.Generator().manual_seed(3))
+    assert_same_as_diffusers(out, images, latents)
+    plain = ours_run(load_pipeline(tiny_dirs["sd"]), PROMPT, 3, generator=torch.Generator().manual_seed(3))
+    assert (out.images - plain.images).__abs__().max() > 1e-2  # the LoRA changes the picture
+
+
+def test_an_export_carries_the_lora_and_validates_against_it(tiny_dirs, lora_files, tmp_path, capsys):
+    out = tmp_path / "art"
+    argv = ["export", str(tiny_dirs["sd"]), "--backend", "torchscript", "--out", str(out)]
+    assert main([*argv, "--lora", f"{lora_files['kohya']}:0.6"]) == 0
+    manifest = Manifest.read(out)
+    [record] = manifest.source["loras"]
+    assert record["format"] == "kohya" and record["scale"] == 0.6 and len(record["sha256"]) == 64
+    assert record["modules"] == {"denoiser": 66, "text_encoder": 8}
+    assert all(r.parity.passed for r in manifest.components.values())
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    shown = f"LoRA fused: {lora_files['kohya']} x 0.6 (kohya; denoiser 66, text_encoder 8 modules"
+    assert shown in capsys.readouterr().out
+    report = validate_artifact(out, tiny_dirs["sd"], steps=2)  # the reference fuses the recorded LoRA too
+    assert report.passed
+    # the artifact is the LoRA'd model: against the plain checkpoint its text encoder differs
+    plain = export(tiny_dirs["sd"], "torchscript", tmp_path / "plain", components=["text_encoder"], progress=False)
+    assert plain.source.get("loras") is None
+
+
+def test_a_lora_for_another_model_is_refused_with_counts(tiny_dirs, lora_files, tmp_path):
+    tensors = load_file(lora_files["kohya"])
+    renamed = {k.replace("lora_unet_down_blocks_0", "lora_unet_input_blocks_1"): v for k, v in tensors.items()}
+    save_file(renamed, tmp_path / "sgm.safetensors")
+    unmatched = r"sgm\.safetensors: \d+ of 66 unet modules match no layer .*input_blocks"
+    with pytest.raises(CheckpointError, match=unmatched):
+        load_pipeline(tiny_dirs["sd"], loras=[read_lora(tmp_path / "sgm.safetensors")])
+    with pytest.raises(CheckpointError, match="updates text_encoder_2, which this model does not have"):
+        te2 = {k.replace("lora_te_", "lora_te2_"): v for k, v in tensors.items()}
+        save_file(te2, tmp_path / "te2.safetensors")
+        load_pipeline(tiny_dirs["sd"], loras=[read_lora(tmp_path / "te2.safetensors")])
+    # the same module names at another width: the shape is named
+    wide = {k: torch.cat([v, v]) if k.endswith("attn1_to_q.lora_up.weight") else v for k, v in tensors.items()}
+    save_file(wide, tmp_path / "wide.safetensors")
+    with pytest.raises(CheckpointError, match=r"unet layer '.*attn1_to_q' has weight \(\d+, \d+\) but the LoRA"):
+        load_pipeline(tiny_dirs["sd"], loras=[read_lora(tmp_path / "wide.safetensors")])
+
+
+def test_bad_lora_input_is_one_line(tiny_dirs, tmp_path, capsys):
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not safetensors")
+    png = str(tmp_path / "x.png")
+    base = ["generate", str(tiny_dirs["sd"]), "--prompt", "a", "--steps", "1", "-o", png]
+    assert main([*base, "--lora", str(junk)]) == 2
+    assert "junk.safetensors: not a readable safetensors file" in capsys.readouterr().err
+    save_file({"some.weight": torch.zeros(2)}, tmp_path / "plain.safetensors")
+    assert main([*base, "--lora", str(tmp_path / "plain.safetensors")]) == 2
+    assert "no LoRA weights in the diffusers/peft or kohya format (keys like some.weight)" in capsys.readouterr().err
+    assert main([*base, "--lora", f"{tmp_path / 'missing.safetensors'}:0.5"]) == 2
+    assert "missing.safetensors: LoRA file not found" in capsys.readouterr().err
+    with pytest.raises(ArgumentError, match="expected FILE or FILE:SCALE"):
+        parse_lora_argument("a.safetensors:strong")
+    assert parse_lora_argument("a.safetensors:0.5") == (tmp_path.__class__("a.safetensors"), 0.5)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_generate_with_a_lora_writes_the_lora_image(tiny_dirs, lora_files, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    png = tmp_path / "x.png"
+    argv = ["generate", str(tiny_dirs["sd"]), "--prompt", PROMPT, "--steps", "2", "-o", str(png)]
+    assert main([*argv, "--lora", f"{lora_files['peft']}:0.5"]) == 0
+    expected = load_pipeline(tiny_dirs["sd"], loras=[read_lora(lora_files["peft"], 0.5)])(
+        PROMPT, num_inference_steps=2, seed=0, progress=False
+    ).images[0]
+    assert np.array_equal(np.asarray(Image.open(png)), np.asarray(expected))
