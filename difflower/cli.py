@@ -143,6 +143,22 @@ def _cmd_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from difflower.reference.single_file import convert_single_file
+
+    if args.config_from is None:
+        raise ArgumentError(
+            "--config-from",
+            "a single file holds weights only: pass the diffusers folder or Hub repo id of its base model "
+            "(configs, tokenizers, scheduler), e.g. stable-diffusion-v1-5/stable-diffusion-v1-5",
+        )
+    out = convert_single_file(
+        args.file, args.config_from, args.out, prediction_type=args.prediction_type, overwrite=args.overwrite
+    )
+    print(f"wrote {out} (diffusers format, from {args.file} with the configs of {args.config_from})")
+    return 0
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     # 1. everything that can be checked before a model is loaded
     paths = _output_paths(args.output, args.num_images)
@@ -398,6 +414,23 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=non_negative_int, default=0)
     tiny.add_argument("--overwrite", action="store_true", help="replace DIR if it is a tiny checkpoint difflower wrote")
     tiny.set_defaults(handler=_cmd_tiny)
+
+    conv = commands.add_parser(
+        "convert", help="convert a single-file checkpoint (SD 1.x/2.x, SDXL) to a diffusers folder"
+    )
+    conv.add_argument("file", type=Path, metavar="FILE", help="the .safetensors single file")
+    conv.add_argument("--out", type=Path, required=True, help="the diffusers folder to write")
+    conv.add_argument(
+        "--config-from", default=None, metavar="MODEL", help="diffusers folder or Hub repo id of the same architecture"
+    )
+    conv.add_argument(
+        "--prediction-type",
+        choices=("epsilon", "v_prediction"),
+        default=None,
+        help="override (SD 2.x 768: v_prediction)",
+    )
+    conv.add_argument("--overwrite", action="store_true", help="replace --out if an earlier convert wrote it")
+    conv.set_defaults(handler=_cmd_convert)
 
     gen = commands.add_parser("generate", help="generate images with a checkpoint or an artifact")
     gen.add_argument(

@@ -1,0 +1,340 @@
+"""Single-file checkpoints in their authors' layouts, converted to a diffusers folder.
+
+Layouts: the original Stable Diffusion 1.x (LDM: `model.diffusion_model.*`,
+`first_stage_model.*`, `cond_stage_model.transformer.*`), 2.x (the same with OpenCLIP-H as
+`cond_stage_model.model.*`) and SDXL base (SGM: `conditioner.embedders.0.transformer.*` for
+CLIP-L and `conditioner.embedders.1.model.*` for OpenCLIP-bigG). A single file holds weights
+only: the configs, tokenizers and scheduler come from `config_from`, a diffusers folder (or Hub
+repo id) of the same architecture, as diffusers' `from_single_file(config=...)` takes them.
+
+Each target tensor is named by its diffusers key and found in the file by the layout's rules
+(below); every tensor the model needs must be there at its shape, and every tensor of a section
+the conversion reads must be used (OpenCLIP's unused last block and its logit scale excepted),
+so a file of another architecture is refused, never half-converted.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from difflower.atomic import atomic_directory
+from difflower.errors import ArgumentError, CheckpointError
+from difflower.hub import resolve_checkpoint
+from difflower.reference.autoencoder_kl import AutoencoderKL
+from difflower.reference.config import read_json
+from difflower.reference.loading import (
+    ModelIndex,
+    read_model_index,
+    read_unet_config,
+    read_vae_config,
+    support_files,
+)
+from difflower.reference.unet_2d_condition import UNet2DConditionModel
+
+MARKER = "difflower_convert.json"  # written beside model_index.json: the folder is a conversion's
+_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
+           "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}  # fmt: skip
+_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+_OPENCLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+                   "self_attn.out_proj": "attn.out_proj"}  # fmt: skip
+
+# layout -> (family, {component: (prefix in the file, text encoder kind)})
+LAYOUTS: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
+    "sd1": ("sd", {"text_encoder": ("cond_stage_model.transformer.", "hf")}),
+    "sd2": ("sd", {"text_encoder": ("cond_stage_model.model.", "openclip")}),
+    "sdxl": (
+        "sdxl",
+        {
+            "text_encoder": ("conditioner.embedders.0.transformer.", "hf"),
+            "text_encoder_2": ("conditioner.embedders.1.model.", "openclip"),
+        },
+    ),
+}
+UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
+
+
+def detect_layout(keys: set[str], path: Path) -> str:
+    """sd1, sd2 or sdxl, from the file's key names (as diffusers' from_single_file infers them)."""
+    if not any(k.startswith(UNET_PREFIX) for k in keys):
+        if any(k.startswith(("double_blocks.", "model.diffusion_model.double_blocks.")) for k in keys):
+            raise CheckpointError(path, "a FLUX.1 single file; difflower does not run Flux yet")
+        if any(k.startswith(("joint_blocks.", "model.diffusion_model.joint_blocks.")) for k in keys):
+            raise CheckpointError(path, "an SD3 single file; its conversion is not written yet")
+        raise CheckpointError(path, "no 'model.diffusion_model.*' tensors: not an SD 1.x/2.x or SDXL single file")
+    if any(k.startswith("conditioner.embedders.1.model.") for k in keys):
+        return "sdxl"
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        return "sd2"
+    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
+        return "sd1"
+    raise CheckpointError(path, "no text encoder tensors (cond_stage_model / conditioner); pass a full checkpoint")
+
+
+def unet_source(key: str, layers: int, with_attention: list[bool]) -> str:
+    """The LDM/SGM name (without prefix) of diffusers UNet tensor `key`; `layers` per down block."""
+    fixed = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+             "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+             "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2"}  # fmt: skip
+    module, _, leaf = key.rpartition(".")
+    if module in fixed:
+        return f"{fixed[module]}.{leaf}"
+    parts = key.split(".")
+    if parts[0] == "mid_block":
+        index = {"resnets": [0, 2], "attentions": [1]}[parts[1]][int(parts[2])]
+        return f"middle_block.{index}.{_resnet_rest(parts[1], parts[3:])}"
+    block, kind, rest = int(parts[1]), parts[2], parts[3:]
+    if parts[0] == "down_blocks":
+        if kind == "downsamplers":
+            return f"input_blocks.{(block + 1) * (layers + 1)}.0.op.{'.'.join(rest[2:])}"
+        layer = 1 + block * (layers + 1) + int(rest[0])
+        return f"input_blocks.{layer}.{0 if kind == 'resnets' else 1}.{_resnet_rest(kind, rest[1:])}"
+    if kind == "upsamplers":
+        slot = 2 if with_attention[block] else 1  # after the layer's resnet (and its attention)
+        return f"output_blocks.{block * (layers + 1) + layers}.{slot}.conv.{rest[2]}"
+    layer = block * (layers + 1) + int(rest[0])
+    return f"output_blocks.{layer}.{0 if kind == 'resnets' else 1}.{_resnet_rest(kind, rest[1:])}"
+
+
+def _resnet_rest(kind: str, rest: list[str]) -> str:
+    if kind != "resnets":
+        return ".".join(rest)
+    return f"{_RESNET.get(rest[0], rest[0])}.{'.'.join(rest[1:])}"
+
+
+def vae_source(key: str, blocks: int) -> str:
+    """The LDM name (without prefix) of diffusers VAE tensor `key`; `blocks` down (= up) blocks."""
+    parts = key.split(".")
+    if parts[0] in ("quant_conv", "post_quant_conv"):
+        return key
+    coder, rest = parts[0], parts[1:]
+    if rest[0] in ("conv_in", "conv_out"):
+        return key
+    if rest[0] == "conv_norm_out":
+        return f"{coder}.norm_out.{rest[1]}"
+    if rest[0] == "mid_block":
+        if rest[1] == "resnets":
+            return f"{coder}.mid.block_{int(rest[2]) + 1}.{_vae_resnet(rest[3:])}"
+        module = ".".join(rest[3:-1])
+        return f"{coder}.mid.attn_1.{_VAE_ATTENTION[module]}.{rest[-1]}"
+    block = int(rest[1])
+    stage, name = ("down", "downsample") if coder == "encoder" else ("up", "upsample")
+    index = block if coder == "encoder" else blocks - 1 - block
+    if rest[2] in ("downsamplers", "upsamplers"):
+        return f"{coder}.{stage}.{index}.{name}.conv.{rest[-1]}"
+    return f"{coder}.{stage}.{index}.block.{rest[3]}.{_vae_resnet(rest[4:])}"
+
+
+def _vae_resnet(rest: list[str]) -> str:
+    return ".".join(["nin_shortcut" if rest[0] == "conv_shortcut" else rest[0], *rest[1:]])
+
+
+def openclip_source(key: str) -> tuple[str, int | None]:
+    """The OpenCLIP name of transformers CLIP tensor `key`, and which third of a fused q/k/v
+    projection it is (None when it is the whole tensor)."""
+    fixed = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+             "text_model.embeddings.position_embedding.weight": "positional_embedding",
+             "text_model.final_layer_norm.weight": "ln_final.weight",
+             "text_model.final_layer_norm.bias": "ln_final.bias",
+             "text_projection.weight": "text_projection"}  # fmt: skip
+    if key in fixed:
+        return fixed[key], None
+    match = re.fullmatch(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", key)
+    if match is None:
+        raise KeyError(key)
+    layer, module, leaf = match.groups()
+    if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+        return f"transformer.resblocks.{layer}.attn.in_proj_{leaf}", "qkv".index(module[10])
+    return f"transformer.resblocks.{layer}.{_OPENCLIP_LAYER[module]}.{leaf}", None
+
+
+class SingleFile:
+    """A single-file checkpoint, read tensor by tensor, remembering which tensors were used."""
+
+    def __init__(self, path: Path):
+        from safetensors import SafetensorError, safe_open
+
+        if path.suffix != ".safetensors":
+            raise CheckpointError(path, "difflower converts .safetensors single files only (a .ckpt is a pickle)")
+        try:
+            self.handle = safe_open(str(path), framework="pt")
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(path, f"not a readable safetensors file ({str(err)[:120]})") from None
+        self.path = path
+        self.keys = set(self.handle.keys())  # noqa: SIM118 - not a dict
+        self.used: set[str] = set()
+
+    def take(self, name: str, component: str, key: str) -> torch.Tensor:
+        if name not in self.keys:
+            raise CheckpointError(self.path, f"{component} tensor '{key}' needs '{name}', which the file lacks")
+        self.used.add(name)
+        return self.handle.get_tensor(name)
+
+    def unused(self, prefix: str, allowed: Callable[[str], bool] = lambda _: False) -> list[str]:
+        return sorted(k for k in self.keys if k.startswith(prefix) and k not in self.used and not allowed(k))
+
+
+def _converted(
+    file: SingleFile, component: str, model: torch.nn.Module, source: Callable[[str], tuple[str, int | None]]
+) -> dict[str, torch.Tensor]:
+    """`model`'s state dict (it lives on the meta device: names and shapes) filled from `file`."""
+    out = {}
+    for key, meta in model.state_dict().items():
+        name, third = source(key)
+        tensor = file.take(name, component, key)
+        if third is not None:
+            tensor = tensor.chunk(3, dim=0)[third]
+        if name.endswith(".text_projection"):
+            tensor = tensor.t()  # OpenCLIP multiplies by it from the right
+        elif tensor.ndim == 4 and meta.ndim == 2 and tensor.numel() == meta.numel():
+            tensor = tensor.reshape(meta.shape)  # LDM's VAE attention projections are 1x1 convolutions
+        if tensor.shape != meta.shape:
+            raise CheckpointError(
+                file.path,
+                f"{component} tensor '{key}' ({name}) is {tuple(tensor.shape)}, the config wants {tuple(meta.shape)}; "
+                "is --config-from this model's architecture?",
+            )
+        out[key] = tensor.contiguous()
+    return out
+
+
+def _text_encoder(folder: Path, class_name: str) -> torch.nn.Module:
+    import transformers
+
+    config = getattr(transformers, class_name.replace("WithProjection", "").replace("Model", "Config"))
+    with torch.device("meta"):
+        return getattr(transformers, class_name)(config.from_pretrained(folder))
+
+
+def convert_single_file(
+    path: Path | str,
+    config_from: Path | str,
+    out: Path | str,
+    *,
+    prediction_type: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the diffusers folder of single-file checkpoint `path` at `out` (atomically); the
+    configs, tokenizers and scheduler come from `config_from`, a diffusers folder or Hub repo id."""
+    from safetensors.torch import save_file
+
+    path, out = Path(path), Path(out)
+    if not path.is_file():
+        raise CheckpointError(path, "not found")
+    folder, _ = resolve_checkpoint(config_from)
+    index = read_model_index(folder)
+    file = SingleFile(path)
+    layout = detect_layout(file.keys, path)
+    family, encoders = LAYOUTS[layout]
+    if index.family != family:
+        raise ArgumentError(
+            "--config-from", f"{index.root} is an {index.family} checkpoint; this file is {layout}: pass a {family} one"
+        )
+    if prediction_type not in (None, "epsilon", "v_prediction"):
+        raise ArgumentError("--prediction-type", f"epsilon or v_prediction, got {prediction_type!r}")
+    with atomic_directory(out, overwrite, "--out", replaceable=not_a_conversion, protected=(index.root, path)) as tmp:
+        _copy_configs(index, tmp)
+        unet_config = read_unet_config(index.root / "unet")
+        layers = unet_config.layers_per_block
+        if not isinstance(layers, int):
+            raise CheckpointError(index.root / "unet" / "config.json", "per-block layers_per_block is not converted")
+        attention = ["CrossAttn" in t for t in unet_config.up_block_types]
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(unet_config)
+            vae = AutoencoderKL(read_vae_config(index.root / "vae"))
+        blocks = len(read_vae_config(index.root / "vae").block_out_channels)
+        parts = {
+            "unet": _converted(file, "unet", unet, lambda k: (UNET_PREFIX + unet_source(k, layers, attention), None)),
+            "vae": _converted(file, "vae", vae, lambda k: (VAE_PREFIX + vae_source(k, blocks), None)),
+        }
+        for name, (prefix, kind) in encoders.items():
+            if name not in index.components:
+                raise ArgumentError("--config-from", f"{index.root} has no {name}, which this {layout} file holds")
+            model = _text_encoder(index.root / name, index.components[name][1])
+            parts[name] = _converted(file, name, model, _text_source(prefix, kind, file.keys))
+        _refuse_unused(file, encoders)
+        for name, state in parts.items():
+            stem = "diffusion_pytorch_model" if name in ("unet", "vae") else "model"
+            save_file(state, str(tmp / name / f"{stem}.safetensors"), metadata={"format": "pt"})
+        if prediction_type is not None:
+            scheduler = tmp / "scheduler" / "scheduler_config.json"
+            config = read_json(scheduler)
+            config["prediction_type"] = prediction_type
+            scheduler.write_text(json.dumps(config, indent=2) + "\n")
+        record = {"source": str(path.absolute()), "layout": layout, "config_from": str(index.root)}
+        (tmp / MARKER).write_text(json.dumps(record, indent=2) + "\n")
+    return out
+
+
+def canonical_clip_key(key: str) -> str:
+    """A transformers CLIP tensor name in the layout single files use (`text_model.` first):
+    transformers 5 names CLIPTextModel's tensors without that level, WithProjection's with it."""
+    return key if key.startswith("text_model.") or key == "text_projection.weight" else "text_model." + key
+
+
+def _text_source(prefix: str, kind: str, keys: set[str]) -> Callable[[str], tuple[str, int | None]]:
+    if kind == "openclip":
+
+        def source(key: str) -> tuple[str, int | None]:
+            name, third = openclip_source(canonical_clip_key(key))
+            return prefix + name, third
+
+        return source
+    # transformers CLIP names; older files lack the 'text_model.' level
+    bare = not any(k.startswith(prefix + "text_model.") for k in keys)
+    return lambda k: (
+        prefix + (canonical_clip_key(k).removeprefix("text_model.") if bare else canonical_clip_key(k)),
+        None,
+    )
+
+
+def _refuse_unused(file: SingleFile, encoders: dict[str, tuple[str, str]]) -> None:
+    """Every tensor of a section read must have been used: leftovers mean another architecture."""
+    leftovers = file.unused(UNET_PREFIX) + file.unused(VAE_PREFIX, lambda n: "loss" in n)
+    for prefix, kind in encoders.values():
+        leftovers += file.unused(prefix, _ignorable(file, prefix, kind))
+    if leftovers:
+        raise CheckpointError(
+            file.path,
+            f"{len(leftovers)} tensors have no place in the --config-from architecture (first: "
+            f"{', '.join(leftovers[:3])}); is the config from this model?",
+        )
+
+
+def _ignorable(file: SingleFile, prefix: str, kind: str) -> Callable[[str], bool]:
+    """A text encoder's tensors a conversion may leave: transformers rebuilds CLIP's position_ids;
+    SD 2.x leaves OpenCLIP's last block out (it reads the penultimate layer), and logit_scale is
+    CLIP's training loss."""
+    if kind != "openclip":
+        return lambda name: name.endswith("position_ids")
+    block = re.compile(re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.")
+    last = max((int(m.group(1)) for n in file.used if (m := block.match(n))), default=-1)
+
+    def ignorable(name: str) -> bool:
+        match = block.match(name)
+        return name.endswith(("logit_scale", "attn_mask", "text_projection")) or (
+            match is not None and int(match.group(1)) > last
+        )
+
+    return ignorable
+
+
+def _copy_configs(index: ModelIndex, out: Path) -> None:
+    """model_index.json, the scheduler and tokenizers, and each model's config.json."""
+    files = support_files(index)
+    files += [f"{name}/config.json" for name in index.components if (index.root / name / "config.json").is_file()]
+    for relative in files:
+        (out / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(index.root / relative, out / relative)
+
+
+def not_a_conversion(folder: Path) -> str | None:
+    """None when `folder` is a folder `difflower convert` wrote, else why it may not be replaced."""
+    if (Path(folder) / MARKER).is_file() and (Path(folder) / "model_index.json").is_file():
+        return None
+    return "it is not a folder difflower convert wrote; remove it yourself or choose another --out"

@@ -1,0 +1,153 @@
+"""Single-file checkpoints (reference.single_file, `difflower convert`) against diffusers' from_single_file.
+
+The single files are written here from the tiny checkpoints in the authors' layouts (LDM for SD
+1.x and 2.x, SGM for SDXL); diffusers' `from_single_file(config=...)` reading them back to the
+tiny weights is what proves a file is laid out as the originals are, and our conversion must
+give the same weights (max abs 0) and the same image.
+"""
+
+from __future__ import annotations
+
+import json
+
+import diffusers  # the oracle: missing it fails the suite, never skips it
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from difflower.cli import main
+from difflower.reference import single_file as sf
+from difflower.reference.loading import load_components, read_unet_config, read_vae_config
+from difflower.reference.pipeline import load_pipeline
+
+PIPELINES = {"sd1": diffusers.StableDiffusionPipeline, "sd2": diffusers.StableDiffusionPipeline,
+             "sdxl": diffusers.StableDiffusionXLPipeline}  # fmt: skip
+
+
+def write_single_file(checkpoint, layout: str, path):
+    """The checkpoint's weights as one file in `layout` (sd1, sd2 or sdxl), as their authors lay them out."""
+    _, components = load_components(checkpoint)
+    unet_config = read_unet_config(checkpoint / "unet")
+    attention = ["CrossAttn" in t for t in unet_config.up_block_types]
+    blocks = len(read_vae_config(checkpoint / "vae").block_out_channels)
+    state = {}
+    for key, value in components["unet"].state_dict().items():
+        state[sf.UNET_PREFIX + sf.unet_source(key, unet_config.layers_per_block, attention)] = value
+    for key, value in components["vae"].state_dict().items():
+        name = sf.VAE_PREFIX + sf.vae_source(key, blocks)
+        state[name] = value[:, :, None, None] if ".mid.attn_1." in name and value.ndim == 2 else value
+    for name, (prefix, kind) in sf.LAYOUTS[layout][1].items():
+        fused: dict[str, list] = {}
+        for key, value in components[name].state_dict().items():
+            canonical = sf.canonical_clip_key(key)
+            if kind == "hf":
+                state[prefix + canonical] = value
+                continue
+            source, third = sf.openclip_source(canonical)
+            if third is None:
+                state[prefix + source] = value.t() if source == "text_projection" else value
+            else:
+                fused.setdefault(prefix + source, [None] * 3)[third] = value
+        state.update({k: torch.cat(parts) for k, parts in fused.items()})
+        if kind == "openclip":  # what OpenCLIP files carry beyond the text model
+            state[prefix + "logit_scale"] = torch.tensor(4.6)
+            if layout == "sd2":  # SD 2.x uses the penultimate layer: the file has one block more
+                width = components[name].config.hidden_size
+                last = components[name].config.num_hidden_layers
+                state[prefix + f"transformer.resblocks.{last}.ln_1.weight"] = torch.ones(width)
+                state[prefix + "text_projection"] = torch.zeros(width, width)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def single_files(tiny_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("single")
+    families = {"sd1": "sd", "sd2": "sd", "sdxl": "sdxl"}
+    return {
+        layout: write_single_file(tiny_dirs[f], layout, root / f"{layout}.safetensors")
+        for layout, f in families.items()
+    }
+
+
+def _states(components):
+    return {n: m.state_dict() for n, m in components.items() if isinstance(m, torch.nn.Module)}
+
+
+@pytest.mark.parametrize("layout", ["sd1", "sd2", "sdxl"])
+def test_a_single_file_converts_to_the_weights_diffusers_reads_from_it(tiny_dirs, single_files, tmp_path, layout):
+    checkpoint = tiny_dirs[sf.LAYOUTS[layout][0]]
+    original = _states(load_components(checkpoint)[1])
+    # the oracle reads the file back to the original weights, so the file is laid out as the originals are
+    theirs = PIPELINES[layout].from_single_file(
+        str(single_files[layout]), config=str(checkpoint), local_files_only=True
+    )
+    for name, state in original.items():
+        if (layout, name) == ("sdxl", "text_encoder_2"):
+            # diffusers 0.42.1 under transformers 5.24 reads SDXL's OpenCLIP-bigG from a single file only in
+            # part (22 of 37 tensors; text_projection stays on the meta device). The OpenCLIP layout itself
+            # is proven by the sd2 case, which diffusers reads whole; ours is checked against the original.
+            continue
+        theirs_state = getattr(theirs, name).state_dict()
+        assert all(torch.equal(theirs_state[k], v) for k, v in state.items()), name
+    out = tmp_path / "converted"
+    assert main(["convert", str(single_files[layout]), "--config-from", str(checkpoint), "--out", str(out)]) == 0
+    converted = _states(load_components(out)[1])
+    assert converted.keys() == original.keys()
+    for name, state in original.items():
+        assert converted[name].keys() == state.keys()
+        assert all(torch.equal(converted[name][k], v) for k, v in state.items()), name
+    run = {"num_inference_steps": 2, "seed": 0, "output_type": "np", "progress": False}
+    ours, expected = load_pipeline(out)("a castle", **run).images, load_pipeline(checkpoint)("a castle", **run).images
+    np.testing.assert_array_equal(ours, expected)
+    assert json.loads((out / sf.MARKER).read_text())["layout"] == layout
+
+
+def _error(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_what_a_single_file_lacks_or_adds_is_one_line(tiny_dirs, single_files, tmp_path, capsys):
+    base = ["convert", str(single_files["sd1"]), "--out", str(tmp_path / "out")]
+    assert main(base) == 2
+    assert "argument --config-from: a single file holds weights only" in _error(capsys)
+    assert main([*base, "--config-from", str(tiny_dirs["sdxl"])]) == 2
+    assert "is an sdxl checkpoint; this file is sd1: pass a sd one" in _error(capsys)
+    tensors = load_file(single_files["sd1"])
+    missing = {k: v for k, v in tensors.items() if k != "model.diffusion_model.out.2.weight"}
+    save_file(missing, tmp_path / "missing.safetensors")
+    argv = ["convert", str(tmp_path / "missing.safetensors"), "--config-from", str(tiny_dirs["sd"])]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+    assert "unet tensor 'conv_out.weight' needs 'model.diffusion_model.out.2.weight', which the file lacks" in _error(
+        capsys
+    )
+    extra = {**tensors, "model.diffusion_model.input_blocks.99.0.in_layers.0.weight": torch.zeros(2)}
+    save_file(extra, tmp_path / "extra.safetensors")
+    argv = ["convert", str(tmp_path / "extra.safetensors"), "--config-from", str(tiny_dirs["sd"])]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+    assert "1 tensors have no place in the --config-from architecture (first: model.diffusion_model.input" in _error(
+        capsys
+    )
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(2)}, tmp_path / "flux.safetensors")
+    argv = ["convert", str(tmp_path / "flux.safetensors"), "--config-from", str(tiny_dirs["sd"])]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+    assert "a FLUX.1 single file; difflower does not run Flux yet" in _error(capsys)
+    (tmp_path / "model.ckpt").write_bytes(b"pickle")
+    assert main(["convert", str(tmp_path / "model.ckpt"), "--config-from", str(tiny_dirs["sd"]), "--out", "x"]) == 2
+    assert ".safetensors single files only (a .ckpt is a pickle)" in _error(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_earlier_conversion_is_replaced_only_with_overwrite(tiny_dirs, single_files, tmp_path, capsys):
+    out, mine = tmp_path / "out", tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("a user's file")
+    argv = ["convert", str(single_files["sd1"]), "--config-from", str(tiny_dirs["sd"])]
+    assert main([*argv, "--out", str(mine), "--overwrite"]) == 2
+    assert "not a folder difflower convert wrote" in _error(capsys) and (mine / "keep.txt").is_file()
+    assert main([*argv, "--out", str(out)]) == 0
+    assert main([*argv, "--out", str(out), "--prediction-type", "v_prediction", "--overwrite"]) == 0
+    assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
