@@ -4,8 +4,8 @@ Fusing before export gives every backend the adapted model at no run-time cost. 
 diffusers/peft one (`<component>.<module>.lora_A.weight` / `lora_B.weight`, with the adapter
 config diffusers writes in the safetensors metadata), diffusers' older one (`.lora.down.weight` /
 `.lora.up.weight`) and kohya's (`lora_unet_<module>` / `lora_te[12]_<module>` with `lora_down`,
-`lora_up` and `alpha`, module paths written with underscores; the original SD/SGM block names,
-`input_blocks` and so on, are not mapped and are refused as unmatched).
+`lora_up` and `alpha`, module paths written with underscores, in diffusers' block names or the
+original SD/SGM ones, `input_blocks_4_1_...`, that SDXL kohya files use).
 
 A module's update is W += scale x (alpha / rank) x (up @ down), where alpha and rank follow
 diffusers' rules: the metadata's `lora_alpha` / `r` (and their per-module patterns); else the
@@ -27,6 +27,8 @@ import torch
 from torch import nn
 
 from difflower.errors import ArgumentError, CheckpointError
+from difflower.reference.single_file import unet_source
+from difflower.reference.unet_2d_condition import UNet2DConditionModel
 
 DENOISER = "denoiser"  # the UNet or the transformer, whichever the model has
 _PREFIXES = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
@@ -209,6 +211,21 @@ def check_components(loras: Sequence[Lora], available: set[str]) -> None:
             )
 
 
+def _flat_targets(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """kohya's module names: the diffusers path with '.' written as '_', and for a UNet also the
+    original SD/SGM path (`input_blocks_4_1_...`, what SDXL kohya files use), as diffusers maps them."""
+    targets = {name.replace(".", "_"): m for name, m in layers.items()}
+    if isinstance(model, UNet2DConditionModel) and isinstance(model.config.layers_per_block, int):
+        attention = ["CrossAttn" in t for t in model.config.up_block_types]
+        for name, layer in layers.items():
+            try:
+                original = unet_source(f"{name}.weight", model.config.layers_per_block, attention)
+            except (KeyError, ValueError, IndexError):  # a layer the original layout has no name for
+                continue
+            targets.setdefault(original.removesuffix(".weight").replace(".", "_"), layer)
+    return targets
+
+
 def fuse_loras(model: nn.Module, component: str, loras: Sequence[Lora]) -> int:
     """Fuse every LoRA's updates for `component` into `model`'s weights in place; returns the
     number of modules updated. `component` is the model's folder name (unet, text_encoder, ...)."""
@@ -217,7 +234,7 @@ def fuse_loras(model: nn.Module, component: str, loras: Sequence[Lora]) -> int:
     fused = 0
     for lora in loras:
         updates = lora.updates.get(key, {})
-        targets = {name.replace(".", "_"): m for name, m in layers.items()} if lora.flat_keys else layers
+        targets = _flat_targets(model, layers) if lora.flat_keys else layers
         unmatched = sorted(set(updates) - set(targets))
         if unmatched:
             sample = ", ".join(unmatched[:3])

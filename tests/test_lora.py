@@ -18,8 +18,10 @@ from difflower.artifact.manifest import Manifest
 from difflower.cli import main
 from difflower.driver import export
 from difflower.errors import ArgumentError, CheckpointError
+from difflower.reference.loading import read_unet_config
 from difflower.reference.lora import parse_lora_argument, read_lora
 from difflower.reference.pipeline import load_pipeline
+from difflower.reference.single_file import unet_source
 from difflower.validate.parity import validate_artifact
 
 PROMPT = "a watercolor painting of a red castle"
@@ -87,15 +89,30 @@ def lora_files(tiny_dirs, tmp_path_factory):
         rank = value.shape[0] if which.startswith("A") else value.shape[1]
         kohya[f"{name}.alpha"] = torch.tensor(float(rank * (2 if component == "unet" else 1)))  # peft's alphas
     save_file(kohya, root / "kohya.safetensors")
+    # the same in the original SD block names (input_blocks_1_1_...), as SDXL kohya files come
+    config = read_unet_config(tiny_dirs["sd"] / "unet")
+    attention = ["CrossAttn" in t for t in config.up_block_types]
+    sgm = {}
+    for key, value in kohya.items():
+        name, _, leaf = key.partition(".")
+        if name.startswith("lora_unet_"):
+            module = next(m for m, _ in pipe.unet.named_modules() if "lora_unet_" + m.replace(".", "_") == name)
+            original = unet_source(module.removesuffix(".base_layer") + ".weight", config.layers_per_block, attention)
+            name = "lora_unet_" + original.removesuffix(".weight").replace(".", "_")
+        sgm[f"{name}.{leaf}"] = value
+    save_file(sgm, root / "kohya-sgm.safetensors")
     text = {k.removeprefix("text_encoder."): v for k, v in text_layers.items()}
-    return {"peft": peft, "kohya": root / "kohya.safetensors", "text": (text, text_config)}
+    files = {"peft": peft, "kohya": root / "kohya.safetensors", "kohya-sgm": root / "kohya-sgm.safetensors"}
+    return {**files, "text": (text, text_config)}
 
 
 def _fused_by_diffusers(checkpoint, files, fmt, scale):
     """diffusers' pipeline with the LoRA fused: the UNet by diffusers (lora_state_dict converts kohya,
     load_lora_adapter, fuse_lora), the text encoder by peft (see lora_files)."""
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(checkpoint, safety_checker=None)
-    state, alphas, metadata = pipe.lora_state_dict(str(files[fmt]), return_lora_metadata=True)
+    state, alphas, metadata = pipe.lora_state_dict(
+        str(files[fmt]), unet_config=pipe.unet.config, return_lora_metadata=True
+    )  # unet_config: diffusers maps kohya's original block names with it
     unet_state = {k: v for k, v in state.items() if k.startswith("unet.")}
     pipe.unet.load_lora_adapter(
         unet_state, prefix="unet", network_alphas=alphas, adapter_name="x", metadata=metadata, _pipeline=pipe
@@ -110,7 +127,7 @@ def _fused_by_diffusers(checkpoint, files, fmt, scale):
     return pipe
 
 
-@pytest.mark.parametrize("fmt", ["peft", "kohya"])
+@pytest.mark.parametrize("fmt", ["peft", "kohya", "kohya-sgm"])
 def test_fused_weights_equal_diffusers_fuse_lora(tiny_dirs, lora_files, fmt):
     theirs = _fused_by_diffusers(tiny_dirs["sd"], lora_files, fmt, 0.7)
     ours = load_pipeline(tiny_dirs["sd"], loras=[read_lora(lora_files[fmt], 0.7)])
@@ -157,11 +174,11 @@ def test_an_export_carries_the_lora_and_validates_against_it(tiny_dirs, lora_fil
 
 def test_a_lora_for_another_model_is_refused_with_counts(tiny_dirs, lora_files, tmp_path):
     tensors = load_file(lora_files["kohya"])
-    renamed = {k.replace("lora_unet_down_blocks_0", "lora_unet_input_blocks_1"): v for k, v in tensors.items()}
-    save_file(renamed, tmp_path / "sgm.safetensors")
-    unmatched = r"sgm\.safetensors: \d+ of 66 unet modules match no layer .*input_blocks"
+    renamed = {k.replace("lora_unet_down_blocks_0", "lora_unet_down_blocks_7"): v for k, v in tensors.items()}
+    save_file(renamed, tmp_path / "other.safetensors")
+    unmatched = r"other\.safetensors: \d+ of 66 unet modules match no layer .*down_blocks_7"
     with pytest.raises(CheckpointError, match=unmatched):
-        load_pipeline(tiny_dirs["sd"], loras=[read_lora(tmp_path / "sgm.safetensors")])
+        load_pipeline(tiny_dirs["sd"], loras=[read_lora(tmp_path / "other.safetensors")])
     with pytest.raises(CheckpointError, match="updates text_encoder_2, which this model does not have"):
         te2 = {k.replace("lora_te_", "lora_te2_"): v for k, v in tensors.items()}
         save_file(te2, tmp_path / "te2.safetensors")
