@@ -211,7 +211,10 @@ def check_components(loras: Sequence[Lora], available: set[str]) -> None:
             )
 
 
-def _flat_targets(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, nn.Module]:
+Layer = nn.Linear | nn.Conv2d
+
+
+def _flat_targets(model: nn.Module, layers: dict[str, Layer]) -> dict[str, Layer]:
     """kohya's module names: the diffusers path with '.' written as '_', and for a UNet also the
     original SD/SGM path (`input_blocks_4_1_...`, what SDXL kohya files use), as diffusers maps them."""
     targets = {name.replace(".", "_"): m for name, m in layers.items()}
@@ -230,7 +233,7 @@ def fuse_loras(model: nn.Module, component: str, loras: Sequence[Lora]) -> int:
     """Fuse every LoRA's updates for `component` into `model`'s weights in place; returns the
     number of modules updated. `component` is the model's folder name (unet, text_encoder, ...)."""
     key = DENOISER if component in ("unet", "transformer") else component
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    layers: dict[str, Layer] = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
     fused = 0
     for lora in loras:
         updates = lora.updates.get(key, {})
