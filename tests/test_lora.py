@@ -219,3 +219,26 @@ def test_generate_with_a_lora_writes_the_lora_image(tiny_dirs, lora_files, tmp_p
         PROMPT, num_inference_steps=2, seed=0, progress=False
     ).images[0]
     assert np.array_equal(np.asarray(Image.open(png)), np.asarray(expected))
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+def test_denoiser_loras_of_the_other_families_equal_diffusers(tiny_dirs, tmp_path, family):
+    """A peft adapter on the SDXL UNet / SD3 transformer, saved and fused by diffusers' own
+    pipeline class, against ours."""
+    cls = {"sdxl": diffusers.StableDiffusionXLPipeline, "sd3": diffusers.StableDiffusion3Pipeline}[family]
+    name = {"sdxl": "unet", "sd3": "transformer"}[family]
+    targets = ["to_q", "to_k", "to_v", "to_out.0"] + (["add_q_proj", "proj_out"] if family == "sd3" else ["proj_in"])
+    pipe = cls.from_pretrained(tiny_dirs[family])
+    layers, config = _add_adapter(getattr(pipe, name), 4, 6, targets, seed=5)
+    cls.save_lora_weights(tmp_path, **{f"{name}_lora_layers": layers, f"{name}_lora_adapter_metadata": config})
+    file = tmp_path / "pytorch_lora_weights.safetensors"
+    theirs = cls.from_pretrained(tiny_dirs[family])
+    theirs.load_lora_weights(str(file), adapter_name="x")  # the user's API (it reads the file's adapter config)
+    theirs.fuse_lora(components=[name], lora_scale=0.9, adapter_names=["x"])
+    getattr(theirs, name).unload_lora()
+    ours = load_pipeline(tiny_dirs[family], loras=[read_lora(file, 0.9)])
+    mine, reference = getattr(ours, name).state_dict(), getattr(theirs, name).state_dict()
+    before = getattr(load_pipeline(tiny_dirs[family]), name).state_dict()
+    assert mine.keys() == reference.keys()
+    assert max((mine[k] - reference[k]).abs().max().item() for k in mine) <= 1e-5
+    assert sum(not torch.equal(mine[k], before[k]) for k in mine) >= 8
