@@ -226,7 +226,7 @@ def convert_single_file(
     path, out = Path(path), Path(out)
     if not path.is_file():
         raise CheckpointError(path, "not found")
-    folder, _ = resolve_checkpoint(config_from)
+    folder, _ = resolve_checkpoint(config_from, weights=False)
     index = read_model_index(folder)
     file = SingleFile(path)
     layout = detect_layout(file.keys, path)

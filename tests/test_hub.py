@@ -173,6 +173,8 @@ def test_only_what_difflower_reads_is_downloaded():
     assert small <= fetched
     assert "transformer/diffusion_pytorch_model.safetensors.index.json" in fetched
     assert not any(f.startswith("vae_1_0/") or f == "README.md" for f in fetched)
+    configs_only = set(filter_repo_objects(listing, allow_patterns=allow_patterns(folders, weights=False)))
+    assert small <= configs_only and not any(f.endswith(".safetensors") for f in configs_only)
     fp16 = {f for f in filter_repo_objects(listing, allow_patterns=allow_patterns(folders, "fp16")) if "model" in f}
     assert {f for f in fp16 if f.endswith(".safetensors")} == {
         "text_encoder/model.fp16.safetensors",

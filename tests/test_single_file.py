@@ -151,3 +151,14 @@ def test_an_earlier_conversion_is_replaced_only_with_overwrite(tiny_dirs, single
     assert main([*argv, "--out", str(out)]) == 0
     assert main([*argv, "--out", str(out), "--prediction-type", "v_prediction", "--overwrite"]) == 0
     assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
+
+
+def test_config_from_takes_a_hub_repo_id(tiny_dirs, single_files, offline_hub, tmp_path):
+    from test_hub import cache_repo
+
+    cache_repo(offline_hub, "test-org/base-sd", tiny_dirs["sd"])
+    argv = ["convert", str(single_files["sd1"]), "--config-from", "test-org/base-sd", "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    converted = _states(load_components(tmp_path / "out")[1])
+    original = _states(load_components(tiny_dirs["sd"])[1])
+    assert all(torch.equal(converted["unet"][k], v) for k, v in original["unet"].items())
