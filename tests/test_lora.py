@@ -242,3 +242,14 @@ def test_denoiser_loras_of_the_other_families_equal_diffusers(tiny_dirs, tmp_pat
     assert mine.keys() == reference.keys()
     assert max((mine[k] - reference[k]).abs().max().item() for k in mine) <= 1e-5
     assert sum(not torch.equal(mine[k], before[k]) for k in mine) >= 8
+
+
+def test_an_lcm_lora_run_matches_diffusers(tiny_dirs, lora_files):
+    """LCM-LoRA's recipe (issue 19): a LoRA fused into an ordinary SD UNet, sampled by LCM with a
+    low guidance, against diffusers' pipeline with the same LoRA and LCMScheduler."""
+    theirs = _fused_by_diffusers(tiny_dirs["sd"], lora_files, "kohya", 1.0)
+    theirs.scheduler = diffusers.LCMScheduler.from_config(theirs.scheduler.config)
+    images, latents = diffusers_run(theirs, PROMPT, 4, generator=torch.Generator().manual_seed(6), guidance_scale=1.5)
+    ours = load_pipeline(tiny_dirs["sd"], scheduler="lcm", loras=[read_lora(lora_files["kohya"])])
+    out = ours_run(ours, PROMPT, 4, generator=torch.Generator().manual_seed(6), guidance_scale=1.5)
+    assert_same_as_diffusers(out, images, latents)
