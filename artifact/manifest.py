@@ -7,7 +7,6 @@ pipeline facts the loop needs, and the parity measured at export.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Sequence
@@ -18,6 +17,7 @@ from typing import Any
 from difflower.artifact.parity import ComponentParity
 from difflower.artifact.precision import PRECISIONS, Precision
 from difflower.errors import ArgumentError, CheckpointError
+from difflower.reference.config import sha256_file
 from difflower.reference.lora import Lora, read_lora
 
 MANIFEST_NAME = "difflower.json"
@@ -259,15 +259,6 @@ def not_an_artifact(folder: Path) -> str | None:
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         return f"its {MANIFEST_NAME} is not a difflower manifest; remove the folder yourself or choose another --out"
     return None
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in 4 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # A Hub cache snapshot links each large file to `blobs/<sha256 of its content>` (the LFS object id).

@@ -13,7 +13,6 @@ from typing import Any
 import torch
 
 from difflower.errors import ArgumentError, CheckpointError
-from difflower.hub import resolve_checkpoint
 
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Component folders only an exported artifact has (a checkpoint has unet/vae, not these).
@@ -62,8 +61,9 @@ def load(
 ) -> Any:
     """The pipeline for whatever `path` holds.
 
-    `path` is a folder, or a Hugging Face Hub repo id `org/name[@revision]` (a checkpoint, fetched
-    into the Hub cache by difflower.hub). An artifact folder (with difflower.json) runs its
+    `path` is a folder, a Hugging Face Hub repo id `org/name[@revision]` (a checkpoint, fetched
+    into the Hub cache by difflower.hub) or a single .safetensors checkpoint (converted once, see
+    reference.single_file.resolve_model). An artifact folder (with difflower.json) runs its
     backend's engines (`engine` overrides: "onnxruntime", "torch", ...; `engine_options` are that
     engine's own settings); a diffusers-format checkpoint runs the eager reference.
     `scheduler` swaps the scheduler by name (`euler`, `dpm++2m-karras`, ...). `compile` runs a
@@ -73,8 +73,9 @@ def load(
     from difflower.artifact.manifest import MANIFEST_NAME
     from difflower.reference.lora import read_loras
     from difflower.reference.pipeline import load_pipeline
+    from difflower.reference.single_file import resolve_model
 
-    path, _ = resolve_checkpoint(path, variant)
+    path, _ = resolve_model(path, variant)
     if (path / MANIFEST_NAME).is_file():
         from difflower.runtimes.pipeline import load_artifact
 

@@ -346,7 +346,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
     buckets = ", ".join("x".join(map(str, b)) for b in shapes.get("buckets", [])) or "any"
     print(f"{args.artifact}: {manifest.family} artifact, backend {manifest.backend}, precision {manifest.precision}")
     hub = manifest.source.get("hub")
-    origin = f"{hub['repo_id']}@{hub['commit']} (revision {hub['revision']})" if hub else manifest.source.get("path")
+    single = manifest.source.get("single_file")
+    origin = manifest.source.get("path")
+    if hub:
+        origin = f"{hub['repo_id']}@{hub['commit']} (revision {hub['revision']})"
+    elif single:
+        origin = f"{single['path']} (single file, sha256 {single['sha256'][:12]}...)"
     print(f"  created {manifest.created_at} from {origin}")
     for lora in manifest.source.get("loras", []):
         modules = ", ".join(f"{name} {count}" for name, count in lora["modules"].items())
@@ -434,7 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser("generate", help="generate images with a checkpoint or an artifact")
     gen.add_argument(
-        "model", type=Path, metavar="MODEL", help="a diffusers-format checkpoint, a Hub repo id, or an artifact folder"
+        "model",
+        type=Path,
+        metavar="MODEL",
+        help="a diffusers-format checkpoint, a Hub repo id, a single .safetensors file, or an artifact folder",
     )
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative-prompt", default=None)
@@ -471,7 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(handler=_cmd_generate)
 
     exp = commands.add_parser("export", help="export a checkpoint to a backend artifact, checked against the reference")
-    exp.add_argument("model", type=Path, metavar="MODEL", help="diffusers-format checkpoint folder or Hub repo id")
+    exp.add_argument(
+        "model", type=Path, metavar="MODEL", help="diffusers-format checkpoint folder, Hub repo id or single file"
+    )
     exp.add_argument("--backend", required=True, choices=BACKENDS)
     exp.add_argument("--quantize", default=None, help="backend compression, e.g. int8-weight, int4-weight, int8")
     exp.add_argument("--auto-cast", default=None, choices=("none", "matmul", "all"), help="neuron: ops to cast")

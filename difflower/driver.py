@@ -34,8 +34,8 @@ from difflower.exporters.common import (
     plan_export,
     write_component,
 )
-from difflower.hub import resolve_checkpoint
 from difflower.reference.lora import read_loras
+from difflower.reference.single_file import resolve_model
 from difflower.validate.parity import exported_component_parity
 
 
@@ -80,15 +80,14 @@ def export(
         extra={k: v for k, v in backend_options.items() if v is not None},
         loras=read_loras(lora),
     )
-    folder, snapshot = resolve_checkpoint(model)
+    folder, origin = resolve_model(model)
     plan = plan_export(exporter, folder, options)
     device = str(plan.options.extra.get("device", "cpu"))
 
     with atomic_directory(out, overwrite, replaceable=not_an_artifact, protected=(plan.index.root,)) as tmp:
         copy_support_files(plan.index, tmp)
         manifest = plan.draft_manifest()
-        if snapshot is not None:
-            manifest.source["hub"] = snapshot.to_json()
+        manifest.source.update(origin or {})  # the Hub repo and commit, or the single file and its sha256
         bar = tqdm(plan.specs, disable=not progress, desc="export", unit="component")
         for spec in bar:
             bar.set_description(f"exporting {spec.name} ({exporter.name})")

@@ -13,6 +13,7 @@ training) are listed as `ignored`; fields for architectures we do not implement 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import types
@@ -186,3 +187,12 @@ def _check(value: Any, tp: Any, source: Path, key: str) -> Any:
     if not ok:
         raise CheckpointError(source, f"field '{key}' must be {_type_name(tp)}, got {json.dumps(value)}")
     return converted
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in 4 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -16,10 +16,13 @@ so a file of another architecture is refused, never half-converted.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -27,7 +30,7 @@ from difflower.atomic import atomic_directory
 from difflower.errors import ArgumentError, CheckpointError
 from difflower.hub import resolve_checkpoint
 from difflower.reference.autoencoder_kl import AutoencoderKL
-from difflower.reference.config import read_json
+from difflower.reference.config import read_json, sha256_file
 from difflower.reference.loading import (
     ModelIndex,
     read_model_index,
@@ -38,6 +41,10 @@ from difflower.reference.loading import (
 from difflower.reference.unet_2d_condition import UNet2DConditionModel
 
 MARKER = "difflower_convert.json"  # written beside model_index.json: the folder is a conversion's
+# The base repo whose configs and tokenizers a file of each layout takes when none is given, as
+# diffusers' from_single_file picks one; SD 2.x has none: its 512 and 768 models differ in their
+# prediction type, which the file does not say.
+BASES = {"sd1": "stable-diffusion-v1-5/stable-diffusion-v1-5", "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
            "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}  # fmt: skip
 _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
@@ -57,6 +64,7 @@ LAYOUTS: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
     ),
 }
 UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
+logger = logging.getLogger(__name__)
 
 
 def detect_layout(keys: set[str], path: Path) -> str:
@@ -209,6 +217,37 @@ def _text_encoder(folder: Path, class_name: str) -> torch.nn.Module:
     config = getattr(transformers, class_name.replace("WithProjection", "").replace("Model", "Config"))
     with torch.device("meta"):
         return getattr(transformers, class_name)(config.from_pretrained(folder))
+
+
+def cache_root() -> Path:
+    """Where files given directly to a command are converted: $DIFFLOWER_CACHE or ~/.cache/difflower."""
+    return Path(os.environ.get("DIFFLOWER_CACHE") or Path.home() / ".cache" / "difflower") / "single-file"
+
+
+def resolve_model(model: str | Path, variant: str | None = None) -> tuple[Path, dict[str, Any] | None]:
+    """The diffusers folder of `model` and where it came from: a folder as it is, a Hub repo id
+    resolved in the Hub cache, or a single .safetensors file converted once into cache_root(),
+    keyed by the file's sha256, with its layout's base repo for configs (BASES)."""
+    path = Path(model)
+    if not (path.is_file() and path.suffix == ".safetensors"):
+        folder, snapshot = resolve_checkpoint(model, variant)
+        return folder, None if snapshot is None else {"hub": snapshot.to_json()}
+    digest = sha256_file(path)
+    out = cache_root() / digest[:32]
+    origin = {"single_file": {"path": str(path.absolute()), "sha256": digest}}
+    if not_a_conversion(out) is None:
+        return out, origin
+    file = SingleFile(path)
+    layout = detect_layout(file.keys, path)
+    if layout not in BASES:
+        raise CheckpointError(
+            path,
+            f"an {layout} single file: its configs (and SD 2.x's prediction type) cannot be told from it; run "
+            "difflower convert FILE --config-from MODEL [--prediction-type ...] --out DIR and pass DIR",
+        )
+    logger.info("%s: converting to a diffusers folder in %s (configs from %s)", path, out, BASES[layout])
+    convert_single_file(path, BASES[layout], out, overwrite=out.exists())
+    return out, origin
 
 
 def convert_single_file(

@@ -8,6 +8,7 @@ give the same weights (max abs 0) and the same image.
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import diffusers  # the oracle: missing it fails the suite, never skips it
@@ -162,3 +163,39 @@ def test_config_from_takes_a_hub_repo_id(tiny_dirs, single_files, offline_hub, t
     converted = _states(load_components(tmp_path / "out")[1])
     original = _states(load_components(tiny_dirs["sd"])[1])
     assert all(torch.equal(converted["unet"][k], v) for k, v in original["unet"].items())
+
+
+def test_a_single_file_given_to_any_command_is_converted_once(
+    tiny_dirs, single_files, offline_hub, tmp_path, monkeypatch, capsys
+):
+    from test_hub import cache_repo
+
+    cache_repo(offline_hub, "test-org/base-sd", tiny_dirs["sd"])
+    monkeypatch.setitem(sf.BASES, "sd1", "test-org/base-sd")  # the layout's base repo, in the offline cache
+    monkeypatch.setenv("DIFFLOWER_CACHE", str(tmp_path / "cache"))
+    png = tmp_path / "x.png"
+    argv = ["generate", str(single_files["sd1"]), "--prompt", "a castle", "--steps", "2", "-o", str(png)]
+    assert main(argv) == 0
+    [converted] = (tmp_path / "cache" / "single-file").iterdir()
+    original = _states(load_components(tiny_dirs["sd"])[1])
+    assert all(torch.equal(_states(load_components(converted)[1])["unet"][k], v) for k, v in original["unet"].items())
+
+    def never(*args, **kwargs):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(sf, "convert_single_file", never)  # the cache keyed by the file's sha256 serves now
+    out = tmp_path / "art"
+    assert (
+        main(
+            ["export", str(single_files["sd1"]), "--backend", "torchscript", "--components", "unet", "--out", str(out)]
+        )
+        == 0
+    )
+    source = json.loads((out / "difflower.json").read_text())["source"]
+    digest = hashlib.sha256(single_files["sd1"].read_bytes()).hexdigest()
+    assert source["single_file"]["sha256"] == digest and converted.name == digest[:32]
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    assert f"from {single_files['sd1']} (single file, sha256 " in capsys.readouterr().out
+    assert main(["generate", str(single_files["sd2"]), "--prompt", "a", "-o", str(png), "--overwrite"]) == 2
+    assert "an sd2 single file: its configs (and SD 2.x's prediction type) cannot be told" in capsys.readouterr().err

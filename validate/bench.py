@@ -32,10 +32,10 @@ import torch
 from difflower.artifact.manifest import ComponentRecord, Manifest
 from difflower.artifact.specs import ShapePlan, component_specs, example_inputs, spec_for_record, wrap_module
 from difflower.errors import ArgumentError
-from difflower.hub import resolve_checkpoint
 from difflower.machine import machine_record
 from difflower.reference.loading import read_model_index
 from difflower.reference.pipeline import load_pipeline
+from difflower.reference.single_file import resolve_model
 from difflower.runtimes.pipeline import load_artifact
 from difflower.runtimes.torch_engine import TorchEngine
 from difflower.validate.gates import image_verdict, trajectory_verdict
@@ -224,7 +224,7 @@ def bench(
         raise ArgumentError("--runs", f"needs at least 1 timed run and 0 or more warm-ups, got {runs} and {warmup}")
     targets = []
     if reference is not None:
-        folder, _ = resolve_checkpoint(reference)
+        folder, _ = resolve_model(reference)
         targets.append(_Target("eager", folder, None, TargetResult(str(reference), "reference")))
     for path in artifacts:
         manifest = Manifest.read(path)

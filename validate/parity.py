@@ -25,8 +25,8 @@ from difflower.artifact.parity import ComponentParity, OutputParity
 from difflower.artifact.precision import Precision
 from difflower.artifact.specs import ShapePlan, example_inputs, load_export_module, spec_for_record
 from difflower.errors import DifflowerError
-from difflower.hub import resolve_checkpoint
 from difflower.reference.pipeline import load_pipeline
+from difflower.reference.single_file import resolve_model
 from difflower.runtimes.engine import Engine
 from difflower.runtimes.pipeline import default_engine, engine_class, load_artifact
 from difflower.validate.gates import component_verdict, image_verdict, trajectory_verdict
@@ -160,7 +160,7 @@ def validate_artifact(
     engine_options: dict[str, Any] | None = None,
 ) -> ValidationReport:
     """Validate `artifact` against the eager pipeline of `reference` (see the module docstring)."""
-    artifact, (reference, _) = Path(artifact), resolve_checkpoint(reference)
+    artifact, (reference, _) = Path(artifact), resolve_model(reference)
     manifest = Manifest.read(artifact)
     if not allow_source_mismatch:
         check_source(manifest, reference)
