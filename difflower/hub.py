@@ -42,6 +42,8 @@ class HubSnapshot:
 def is_repo_id(model: str | Path) -> bool:
     """Whether `model` names a Hub repo rather than a local folder (which wins when it exists)."""
     text = str(model)
+    if text.endswith((".safetensors", ".ckpt", ".bin", ".pt", ".json")):
+        return False  # a file's name, not a repo's: "not found" says more than a Hub lookup
     return not Path(text).exists() and REPO_ID.fullmatch(text) is not None
 
 

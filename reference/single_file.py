@@ -33,6 +33,7 @@ from difflower.reference.autoencoder_kl import AutoencoderKL
 from difflower.reference.config import read_json, sha256_file
 from difflower.reference.loading import (
     ModelIndex,
+    load_components,
     read_model_index,
     read_unet_config,
     read_vae_config,
@@ -159,6 +160,51 @@ def openclip_source(key: str) -> tuple[str, int | None]:
     if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
         return f"transformer.resblocks.{layer}.attn.in_proj_{leaf}", "qkv".index(module[10])
     return f"transformer.resblocks.{layer}.{_OPENCLIP_LAYER[module]}.{leaf}", None
+
+
+def write_single_file(checkpoint: Path, layout: str, path: Path) -> Path:
+    """The inverse of the conversion: `checkpoint`'s weights as one file in `layout` (sd1, sd2 or
+    sdxl), laid out as their authors lay them out (tests and benchmarks make single files with it;
+    diffusers' from_single_file reading them back is what the tests check it by)."""
+    from safetensors.torch import save_file
+
+    _, components = load_components(checkpoint)
+    unet_config = read_unet_config(checkpoint / "unet")
+    layers = unet_config.layers_per_block
+    if not isinstance(layers, int):
+        raise CheckpointError(
+            checkpoint / "unet" / "config.json", "per-block layers_per_block has no single-file layout"
+        )
+    attention = ["CrossAttn" in t for t in unet_config.up_block_types]
+    blocks = len(read_vae_config(checkpoint / "vae").block_out_channels)
+    state: dict[str, torch.Tensor] = {}
+    for key, value in components["unet"].state_dict().items():
+        state[UNET_PREFIX + unet_source(key, layers, attention)] = value
+    for key, value in components["vae"].state_dict().items():
+        name = VAE_PREFIX + vae_source(key, blocks)
+        state[name] = value[:, :, None, None] if ".mid.attn_1." in name and value.ndim == 2 else value
+    for name, (prefix, kind) in LAYOUTS[layout][1].items():
+        fused: dict[str, list[torch.Tensor]] = {}
+        for key, value in components[name].state_dict().items():
+            canonical = canonical_clip_key(key)
+            if kind == "hf":
+                state[prefix + canonical] = value
+                continue
+            source, third = openclip_source(canonical)
+            if third is None:
+                state[prefix + source] = value.t() if source == "text_projection" else value
+            else:
+                fused.setdefault(prefix + source, [value] * 3)[third] = value
+        state.update({k: torch.cat(parts) for k, parts in fused.items()})
+        if kind == "openclip":  # what OpenCLIP files carry beyond the text model
+            state[prefix + "logit_scale"] = torch.tensor(4.6)
+            if layout == "sd2":  # SD 2.x uses the penultimate layer: the file has one block more
+                width = components[name].config.hidden_size
+                last = components[name].config.num_hidden_layers
+                state[prefix + f"transformer.resblocks.{last}.ln_1.weight"] = torch.ones(width)
+                state[prefix + "text_projection"] = torch.zeros(width, width)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
 
 
 class SingleFile:

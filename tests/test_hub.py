@@ -97,6 +97,7 @@ def test_a_local_folder_wins_over_a_repo_id_of_the_same_name(tiny_dirs, tmp_path
     monkeypatch.chdir(tmp_path)
     shutil.copytree(tiny_dirs["sd"], tmp_path / "org" / "model")
     assert not is_repo_id("org/model") and is_repo_id("org/other@v2")
+    assert not is_repo_id("models/dreamshaper_8.safetensors")  # a missing file is "not found", not a Hub lookup
     assert resolve_checkpoint("org/model") == (Path("org/model"), None)
 
 

@@ -19,47 +19,11 @@ from safetensors.torch import load_file, save_file
 
 from difflower.cli import main
 from difflower.reference import single_file as sf
-from difflower.reference.loading import load_components, read_unet_config, read_vae_config
+from difflower.reference.loading import load_components
 from difflower.reference.pipeline import load_pipeline
 
 PIPELINES = {"sd1": diffusers.StableDiffusionPipeline, "sd2": diffusers.StableDiffusionPipeline,
              "sdxl": diffusers.StableDiffusionXLPipeline}  # fmt: skip
-
-
-def write_single_file(checkpoint, layout: str, path):
-    """The checkpoint's weights as one file in `layout` (sd1, sd2 or sdxl), as their authors lay them out."""
-    _, components = load_components(checkpoint)
-    unet_config = read_unet_config(checkpoint / "unet")
-    attention = ["CrossAttn" in t for t in unet_config.up_block_types]
-    blocks = len(read_vae_config(checkpoint / "vae").block_out_channels)
-    state = {}
-    for key, value in components["unet"].state_dict().items():
-        state[sf.UNET_PREFIX + sf.unet_source(key, unet_config.layers_per_block, attention)] = value
-    for key, value in components["vae"].state_dict().items():
-        name = sf.VAE_PREFIX + sf.vae_source(key, blocks)
-        state[name] = value[:, :, None, None] if ".mid.attn_1." in name and value.ndim == 2 else value
-    for name, (prefix, kind) in sf.LAYOUTS[layout][1].items():
-        fused: dict[str, list] = {}
-        for key, value in components[name].state_dict().items():
-            canonical = sf.canonical_clip_key(key)
-            if kind == "hf":
-                state[prefix + canonical] = value
-                continue
-            source, third = sf.openclip_source(canonical)
-            if third is None:
-                state[prefix + source] = value.t() if source == "text_projection" else value
-            else:
-                fused.setdefault(prefix + source, [None] * 3)[third] = value
-        state.update({k: torch.cat(parts) for k, parts in fused.items()})
-        if kind == "openclip":  # what OpenCLIP files carry beyond the text model
-            state[prefix + "logit_scale"] = torch.tensor(4.6)
-            if layout == "sd2":  # SD 2.x uses the penultimate layer: the file has one block more
-                width = components[name].config.hidden_size
-                last = components[name].config.num_hidden_layers
-                state[prefix + f"transformer.resblocks.{last}.ln_1.weight"] = torch.ones(width)
-                state[prefix + "text_projection"] = torch.zeros(width, width)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +31,7 @@ def single_files(tiny_dirs, tmp_path_factory):
     root = tmp_path_factory.mktemp("single")
     families = {"sd1": "sd", "sd2": "sd", "sdxl": "sdxl"}
     return {
-        layout: write_single_file(tiny_dirs[f], layout, root / f"{layout}.safetensors")
+        layout: sf.write_single_file(tiny_dirs[f], layout, root / f"{layout}.safetensors")
         for layout, f in families.items()
     }
 
