@@ -57,10 +57,17 @@ class LoraUpdate:
     def rank(self) -> int:
         return int(self.down.shape[0])
 
-    def delta(self) -> torch.Tensor:
-        down, up = self.down.float(), self.up.float()
-        product = up.flatten(1) @ down.flatten(1)
-        return (product * self.scaling).reshape(up.shape[0], *down.shape[1:])
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of the weight it updates: (out, in[, kh, kw])."""
+        return (int(self.up.shape[0]), *map(int, self.down.shape[1:]))
+
+    def fused(self, weight: torch.Tensor, scale: float) -> torch.Tensor:
+        """weight + scale x scaling x (up @ down), computed in fp32 by one addmm into a new tensor
+        of the weight's dtype (writing into the loaded weight would copy its memory-mapped pages)."""
+        flat = weight.reshape(weight.shape[0], -1).float()
+        out = torch.addmm(flat, self.up.flatten(1).float(), self.down.flatten(1).float(), alpha=scale * self.scaling)
+        return out.reshape(weight.shape).to(weight.dtype)
 
 
 @dataclass
@@ -250,13 +257,12 @@ def fuse_loras(model: nn.Module, component: str, loras: Sequence[Lora]) -> int:
         with torch.no_grad():
             for name, update in updates.items():
                 layer = targets[name]
-                delta = update.delta() * lora.scale
-                if delta.shape != layer.weight.shape:
+                if update.shape != tuple(layer.weight.shape):
                     raise CheckpointError(
                         lora.path,
                         f"{component} layer '{name}' has weight {tuple(layer.weight.shape)} but the LoRA update is "
-                        f"{tuple(delta.shape)} (rank {update.rank}); the LoRA is for another model",
+                        f"{update.shape} (rank {update.rank}); the LoRA is for another model",
                     )
-                layer.weight.copy_((layer.weight.float() + delta).to(layer.weight.dtype))
+                layer.weight.data = update.fused(layer.weight, lora.scale)
                 fused += 1
     return fused
