@@ -2,6 +2,13 @@
 
     python benchmarks/aoti_gpu.py [--out results.json] [--logs DIR] [--deadline-s 480]
 
+On the lent GPU machine (torch there, no network): build the wheel here, carry it, install it
+outside the repository (whose difflower/ folder would shadow it), then run, e.g.
+    here:   pip wheel --no-deps --no-build-isolation . -w .whl   (.whl/ in .git/info/exclude)
+    there:  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
+            PYTHONPATH=/tmp/site python3 benchmarks/aoti_gpu.py --out $OUT/aoti-gpu-h200.json \
+            --logs $OUT/logs --deadline-s 420
+
 0. A loader probe: one nn.Linear compiled by AOTInductor for the device and loaded, in a child
    (on the H200's torch 2.11.0+cu130 the load segfaulted; the child's exit status says so).
 1. The CUDA tests of tests/test_aoti.py (tiny sd, every component compiled for CUDA in fp32 and
