@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from difflower.errors import ArgumentError, CheckpointError
-from difflower.reference.single_file import unet_source
+from difflower.reference.single_file import canonical_clip_key, unet_source
 from difflower.reference.unet_2d_condition import UNet2DConditionModel
 
 DENOISER = "denoiser"  # the UNet or the transformer, whichever the model has
@@ -241,6 +241,8 @@ def fuse_loras(model: nn.Module, component: str, loras: Sequence[Lora]) -> int:
     number of modules updated. `component` is the model's folder name (unet, text_encoder, ...)."""
     key = DENOISER if component in ("unet", "transformer") else component
     layers: dict[str, Layer] = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    if key != DENOISER:  # LoRA files name CLIP's layers with the `text_model.` level transformers 5 drops
+        layers.update({canonical_clip_key(name): m for name, m in list(layers.items())})
     fused = 0
     for lora in loras:
         updates = lora.updates.get(key, {})

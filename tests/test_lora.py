@@ -84,7 +84,7 @@ def lora_files(tiny_dirs, tmp_path_factory):
         component, _, rest = key.partition(".")
         module, _, which = rest.rpartition(".lora_")
         prefix = {"unet": "lora_unet_", "text_encoder": "lora_te_"}[component]
-        name = prefix + module.replace(".", "_")
+        name = prefix + (sf_name(module) if component == "text_encoder" else module.replace(".", "_"))
         kohya[f"{name}.lora_{'down' if which.startswith('A') else 'up'}.weight"] = value
         rank = value.shape[0] if which.startswith("A") else value.shape[1]
         kohya[f"{name}.alpha"] = torch.tensor(float(rank * (2 if component == "unet" else 1)))  # peft's alphas
@@ -253,3 +253,49 @@ def test_an_lcm_lora_run_matches_diffusers(tiny_dirs, lora_files):
     ours = load_pipeline(tiny_dirs["sd"], scheduler="lcm", loras=[read_lora(lora_files["kohya"])])
     out = ours_run(ours, PROMPT, 4, generator=torch.Generator().manual_seed(6), guidance_scale=1.5)
     assert_same_as_diffusers(out, images, latents)
+
+
+def test_sdxl_kohya_text_encoder_loras_equal_peft_merges(tiny_dirs, tmp_path):
+    """lora_te1_ / lora_te2_ modules of an SDXL kohya file, against peft's own merge per encoder."""
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(tiny_dirs["sdxl"])
+    kohya, expected, modules = {}, {}, {}
+    for name, prefix, seed in (("text_encoder", "lora_te1_", 7), ("text_encoder_2", "lora_te2_", 8)):
+        layers, settings = _add_adapter(getattr(pipe, name), 2, 4, TEXT_TARGETS, seed=seed)
+        modules[name] = sorted({canonical_module(k.rpartition(".lora_")[0]) for k in layers})
+        for key, value in layers.items():
+            module, _, which = key.rpartition(".lora_")
+            flat = prefix + sf_name(module)
+            kohya[f"{flat}.lora_{'down' if which.startswith('A') else 'up'}.weight"] = value
+            kohya[f"{flat}.alpha"] = torch.tensor(4.0)
+        fresh = getattr(diffusers.StableDiffusionXLPipeline.from_pretrained(tiny_dirs["sdxl"]), name)
+        expected[name] = _peft_fused(fresh, layers, settings, 0.6)
+    save_file(kohya, tmp_path / "te.safetensors")
+    # the same in diffusers' peft layout as transformers 4 named the layers (text_model. first)
+    peft = {}
+    for key, value in kohya.items():
+        flat, _, leaf = key.partition(".")
+        if leaf == "alpha":
+            continue
+        name = "text_encoder" if flat.startswith("lora_te1_") else "text_encoder_2"
+        module = next(m for m in modules[name] if sf_name(m) == flat[len("lora_te1_") :])
+        peft[f"{name}.{module}.lora_{'A' if 'down' in leaf else 'B'}.weight"] = value
+    save_file(peft, tmp_path / "te-peft.safetensors")
+    for file, scale in (("te.safetensors", 0.6), ("te-peft.safetensors", 0.6 * 4 / 2)):  # no alphas: scale 1, not 4 / 2
+        ours = load_pipeline(tiny_dirs["sdxl"], loras=[read_lora(tmp_path / file, scale)])
+        for name, reference in expected.items():
+            mine = getattr(ours, name).state_dict()
+            assert mine.keys() == reference.keys()
+            assert max((mine[k] - reference[k]).abs().max().item() for k in mine) <= 1e-5, (file, name)
+
+
+def canonical_module(module: str) -> str:
+    from difflower.reference.single_file import canonical_clip_key
+
+    return canonical_clip_key(module)
+
+
+def sf_name(module: str) -> str:
+    """kohya's flat name of a transformers module path (canonical `text_model.` level first)."""
+    from difflower.reference.single_file import canonical_clip_key
+
+    return canonical_clip_key(module).replace(".", "_")
