@@ -117,6 +117,8 @@ def read_lora(path: Path | str, scale: float = 1.0) -> Lora:
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(path, "is a folder; --lora takes the LoRA's .safetensors file")
     if not path.is_file():
         raise CheckpointError(path, "LoRA file not found")
     try:

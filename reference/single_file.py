@@ -75,7 +75,11 @@ def detect_layout(keys: set[str], path: Path) -> str:
             raise CheckpointError(path, "a FLUX.1 single file; difflower does not run Flux yet")
         if any(k.startswith(("joint_blocks.", "model.diffusion_model.joint_blocks.")) for k in keys):
             raise CheckpointError(path, "an SD3 single file; its conversion is not written yet")
-        raise CheckpointError(path, "no 'model.diffusion_model.*' tensors: not an SD 1.x/2.x or SDXL single file")
+        raise CheckpointError(
+            path,
+            "no 'model.diffusion_model.*' tensors: not an SD 1.x/2.x or SDXL single file (one component's weights? "
+            "pass the checkpoint folder)",
+        )
     if any(k.startswith("conditioner.embedders.1.model.") for k in keys):
         return "sdxl"
     if any(k.startswith("cond_stage_model.model.") for k in keys):
@@ -309,6 +313,8 @@ def convert_single_file(
     from safetensors.torch import save_file
 
     path, out = Path(path), Path(out)
+    if path.is_dir():
+        raise CheckpointError(path, "is a folder; convert takes a single .safetensors file (a folder is read as it is)")
     if not path.is_file():
         raise CheckpointError(path, "not found")
     folder, _ = resolve_checkpoint(config_from, weights=False)
@@ -329,10 +335,11 @@ def convert_single_file(
         if not isinstance(layers, int):
             raise CheckpointError(index.root / "unet" / "config.json", "per-block layers_per_block is not converted")
         attention = ["CrossAttn" in t for t in unet_config.up_block_types]
+        vae_config = read_vae_config(index.root / "vae")
         with torch.device("meta"):
             unet = UNet2DConditionModel(unet_config)
-            vae = AutoencoderKL(read_vae_config(index.root / "vae"))
-        blocks = len(read_vae_config(index.root / "vae").block_out_channels)
+            vae = AutoencoderKL(vae_config)
+        blocks = len(vae_config.block_out_channels)
         parts = {
             "unet": _converted(file, "unet", unet, lambda k: (UNET_PREFIX + unet_source(k, layers, attention), None)),
             "vae": _converted(file, "vae", vae, lambda k: (VAE_PREFIX + vae_source(k, blocks), None)),

@@ -200,6 +200,8 @@ def test_bad_lora_input_is_one_line(tiny_dirs, tmp_path, capsys):
     save_file({"some.weight": torch.zeros(2)}, tmp_path / "plain.safetensors")
     assert main([*base, "--lora", str(tmp_path / "plain.safetensors")]) == 2
     assert "no LoRA weights in the diffusers/peft or kohya format (keys like some.weight)" in capsys.readouterr().err
+    assert main([*base, "--lora", str(tmp_path)]) == 2
+    assert "is a folder; --lora takes the LoRA's .safetensors file" in capsys.readouterr().err
     assert main([*base, "--lora", f"{tmp_path / 'missing.safetensors'}:0.5"]) == 2
     assert "missing.safetensors: LoRA file not found" in capsys.readouterr().err
     with pytest.raises(ArgumentError, match="expected FILE or FILE:SCALE"):

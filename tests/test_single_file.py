@@ -100,6 +100,8 @@ def test_what_a_single_file_lacks_or_adds_is_one_line(tiny_dirs, single_files, t
     argv = ["convert", str(tmp_path / "flux.safetensors"), "--config-from", str(tiny_dirs["sd"])]
     assert main([*argv, "--out", str(tmp_path / "out")]) == 2
     assert "a FLUX.1 single file; difflower does not run Flux yet" in _error(capsys)
+    assert main(["convert", str(tiny_dirs["sd"]), "--config-from", str(tiny_dirs["sd"]), "--out", "x"]) == 2
+    assert "is a folder; convert takes a single .safetensors file" in _error(capsys)
     (tmp_path / "model.ckpt").write_bytes(b"pickle")
     assert main(["convert", str(tmp_path / "model.ckpt"), "--config-from", str(tiny_dirs["sd"]), "--out", "x"]) == 2
     assert ".safetensors single files only (a .ckpt is a pickle)" in _error(capsys)
