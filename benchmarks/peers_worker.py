@@ -122,6 +122,22 @@ def initial_noise(seed: int, shape: tuple[int, ...]):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
 
 
+def pipeline_image(pipe, channels, prompt, seed, steps, guidance, height, width):
+    """A diffusers-style pipeline's image (float, 0..1) from our seeded initial noise."""
+    scale = pipe.vae_scale_factor
+    latents = initial_noise(seed, (1, channels, height // scale, width // scale))
+    out = pipe(
+        prompt,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        height=height,
+        width=width,
+        latents=latents,
+        output_type="np",
+    )
+    return image_to_float(out.images)
+
+
 def ov_config(precision: str) -> dict[str, str]:
     """The OpenVINO compile settings difflower uses: latency hint; f32 inference precision for
     fp32 models (a CPU with bf16 units would otherwise run them in bf16)."""
@@ -184,19 +200,10 @@ class DiffusersEager(Engine):
         return out.numpy()
 
     def e2e(self, prompt, seed, steps, guidance, height, width):
-        scale = self.pipe.vae_scale_factor
-        latents = initial_noise(seed, (1, self.pipe.unet.config.in_channels, height // scale, width // scale))
         with self.torch.inference_mode():
-            out = self.pipe(
-                prompt,
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                height=height,
-                width=width,
-                latents=latents,
-                output_type="np",
+            return pipeline_image(
+                self.pipe, self.pipe.unet.config.in_channels, prompt, seed, steps, guidance, height, width
             )
-        return image_to_float(out.images)
 
 
 class Difflower(Engine):
@@ -242,18 +249,8 @@ class OptimumPipeline(Engine):
     pipe: Any
 
     def e2e(self, prompt, seed, steps, guidance, height, width):
-        scale = self.pipe.vae_scale_factor
-        latents = initial_noise(seed, (1, self.pipe.unet.config.get("in_channels", 4), height // scale, width // scale))
-        out = self.pipe(
-            prompt,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            height=height,
-            width=width,
-            latents=latents,
-            output_type="np",
-        )
-        return image_to_float(out.images)
+        channels = self.pipe.unet.config.get("in_channels", 4)  # optimum's config is a dict
+        return pipeline_image(self.pipe, channels, prompt, seed, steps, guidance, height, width)
 
 
 class OptimumIntel(OptimumPipeline):
