@@ -92,6 +92,21 @@ def resolve_checkpoint(
     return path, HubSnapshot(repo_id, revision, commit, path)
 
 
+def resolve_model_folder(model: str | Path, variant: str | None = None) -> tuple[Path, HubSnapshot | None]:
+    """The local folder of a single model (a ControlNet: config.json and its weights at the top):
+    `model` itself, or the snapshot of the Hub repo id it names."""
+    if not is_repo_id(model):
+        return Path(model), None
+    repo_id, _, revision = str(model).partition("@")
+    revision = revision or "main"
+    tag = f".{variant}" if variant else ""
+    patterns = ["*.json"] + [
+        p for stem in _WEIGHTS for p in (f"{stem}{tag}.safetensors", f"{stem}{tag}-*-of-*.safetensors")
+    ]
+    path = Path(_download(model, repo_id, revision, patterns))
+    return path, HubSnapshot(repo_id, revision, path.name, path)
+
+
 def _download(model: str | Path, repo_id: str, revision: str, patterns: list[str]) -> str:
     """huggingface_hub's snapshot_download; its failures as one CheckpointError line each."""
     import huggingface_hub

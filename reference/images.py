@@ -51,9 +51,15 @@ def default_size(image: ImageInput, height: int | None, width: int | None, facto
 
 
 def preprocess_image(
-    image: ImageInput, height: int | None, width: int | None, factor: int, argument: str = "image"
+    image: ImageInput,
+    height: int | None,
+    width: int | None,
+    factor: int,
+    argument: str = "image",
+    normalize: bool = True,
 ) -> torch.Tensor:
-    """Images -> (B, 3, H, W) float32 in [-1, 1], H and W multiples of `factor`.
+    """Images -> (B, 3, H, W) float32 in [-1, 1] (in [0, 1] without `normalize`: ControlNet
+    control images), H and W multiples of `factor`.
 
     PIL images are converted to RGB and resized; numpy arrays (B, H, W, 3) or (H, W, 3) and
     tensors (B, 3, H, W) are taken in [0, 1] (tensors already in [-1, 1] are kept as they are).
@@ -69,8 +75,8 @@ def preprocess_image(
             tensor = torch.nn.functional.interpolate(tensor, size=(height, width), mode="bilinear")
     if tensor.shape[1] != 3:
         raise ArgumentError(argument, f"must have 3 colour channels, got {tensor.shape[1]}")
-    if tensor.min() < 0:
-        return tensor.float()  # already in [-1, 1]
+    if not normalize or tensor.min() < 0:
+        return tensor.float()  # kept in [0, 1], or already in [-1, 1]
     return 2.0 * tensor.float() - 1.0
 
 

@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from difflower.errors import CheckpointError
+from difflower.hub import resolve_model_folder
 from difflower.reference.autoencoder_kl import (
     VAE_CLASS_NAMES,
     VAE_DEFAULT_ONLY_FIELDS,
@@ -35,6 +36,14 @@ from difflower.reference.autoencoder_kl import (
     VAEConfig,
 )
 from difflower.reference.config import load_config, read_json
+from difflower.reference.controlnet import (
+    CONTROLNET_CLASS_NAMES,
+    CONTROLNET_DEFAULT_ONLY_FIELDS,
+    CONTROLNET_IGNORED_FIELDS,
+    ControlNetConfig,
+    ControlNetModel,
+    controlnet_mismatch,
+)
 from difflower.reference.transformer_sd3 import SD3_CLASS_NAMES, SD3_IGNORED_FIELDS, SD3Config, SD3Transformer2DModel
 from difflower.reference.unet_2d_condition import (
     UNET_CLASS_NAMES,
@@ -289,6 +298,50 @@ def load_unet(folder: Path | str, dtype: torch.dtype | None = None, variant: str
     """Our UNet2DConditionModel from a diffusers `unet/` folder."""
     folder = Path(folder)
     return _build(UNet2DConditionModel, read_unet_config(folder), folder, dtype, variant)
+
+
+def read_controlnet_config(folder: Path) -> ControlNetConfig:
+    return load_config(
+        ControlNetConfig,
+        folder / "config.json",
+        class_names=CONTROLNET_CLASS_NAMES,
+        ignored=CONTROLNET_IGNORED_FIELDS,
+        must_be_default=CONTROLNET_DEFAULT_ONLY_FIELDS,
+    )
+
+
+def load_controlnet(
+    folder: Path | str, dtype: torch.dtype | None = None, variant: str | None = None
+) -> ControlNetModel:
+    """Our ControlNetModel from a diffusers ControlNet folder (config.json and its weights)."""
+    folder = Path(folder)
+    return _build(ControlNetModel, read_controlnet_config(folder), folder, dtype, variant)
+
+
+@dataclass(frozen=True)
+class ControlNetSource:
+    """A ControlNet folder, checked against the UNet it drives; `origin` is its Hub snapshot, if any."""
+
+    folder: Path
+    config: ControlNetConfig
+    origin: dict[str, Any] | None
+
+
+def resolve_controlnet(source: Path | str, index: ModelIndex) -> ControlNetSource:
+    """The ControlNet at `source` (a folder or a Hub repo id), refused in one line when the
+    checkpoint has no UNet or the ControlNet does not fit it (naming both)."""
+    folder, snapshot = resolve_model_folder(source)
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(folder, "is not a ControlNet folder (no config.json); pass a diffusers ControlNet folder")
+    config = read_controlnet_config(folder)
+    if index.family == "sd3":
+        raise CheckpointError(folder, f"ControlNets drive SD and SDXL UNets; {index.root} is an SD3 checkpoint")
+    unet = read_unet_config(index.root / "unet")
+    latent_channels = read_vae_config(index.root / "vae").latent_channels
+    why = controlnet_mismatch(unet, config, latent_channels)
+    if why is not None:
+        raise CheckpointError(folder, f"does not fit the UNet of {index.root}: {why}")
+    return ControlNetSource(folder, config, None if snapshot is None else {"hub": snapshot.to_json()})
 
 
 def load_sd3_transformer(

@@ -1,10 +1,10 @@
 """The denoising loop: the one piece of code every engine's denoiser runs under.
 
 Per step: the model input (the latents, doubled for classifier-free guidance, scaled by the
-scheduler; 9-channel inpainting denoisers also get the mask and the masked image), one
-denoiser call through `ModelCalls`, the guidance mix, the scheduler step and, for 4- and
-16-channel inpainting, the blend that keeps the unmasked region on the image's own noised
-trajectory.
+scheduler; 9-channel inpainting denoisers also get the mask and the masked image), the
+ControlNets' residuals (`ControlRun`, when the pipeline has ControlNets), one denoiser call
+through `ModelCalls`, the guidance mix, the scheduler step and, for 4- and 16-channel
+inpainting, the blend that keeps the unmasked region on the image's own noised trajectory.
 """
 
 from __future__ import annotations
@@ -14,12 +14,74 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from difflower.reference.control import ControlInputs
 from difflower.reference.latents import StartState
-from difflower.reference.model_calls import ModelCalls
+from difflower.reference.model_calls import ModelCalls, Residuals
 from difflower.reference.prompts import Conditioning
 from difflower.reference.request import GenerateRequest
 from difflower.reference.schedulers import SchedulerRun
 from difflower.reference.spec import PipelineSpec
+
+
+@dataclass(frozen=True)
+class ControlRun:
+    """The ControlNets of one run: their names, prepared images and per-step scales."""
+
+    names: list[str]
+    control: ControlInputs
+    images: list[torch.Tensor]
+    steps: int  # the steps the loop runs (diffusers' len(timesteps) after img2img's cut)
+    do_cfg: bool
+
+    def keep(self, k: int, step: int) -> float:
+        """1 inside ControlNet k's guidance window at `step` (0-based within the run), else 0."""
+        outside = step / self.steps < self.control.starts[k] or (step + 1) / self.steps > self.control.ends[k]
+        return 1.0 - float(outside)
+
+    def residuals(
+        self,
+        calls: ModelCalls,
+        step: int,
+        latents: torch.Tensor,
+        model_input: torch.Tensor,
+        timestep: torch.Tensor,
+        cond: Conditioning,
+        run: SchedulerRun,
+        i: int,
+    ) -> Residuals | None:
+        """The summed residuals of every ControlNet at `step` (None when every ControlNet is
+        outside its window: diffusers adds zeros then, which changes nothing), batched like
+        `model_input`."""
+        guess_cfg = self.control.guess_mode and self.do_cfg
+        if guess_cfg:  # only the conditional half goes through the ControlNets
+            control_input = run.scale_model_input(latents, i)
+            control_cond = cond.positive_half()
+        else:
+            control_input, control_cond = model_input, cond
+        total: Residuals | None = None
+        for k, name in enumerate(self.names):
+            scale = self.control.scales[k] * self.keep(k, step)
+            if scale == 0.0:  # diffusers adds this net's residuals times zero
+                continue
+            down, mid = calls.controlnet(
+                name,
+                control_input,
+                timestep.expand(control_input.shape[0]),
+                control_cond,
+                self.images[k],
+                scale,
+                self.control.guess_mode,
+            )
+            if total is None:
+                total = Residuals(down, mid)
+            else:  # diffusers' MultiControlNetModel: the nets' residuals summed in order
+                total = Residuals([a + b for a, b in zip(total.down, down, strict=True)], total.mid + mid)
+        if total is not None and guess_cfg:  # the unconditional half gets no control
+            total = Residuals(
+                [torch.cat([torch.zeros_like(d), d]) for d in total.down],
+                torch.cat([torch.zeros_like(total.mid), total.mid]),
+            )
+        return total
 
 
 @dataclass(frozen=True)
@@ -39,6 +101,7 @@ def denoise(
     start: int,
     cond: Conditioning,
     state: StartState,
+    control: ControlRun | None = None,
 ) -> LoopResult:
     """Run `run`'s steps from index `start` on `state.latents`."""
     latents = state.latents  # (B, C, h, w)
@@ -50,11 +113,13 @@ def denoise(
         t = run.timesteps[i]
         model_input = torch.cat([latents] * 2) if request.do_cfg else latents  # (2B or B, C, h, w)
         model_input = run.scale_model_input(model_input, i)
+        # the ControlNets read the latents before the inpainting channels are added
+        residuals = control.residuals(calls, i - start, latents, model_input, t, cond, run, i) if control else None
         if concat_mask:
             assert state.mask is not None and state.masked_latents is not None
             # (2B or B, C + 1 + C, h, w): what the 9-channel inpainting UNet reads
             model_input = torch.cat([model_input, state.mask, state.masked_latents], dim=1)
-        prediction = calls.denoiser(model_input, t.expand(model_input.shape[0]), cond)
+        prediction = calls.denoiser(model_input, t.expand(model_input.shape[0]), cond, residuals)
         if request.do_cfg:
             uncond, text = prediction.chunk(2)  # (B, C, h, w) each: negatives first
             prediction = uncond + request.guidance_scale * (text - uncond)

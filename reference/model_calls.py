@@ -7,12 +7,19 @@ see only this.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 
 from difflower.reference.prompts import Conditioning, TextEncoderOutput
 from difflower.reference.request import GenerateRequest
+
+
+class Residuals(NamedTuple):
+    """ControlNet residuals for the UNet: one per skip connection of its down path, and the mid block's."""
+
+    down: list[torch.Tensor]
+    mid: torch.Tensor
 
 
 class ModelCalls(Protocol):
@@ -26,8 +33,25 @@ class ModelCalls(Protocol):
 
     def text_encoder(self, name: str, input_ids: torch.Tensor) -> TextEncoderOutput: ...
 
-    def denoiser(self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """The model prediction for `sample` (B, C, h, w) at `timestep` (B,)."""
+    def denoiser(
+        self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning, residuals: Residuals | None = None
+    ) -> torch.Tensor:
+        """The model prediction for `sample` (B, C, h, w) at `timestep` (B,), with ControlNet
+        `residuals` added to the UNet's skip connections when given."""
+        ...
+
+    def controlnet(
+        self,
+        name: str,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        cond: Conditioning,
+        image: torch.Tensor,
+        conditioning_scale: float,
+        guess_mode: bool,
+    ) -> Residuals:
+        """ControlNet `name`'s scaled residuals for `sample` (B, C, h, w) and its control image
+        (B, 3, H, W) in [0, 1]."""
         ...
 
     def vae_encode(self, image: torch.Tensor) -> torch.Tensor:

@@ -28,14 +28,15 @@ import torch
 
 from difflower.errors import ArgumentError
 from difflower.reference.compile import compile_regions
+from difflower.reference.control import controlnet_name, prepare_control
 from difflower.reference.embeddings import guidance_scale_embedding
 from difflower.reference.images import ImageInput, OutputType, postprocess
 from difflower.reference.latents import prepare_latents
-from difflower.reference.loading import Family, load_components
-from difflower.reference.loop import denoise
+from difflower.reference.loading import Family, load_components, load_controlnet, resolve_controlnet
+from difflower.reference.loop import ControlRun, denoise
 from difflower.reference.lora import Lora, check_components, fuse_loras
 from difflower.reference.memory import check_memory as check_request_memory
-from difflower.reference.model_calls import ModelCalls
+from difflower.reference.model_calls import ModelCalls, Residuals
 from difflower.reference.prompts import Conditioning, TextEncoderOutput
 from difflower.reference.request import GenerateRequest, GeneratorArg, build_request
 from difflower.reference.schedulers import Scheduler, calculate_shift, load_scheduler, scheduler_by_name
@@ -67,7 +68,9 @@ class TorchModelCalls:
         )
 
     @torch.no_grad()
-    def denoiser(self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    def denoiser(
+        self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning, residuals: Residuals | None = None
+    ) -> torch.Tensor:
         if self.family == "sd3":
             return self.components["transformer"](
                 hidden_states=sample,
@@ -80,7 +83,41 @@ class TorchModelCalls:
             added = {"text_embeds": cond.text_embeds, "time_ids": cond.time_ids}
         unet = self.components["unet"]
         context = cond.encoder_hidden_states
-        return unet(sample, timestep, context, added_cond_kwargs=added, timestep_cond=cond.timestep_cond)[0]
+        return unet(
+            sample,
+            timestep,
+            context,
+            added_cond_kwargs=added,
+            timestep_cond=cond.timestep_cond,
+            down_block_additional_residuals=residuals.down if residuals is not None else None,
+            mid_block_additional_residual=residuals.mid if residuals is not None else None,
+        )[0]
+
+    @torch.no_grad()
+    def controlnet(
+        self,
+        name: str,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        cond: Conditioning,
+        image: torch.Tensor,
+        conditioning_scale: float,
+        guess_mode: bool,
+    ) -> Residuals:
+        added = None
+        if cond.text_embeds is not None:
+            added = {"text_embeds": cond.text_embeds, "time_ids": cond.time_ids}
+        down, mid = self.components[name](
+            sample,
+            timestep,
+            cond.encoder_hidden_states,
+            image,
+            conditioning_scale,
+            guess_mode,
+            added_cond_kwargs=added,
+            return_dict=False,
+        )
+        return Residuals(down, mid)
 
     @torch.no_grad()
     def vae_encode(self, image: torch.Tensor) -> torch.Tensor:
@@ -159,6 +196,11 @@ class DiffusionPipeline:
         return_trajectory: bool = False,
         progress: bool = True,
         check_memory: bool = True,
+        control_image: ImageInput | list[ImageInput] | None = None,
+        controlnet_conditioning_scale: float | list[float] | None = None,
+        guess_mode: bool = False,
+        control_guidance_start: float | list[float] = 0.0,
+        control_guidance_end: float | list[float] = 1.0,
         **family_options: Any,
     ) -> PipelineOutput:
         """Generate images; the task follows from the inputs (image -> img2img, image + mask -> inpaint).
@@ -168,6 +210,10 @@ class DiffusionPipeline:
         `aesthetic_score`, `negative_aesthetic_score`; SD3's `prompt_2`, `prompt_3`, their
         negatives, `max_sequence_length` and `skip_t5`. `check_memory=False` runs a size whose
         memory estimate exceeds what is available.
+
+        With ControlNets: `control_image` (one per ControlNet; diffusers' ControlNet txt2img
+        pipelines call it `image`), `controlnet_conditioning_scale`, `guess_mode` and
+        `control_guidance_start`/`_end`, with diffusers' ControlNet pipelines' defaults.
         """
         request = build_request(
             self.spec,
@@ -187,6 +233,11 @@ class DiffusionPipeline:
             strength=strength,
             return_trajectory=return_trajectory,
             progress=progress,
+            control_image=control_image,
+            controlnet_conditioning_scale=controlnet_conditioning_scale,
+            guess_mode=guess_mode,
+            control_guidance_start=control_guidance_start,
+            control_guidance_end=control_guidance_end,
             **family_options,
         )
         return self.run(request, check_memory=check_memory)
@@ -217,9 +268,11 @@ class DiffusionPipeline:
             w_embedding = guidance_scale_embedding(w, spec.time_cond_proj_dim)
             cond = replace(cond, timestep_cond=w_embedding.to(self.device, dtype))
 
-        # 3. the starting latents (drawing the generator in diffusers' order), then the loop
+        # 3. the control images, the starting latents (drawing the generator in diffusers'
+        #    order), then the loop
+        control = self._control_run(request, len(run.timesteps) - start, dtype)
         state = prepare_latents(request, spec, self.calls, run, start, self.device, dtype)
-        result = denoise(request, spec, self.calls, run, start, cond, state)
+        result = denoise(request, spec, self.calls, run, start, cond, state, control)
 
         # 4. decode
         if request.output_type == "latent":
@@ -228,6 +281,24 @@ class DiffusionPipeline:
             decoded = self.calls.vae_decode(spec.from_latents(result.latents))  # (B, 3, H, W) in [-1, 1]
             images = postprocess(decoded.float(), request.output_type)
         return PipelineOutput(images, result.trajectory, result.timesteps)
+
+    def _control_run(self, request: GenerateRequest, steps: int, dtype: torch.dtype) -> ControlRun | None:
+        if request.control is None:
+            return None
+        guess = request.control.guess_mode
+        images = prepare_control(
+            request.control,
+            request.height,
+            request.width,
+            request.batch,
+            request.images_per_prompt,
+            request.do_cfg and not guess,
+            self.spec.vae_scale_factor,
+            self.device,
+            dtype,
+        )
+        names = [controlnet_name(k) for k in range(self.spec.controlnets)]
+        return ControlRun(names, request.control, images, steps, request.do_cfg)
 
     def _start_index(self, request: GenerateRequest) -> int:
         """How many scheduled steps img2img/inpainting skip (SD3 rounds differently from SD/SDXL)."""
@@ -269,17 +340,26 @@ def load_pipeline(
     scheduler: str | None = None,
     compile: bool = False,
     loras: Sequence[Lora] = (),
+    controlnets: Sequence[Path | str] = (),
 ) -> DiffusionPipeline:
     """The eager reference pipeline of a diffusers-format checkpoint folder; `compile` compiles
     the denoiser's and the VAE's repeated blocks with torch.compile (see reference.compile);
-    `loras` are fused into the denoiser and the text encoders (see reference.lora)."""
+    `loras` are fused into the denoiser and the text encoders (see reference.lora);
+    `controlnets` (folders or Hub repo ids) drive the UNet (see reference.control)."""
 
     index, components = load_components(path, dtype=dtype, variant=variant)
+    sources = [resolve_controlnet(source, index) for source in controlnets]
     check_components(loras, set(index.components))
     for name in ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3"):
         if loras and isinstance(components.get(name), torch.nn.Module):
             fuse_loras(components[name], name, loras)
     spec = spec_from_configs(index)
+    for k, source in enumerate(sources):
+        components[controlnet_name(k)] = load_controlnet(source.folder, dtype)
+    if sources:
+        spec = replace(
+            spec, controlnets=len(sources), controlnet_pools_conditions=sources[0].config.global_pool_conditions
+        )
     for name, component in components.items():
         if isinstance(component, torch.nn.Module):
             components[name] = component.to(device)

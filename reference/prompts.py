@@ -69,6 +69,20 @@ class Conditioning:
             cat(negative.timestep_cond, positive.timestep_cond),
         )
 
+    def positive_half(self) -> Conditioning:
+        """The positive (second) half of a CFG batch: what guess-mode ControlNets read."""
+
+        def half(a: torch.Tensor | None) -> torch.Tensor | None:
+            return None if a is None else a.chunk(2)[1]
+
+        return Conditioning(
+            self.encoder_hidden_states.chunk(2)[1],
+            half(self.text_embeds),
+            half(self.time_ids),
+            half(self.pooled_projections),
+            half(self.timestep_cond),
+        )
+
 
 class PromptInputs(Protocol):
     """One family's prompts and prompt options, checked; encodes to (positive, negative or None)."""

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 
 from difflower.errors import ArgumentError
+from difflower.reference.control import ControlInputs
 from difflower.reference.images import OUTPUT_TYPES, ImageInput, OutputType, default_size, image_size
 from difflower.reference.prompts import PromptInputs, SD3Prompts, SDPrompts, SDXLPrompts, as_prompt_list, finite
 from difflower.reference.spec import PipelineSpec
@@ -32,6 +33,7 @@ class TaskDefaults:
     num_inference_steps: int
     guidance_scale: float
     strength: float = 1.0
+    control_scale: float = 1.0  # controlnet_conditioning_scale, for the ControlNet pipelines
 
 
 DEFAULTS: dict[tuple[str, Task], TaskDefaults] = {
@@ -49,6 +51,15 @@ DEFAULTS: dict[tuple[str, Task], TaskDefaults] = {
 PIPELINE_DEFAULTS: dict[tuple[str, Task], TaskDefaults] = {
     ("LatentConsistencyModelPipeline", "txt2img"): TaskDefaults(4, 8.5),
     ("LatentConsistencyModelImg2ImgPipeline", "img2img"): TaskDefaults(4, 8.5, 0.8),
+}
+
+
+# diffusers' ControlNet pipelines where their defaults differ from their family's.
+CONTROL_DEFAULTS: dict[tuple[str, Task], TaskDefaults] = {
+    ("sd", "img2img"): TaskDefaults(50, 7.5, 0.8, control_scale=0.8),
+    ("sd", "inpaint"): TaskDefaults(50, 7.5, 1.0, control_scale=0.5),
+    ("sdxl", "img2img"): TaskDefaults(50, 5.0, 0.8, control_scale=0.8),
+    ("sdxl", "inpaint"): TaskDefaults(50, 5.0, 0.9999),
 }
 
 
@@ -72,6 +83,7 @@ class GenerateRequest:
     generator: GeneratorArg
     return_trajectory: bool
     progress: bool
+    control: ControlInputs | None = None  # the ControlNets' images, scales and windows
 
     @property
     def batch(self) -> int:
@@ -102,15 +114,26 @@ def build_request(
     strength: float | None = None,
     return_trajectory: bool = False,
     progress: bool = True,
+    control_image: ImageInput | Sequence[ImageInput] | None = None,
+    controlnet_conditioning_scale: float | Sequence[float] | None = None,
+    guess_mode: bool = False,
+    control_guidance_start: float | Sequence[float] = 0.0,
+    control_guidance_end: float | Sequence[float] = 1.0,
     **family_options: Any,
 ) -> GenerateRequest:
     """The checked request of one pipeline call (`family_options`: prompt_2, prompt_3, negative
-    prompts 2 and 3, max_sequence_length, skip_t5, SDXL's size and aesthetic conditioning)."""
+    prompts 2 and 3, max_sequence_length, skip_t5, SDXL's size and aesthetic conditioning).
+
+    With ControlNets (`spec.controlnets`) the control arguments are diffusers' ControlNet
+    pipelines' (their txt2img `image` is `control_image` here, so `image` always means the init
+    image); ControlNets that pool their conditions force guess mode, as diffusers does."""
     # 1. the task and its defaults
     if mask_image is not None and image is None:
         raise ArgumentError("mask_image", "needs an image to inpaint; pass image= as well")
     task: Task = "txt2img" if image is None else ("inpaint" if mask_image is not None else "img2img")
     defaults = PIPELINE_DEFAULTS.get((spec.pipeline_class or "", task)) or DEFAULTS[(spec.family, task)]
+    if spec.controlnets:
+        defaults = CONTROL_DEFAULTS.get((spec.family, task), defaults)
     if task == "txt2img" and strength is not None:
         raise ArgumentError("strength", "applies to img2img and inpainting; pass an image as well, or drop it")
 
@@ -138,7 +161,22 @@ def build_request(
     if isinstance(generator, Sequence) and len(generator) not in (1, batch):
         raise ArgumentError("generator", f"got {len(generator)} generators for {batch} images; give one or {batch}")
 
-    # 4. size
+    # 4. control, then the size (a ControlNet run defaults to its control image's size)
+    control = ControlInputs.build(
+        spec.controlnets,
+        control_image,
+        controlnet_conditioning_scale,
+        guess_mode or spec.controlnet_pools_conditions,
+        control_guidance_start,
+        control_guidance_end,
+        defaults.control_scale,
+    )
+    if control is not None and height is None and width is None:
+        if task == "inpaint":  # diffusers' ControlNet inpainting: the init image's size
+            assert image is not None
+            height, width = default_size(image, None, None, spec.vae_scale_factor)
+        else:
+            height, width = control.size(spec.vae_scale_factor)
     height, width = _size(spec, task, image, height, width)
     if mask_image is not None and image is not None and image_size(mask_image) != image_size(image):
         raise ArgumentError(
@@ -171,6 +209,7 @@ def build_request(
         generator=generator,
         return_trajectory=return_trajectory,
         progress=progress,
+        control=control,
     )
 
 

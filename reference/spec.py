@@ -41,6 +41,10 @@ class PipelineSpec:
     time_cond_proj_dim: int | None = None
     # The checkpoint's pipeline class, for the defaults of the pipelines that have their own (LCM).
     pipeline_class: str | None = None
+    # ControlNets driving the UNet (components `controlnet`, `controlnet_1`, ...); when theirs
+    # pool the conditions (`global_pool_conditions`) guess mode is always on, as in diffusers.
+    controlnets: int = 0
+    controlnet_pools_conditions: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vae_scale_factor", "latent_channels", "denoiser_in_channels", "sample_size", "patch_size"):

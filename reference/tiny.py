@@ -32,7 +32,15 @@ from difflower.atomic import atomic_directory
 from difflower.errors import ArgumentError, DifflowerError
 from difflower.reference.autoencoder_kl import AutoencoderKL, VAEConfig
 from difflower.reference.config import config_to_dict, read_json
-from difflower.reference.loading import FAMILIES, WEIGHTS_NAME, Family, quiet_transformers
+from difflower.reference.controlnet import ControlNetConfig, ControlNetModel
+from difflower.reference.loading import (
+    FAMILIES,
+    WEIGHTS_NAME,
+    Family,
+    quiet_transformers,
+    read_unet_config,
+    read_vae_config,
+)
 from difflower.reference.transformer_sd3 import SD3Config, SD3Transformer2DModel
 from difflower.reference.unet_2d_condition import UNet2DConditionModel, UNetConfig
 
@@ -225,6 +233,37 @@ def make_tiny_checkpoint(
         with quiet_transformers():
             _write_checkpoint(tmp, spec, seed)
     return out
+
+
+def make_tiny_controlnet(out: Path | str, checkpoint: Path | str, seed: int = 0, overwrite: bool = False) -> Path:
+    """Write a tiny random ControlNet that fits `checkpoint`'s UNet to `out` (atomically).
+
+    Its zero convolutions are drawn at random like every other weight, so its residuals are
+    not zero: a test through it checks that the residuals are used."""
+    checkpoint = Path(checkpoint)
+    unet = read_unet_config(checkpoint / "unet")
+    vae = read_vae_config(checkpoint / "vae")
+    config = ControlNetConfig.from_unet(unet, vae.latent_channels, vae.downscale_factor)
+    out = Path(out)
+    with atomic_directory(out, overwrite, argument="DIR", replaceable=not_a_tiny_controlnet) as tmp:
+        tmp.rmdir()
+        _save_model(tmp, ControlNetModel, config, "ControlNetModel", seed)
+        raw = read_json(tmp / "config.json")
+        raw[TINY_MARKER] = {"family": "controlnet", "seed": seed}
+        (tmp / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+    return out
+
+
+def not_a_tiny_controlnet(folder: Path) -> str | None:
+    """None when `folder` is a tiny ControlNet difflower wrote, else why it is not."""
+    path = Path(folder) / "config.json"
+    try:
+        marked = path.is_file() and TINY_MARKER in read_json(path)
+    except DifflowerError:
+        marked = False
+    return (
+        None if marked else "it is not a tiny ControlNet difflower wrote; remove it yourself or choose another folder"
+    )
 
 
 def not_a_tiny_checkpoint(folder: Path) -> str | None:

@@ -8,6 +8,7 @@ comes from the config or from static shapes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, cast
 
@@ -137,10 +138,38 @@ class UNetConfig:
                 "'projection_class_embeddings_input_dim'"
             )
 
+    def block_fields(self) -> tuple[tuple, tuple, tuple, tuple, tuple]:
+        """Per down block: heads, cross-attention dim, layers, only-cross flag, transformer depth."""
+        names = (
+            "attention_head_dim",
+            "cross_attention_dim",
+            "layers_per_block",
+            "only_cross_attention",
+            "transformer_layers_per_block",
+        )
+        heads, cross_dims, layers, only_cross, depth = (self.per_block(name) for name in names)
+        return heads, cross_dims, layers, only_cross, depth
+
     def per_block(self, name: str) -> tuple:
         """A per-down-block tuple of a field that may be given as a single value."""
         value = getattr(self, name)
         return value if isinstance(value, tuple) else (value,) * len(self.down_block_types)
+
+
+def skip_shapes(config: UNetConfig, latent_height: int, latent_width: int) -> list[tuple[int, int, int]]:
+    """(channels, height, width) of every skip connection of the down path, in order: the
+    shapes of the ControlNet residuals a UNet (or a ControlNet) of `config` has at a latent size."""
+    channels = config.block_out_channels
+    layers = config.per_block("layers_per_block")
+    shapes = [(channels[0], latent_height, latent_width)]
+    h, w = latent_height, latent_width
+    pad = 2 * config.downsample_padding or 1  # padding 0 is the asymmetric (0, 1) pad (see Downsample2D)
+    for i, width in enumerate(channels):
+        shapes += [(width, h, w)] * layers[i]
+        if i < len(channels) - 1:  # the stride-2 3x3 conv of every block but the last
+            h, w = (h + pad - 3) // 2 + 1, (w + pad - 3) // 2 + 1
+            shapes.append((width, h, w))
+    return shapes
 
 
 class UNetOutput(NamedTuple):
@@ -149,12 +178,13 @@ class UNetOutput(NamedTuple):
     sample: torch.Tensor
 
 
-class UNet2DConditionModel(nn.Module):
-    """Conditional UNet; `forward` matches diffusers' call and returns `UNetOutput`."""
+class UNetEncoder(nn.Module):
+    """What a UNet and a ControlNet share: the input conv, the time (and SDXL text-time)
+    embedding, the down path and the mid block, under diffusers' key names."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
-        self.config = config
+        self.encoder_config = config
         channels = config.block_out_channels
         n_blocks = len(channels)
 
@@ -184,7 +214,7 @@ class UNet2DConditionModel(nn.Module):
             self.add_embedding = None
         self.time_embed_act = activation(config.time_embedding_act_fn) if config.time_embedding_act_fn else None
 
-        spec = BlockSpec(
+        self.block_spec = BlockSpec(
             temb_channels=time_embed_dim,
             groups=config.norm_num_groups,
             eps=config.norm_eps,
@@ -194,11 +224,8 @@ class UNet2DConditionModel(nn.Module):
             use_linear_projection=config.use_linear_projection,
             upcast_attention=config.upcast_attention,
         )
-        heads = config.per_block("attention_head_dim")
-        cross_dims = config.per_block("cross_attention_dim")
-        layers = config.per_block("layers_per_block")
-        only_cross = config.per_block("only_cross_attention")
-        depth = config.per_block("transformer_layers_per_block")
+        spec = self.block_spec
+        heads, cross_dims, layers, only_cross, depth = config.block_fields()
 
         def attention_spec(block_type: str, i: int, n_layers: int, block_depth: int | tuple[int, ...]):
             if not block_type.startswith("CrossAttn"):
@@ -231,6 +258,66 @@ class UNet2DConditionModel(nn.Module):
             config.mid_block_scale_factor,
             AttentionSpec(heads[-1], cross_dims[-1], (mid_depth,), False),
         )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.conv_in.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.conv_in.weight.device
+
+    def embed(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+        timestep_cond: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The time (and SDXL text-time) embedding every resnet receives: (B, time_embed_dim)."""
+        if not torch.is_tensor(timestep):
+            timestep = torch.tensor([timestep], dtype=torch.float32, device=sample.device)
+        elif timestep.ndim == 0:
+            timestep = timestep[None].to(sample.device)
+        timestep = timestep.expand(sample.shape[0])  # (B,)
+        if self.encoder_config.time_cond_proj_dim is not None and timestep_cond is None:
+            raise ValueError("this UNet is guidance-distilled (time_cond_proj_dim): pass timestep_cond")
+        condition = None if timestep_cond is None else timestep_cond.to(sample.dtype)
+        emb = self.time_embedding(self.time_proj(timestep).to(sample.dtype), condition)  # (B, time_embed_dim)
+        if self.add_embedding is not None:
+            emb = emb + self._text_time_embedding(added_cond_kwargs, emb.dtype)
+        if self.time_embed_act is not None:
+            emb = self.time_embed_act(emb)
+        return emb
+
+    def _text_time_embedding(
+        self, added_cond_kwargs: dict[str, torch.Tensor] | None, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """SDXL micro-conditioning: pooled text embeds ++ sinusoidal time_ids, through an MLP."""
+        if not added_cond_kwargs or "text_embeds" not in added_cond_kwargs or "time_ids" not in added_cond_kwargs:
+            raise ValueError(
+                "this UNet has addition_embed_type 'text_time': "
+                "pass added_cond_kwargs with 'text_embeds' and 'time_ids'"
+            )
+        text_embeds = added_cond_kwargs["text_embeds"]
+        time_ids = added_cond_kwargs["time_ids"]
+        assert self.add_time_proj is not None and self.add_embedding is not None  # built for text_time
+        time_embeds = self.add_time_proj(time_ids.flatten())  # (B * 6, addition_time_embed_dim)
+        time_embeds = time_embeds.reshape(text_embeds.shape[0], -1)  # (B, 6 * addition_time_embed_dim)
+        add_embeds = torch.cat([text_embeds, time_embeds], dim=-1).to(dtype)
+        return self.add_embedding(add_embeds)
+
+
+class UNet2DConditionModel(UNetEncoder):
+    """Conditional UNet; `forward` matches diffusers' call and returns `UNetOutput`."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__(config)
+        self.config = config
+        channels = config.block_out_channels
+        n_blocks = len(channels)
+        spec = self.block_spec
+        heads, cross_dims, layers, only_cross, depth = config.block_fields()
 
         # 4. up path, mirror of the down path with one extra resnet per block
         rev_channels = list(reversed(channels))
@@ -265,14 +352,6 @@ class UNet2DConditionModel(nn.Module):
             channels[0], config.out_channels, config.conv_out_kernel, padding=(config.conv_out_kernel - 1) // 2
         )
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.conv_in.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.conv_in.weight.device
-
     def forward(
         self,
         sample: torch.Tensor,
@@ -281,41 +360,37 @@ class UNet2DConditionModel(nn.Module):
         added_cond_kwargs: dict[str, torch.Tensor] | None = None,
         return_dict: bool = True,
         timestep_cond: torch.Tensor | None = None,
+        down_block_additional_residuals: Sequence[torch.Tensor] | None = None,
+        mid_block_additional_residual: torch.Tensor | None = None,
     ) -> UNetOutput | tuple[torch.Tensor]:
         """sample (B, C, H, W); timestep scalar, (1,) or (B,); encoder_hidden_states (B, T, D).
 
         SDXL (`addition_embed_type="text_time"`) also needs `added_cond_kwargs` with
         `text_embeds` (B, pooled_dim) and `time_ids` (B, 6); a guidance-distilled UNet
         (`time_cond_proj_dim`) takes the guidance scale's embedding as `timestep_cond` (B, dim).
+        A ControlNet's residuals are added, as diffusers adds them, to every skip connection of
+        the down path (`down_block_additional_residuals`, one per skip) and to the mid block's
+        output (`mid_block_additional_residual`).
         """
         if self.config.center_input_sample:
             sample = 2 * sample - 1.0
         emb = self.embed(sample, timestep, added_cond_kwargs, timestep_cond)
-        sample, _ = self.run_stages(sample, [], emb, encoder_hidden_states)
+        if down_block_additional_residuals is None and mid_block_additional_residual is None:
+            sample, _ = self.run_stages(sample, [], emb, encoder_hidden_states)
+            return UNetOutput(sample) if return_dict else (sample,)
+        mid = self.stages().index("mid_block")
+        sample, skips = self.run_stages(sample, [], emb, encoder_hidden_states, stop=mid)
+        if down_block_additional_residuals is not None:
+            if len(down_block_additional_residuals) != len(skips):
+                raise ValueError(
+                    f"got {len(down_block_additional_residuals)} down-block residuals; this UNet has {len(skips)} skips"
+                )
+            skips = [skip + residual for skip, residual in zip(skips, down_block_additional_residuals, strict=True)]
+        sample, skips = self.run_stages(sample, skips, emb, encoder_hidden_states, start=mid, stop=mid + 1)
+        if mid_block_additional_residual is not None:
+            sample = sample + mid_block_additional_residual
+        sample, _ = self.run_stages(sample, skips, emb, encoder_hidden_states, start=mid + 1)
         return UNetOutput(sample) if return_dict else (sample,)
-
-    def embed(
-        self,
-        sample: torch.Tensor,
-        timestep: torch.Tensor | float | int,
-        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
-        timestep_cond: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The time (and SDXL text-time) embedding every resnet receives: (B, time_embed_dim)."""
-        if not torch.is_tensor(timestep):
-            timestep = torch.tensor([timestep], dtype=torch.float32, device=sample.device)
-        elif timestep.ndim == 0:
-            timestep = timestep[None].to(sample.device)
-        timestep = timestep.expand(sample.shape[0])  # (B,)
-        if self.config.time_cond_proj_dim is not None and timestep_cond is None:
-            raise ValueError("this UNet is guidance-distilled (time_cond_proj_dim): pass timestep_cond")
-        condition = None if timestep_cond is None else timestep_cond.to(sample.dtype)
-        emb = self.time_embedding(self.time_proj(timestep).to(sample.dtype), condition)  # (B, time_embed_dim)
-        if self.add_embedding is not None:
-            emb = emb + self._text_time_embedding(added_cond_kwargs, emb.dtype)
-        if self.time_embed_act is not None:
-            emb = self.time_embed_act(emb)
-        return emb
 
     def stages(self) -> list[str]:
         """The forward pass after the embedding, in order: `conv_in`, each down block, `mid_block`,
@@ -358,20 +433,3 @@ class UNet2DConditionModel(nn.Module):
             else:  # the head
                 sample = self.conv_out(self.conv_act(self.conv_norm_out(sample)))
         return sample, skips
-
-    def _text_time_embedding(
-        self, added_cond_kwargs: dict[str, torch.Tensor] | None, dtype: torch.dtype
-    ) -> torch.Tensor:
-        """SDXL micro-conditioning: pooled text embeds ++ sinusoidal time_ids, through an MLP."""
-        if not added_cond_kwargs or "text_embeds" not in added_cond_kwargs or "time_ids" not in added_cond_kwargs:
-            raise ValueError(
-                "this UNet has addition_embed_type 'text_time': "
-                "pass added_cond_kwargs with 'text_embeds' and 'time_ids'"
-            )
-        text_embeds = added_cond_kwargs["text_embeds"]
-        time_ids = added_cond_kwargs["time_ids"]
-        assert self.add_time_proj is not None and self.add_embedding is not None  # built for text_time
-        time_embeds = self.add_time_proj(time_ids.flatten())  # (B * 6, addition_time_embed_dim)
-        time_embeds = time_embeds.reshape(text_embeds.shape[0], -1)  # (B, 6 * addition_time_embed_dim)
-        add_embeds = torch.cat([text_embeds, time_embeds], dim=-1).to(dtype)
-        return self.add_embedding(add_embeds)

@@ -57,7 +57,7 @@ def test_lcm_pipeline_matches_diffusers(lcm_dirs, steps):
     pipe = load_pipeline(lcm_dirs["sd"])
     calls = []
     denoiser = pipe.calls.denoiser
-    pipe.calls.denoiser = lambda s, t, c: calls.append(s.shape[0]) or denoiser(s, t, c)
+    pipe.calls.denoiser = lambda s, t, c, r=None: calls.append(s.shape[0]) or denoiser(s, t, c, r)
     ours = ours_run(pipe, PROMPT, steps, generator=torch.Generator().manual_seed(5))
     _assert_same(ours, images, latents)
     assert calls == [1] * steps  # one denoiser call of batch 1 per step: guidance is an input, not a batch
