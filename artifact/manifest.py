@@ -18,6 +18,7 @@ from difflower.artifact.parity import ComponentParity
 from difflower.artifact.precision import PRECISIONS, Precision
 from difflower.errors import ArgumentError, CheckpointError
 from difflower.reference.config import sha256_file
+from difflower.reference.loading import ControlNetSource
 from difflower.reference.lora import Lora, read_lora
 
 MANIFEST_NAME = "difflower.json"
@@ -293,6 +294,29 @@ def recorded_loras(manifest: Manifest) -> list[Lora]:
             )
         loras.append(read_lora(path, float(record["scale"])))
     return loras
+
+
+def controlnet_records(controlnets: Sequence[ControlNetSource]) -> list[dict[str, Any]]:
+    """What the manifest records of each ControlNet: its folder (and Hub snapshot) and the sha256
+    of its weight files."""
+    return [{**source_record(source.folder), **(source.origin or {})} for source in controlnets]
+
+
+def recorded_controlnets(manifest: Manifest) -> list[Path]:
+    """The ControlNet folders an artifact was exported with, for the reference side of a
+    comparison; a folder that is gone or whose weights changed is one line naming it."""
+    folders = []
+    for record in manifest.source.get("controlnets", []):
+        folder = Path(record["path"])
+        now = source_record(folder)["files"] if folder.is_dir() else {}
+        if now != record["files"]:
+            raise CheckpointError(
+                folder,
+                "the artifact holds this ControlNet, and its folder is gone or its weights changed; the reference "
+                "needs the same ControlNet to compare with",
+            )
+        folders.append(folder)
+    return folders
 
 
 def source_record(root: Path) -> dict[str, Any]:

@@ -19,9 +19,13 @@ from torch import nn
 
 from difflower.artifact.manifest import Bucket, TensorSpec
 from difflower.reference.config import read_json
+from difflower.reference.control import controlnet_name
+from difflower.reference.controlnet import ControlNetConfig
 from difflower.reference.embeddings import guidance_scale_embedding
 from difflower.reference.loading import (
+    ControlNetSource,
     ModelIndex,
+    load_controlnet,
     load_sd3_transformer,
     load_text_encoder,
     load_unet,
@@ -31,8 +35,11 @@ from difflower.reference.loading import (
     read_vae_config,
 )
 from difflower.reference.lora import Lora, fuse_loras
+from difflower.reference.unet_2d_condition import UNetConfig, skip_shapes
 
-ComponentKind = Literal["text_encoder", "unet", "transformer", "vae_encoder", "vae_decoder"]
+ComponentKind = Literal["text_encoder", "unet", "transformer", "vae_encoder", "vae_decoder", "controlnet"]
+# How many times the down path can halve a latent size (the residual shapes' symbolic dims).
+MAX_HALVINGS = 4
 
 
 @dataclass(frozen=True)
@@ -65,6 +72,7 @@ class ShapePlan:
         """The concrete value of every symbolic dim for `bucket`."""
         latent_h, latent_w = bucket.height // vae_scale_factor, bucket.width // vae_scale_factor
         return {
+            **latent_dims(latent_h, latent_w),
             "batch": bucket.batch,
             "denoiser_batch": bucket.batch * (2 if self.cfg else 1),
             "height": bucket.height,
@@ -101,6 +109,17 @@ class ShapePlan:
         }
 
 
+def latent_dims(latent_height: int, latent_width: int) -> dict[str, int]:
+    """The latent size's dims, and those of each halving of it on a UNet's down path (a stride-2
+    3x3 conv with padding 1 gives ceil(n / 2)): `latent_height_div2`, `latent_width_div4`, ..."""
+    dims = {"latent_height": latent_height, "latent_width": latent_width}
+    h, w = latent_height, latent_width
+    for k in range(1, MAX_HALVINGS + 1):
+        h, w = (h + 1) // 2, (w + 1) // 2
+        dims[f"latent_height_div{2**k}"], dims[f"latent_width_div{2**k}"] = h, w
+    return dims
+
+
 def _t(name: str, dtype: str, *shape: int | str) -> TensorSpec:
     return TensorSpec(name, dtype, tuple(shape))
 
@@ -108,8 +127,9 @@ def _t(name: str, dtype: str, *shape: int | str) -> TensorSpec:
 # -- the specs ---------------------------------------------------------------------------------
 
 
-def component_specs(index: ModelIndex) -> list[ComponentSpec]:
-    """Every exportable component of a checkpoint, in export order, with symbolic shapes."""
+def component_specs(index: ModelIndex, controlnets: Sequence[ControlNetSource] = ()) -> list[ComponentSpec]:
+    """Every exportable component of a checkpoint, in export order, with symbolic shapes; with
+    `controlnets`, the UNet also takes their residuals and each ControlNet is a component."""
     root = index.root
     specs: list[ComponentSpec] = []
     for suffix in ("", "_2", "_3"):
@@ -119,7 +139,9 @@ def component_specs(index: ModelIndex) -> list[ComponentSpec]:
     if index.family == "sd3":
         specs.append(_transformer_spec(root / "transformer"))
     else:
-        specs.append(_unet_spec(root / "unet"))
+        specs.append(_unet_spec(root / "unet", residuals=bool(controlnets)))
+        for k, source in enumerate(controlnets):
+            specs.append(_controlnet_spec(controlnet_name(k), source.folder, source.config))
     vae = read_vae_config(root / "vae")
     factor = vae.downscale_factor
     facts = {"latent_channels": vae.latent_channels, "vae_scale_factor": factor}
@@ -188,7 +210,22 @@ def _text_encoder_spec(name: str, class_name: str, folder: Path) -> ComponentSpe
     )
 
 
-def _unet_spec(folder: Path) -> ComponentSpec:
+def _residual_specs(config: UNetConfig | ControlNetConfig, batch: str) -> list[TensorSpec]:
+    """The ControlNet residuals: one per skip connection of the down path, then the mid block's."""
+    unet = config if isinstance(config, UNetConfig) else config.unet_view()
+    shapes = skip_shapes(unet, 1 << MAX_HALVINGS, 1 << MAX_HALVINGS)  # sizes as powers of two name the halvings
+    specs = []
+    for k, (channels, h, _) in enumerate([*shapes, (unet.block_out_channels[-1], shapes[-1][1], 0)]):
+        div = (1 << MAX_HALVINGS) // h
+        height, width = (
+            ("latent_height", "latent_width") if div == 1 else (f"latent_height_div{div}", f"latent_width_div{div}")
+        )
+        name = f"down_block_res_sample_{k}" if k < len(shapes) else "mid_block_res_sample"
+        specs.append(_t(name, "float32", batch, channels, height, width))
+    return specs
+
+
+def _unet_spec(folder: Path, residuals: bool = False) -> ComponentSpec:
     config = read_unet_config(folder)
     cross = config.cross_attention_dim if isinstance(config.cross_attention_dim, int) else config.cross_attention_dim[0]
     inputs = [
@@ -203,6 +240,8 @@ def _unet_spec(folder: Path) -> ComponentSpec:
         inputs.append(_t("time_ids", "float32", "denoiser_batch", 6))
     if config.time_cond_proj_dim is not None:  # guidance-distilled (LCM): the guidance scale's embedding
         inputs.append(_t("timestep_cond", "float32", "denoiser_batch", config.time_cond_proj_dim))
+    if residuals:  # driven by ControlNets: their summed residuals are inputs
+        inputs += _residual_specs(config, "denoiser_batch")
     return ComponentSpec(
         "unet",
         "unet",
@@ -214,6 +253,39 @@ def _unet_spec(folder: Path) -> ComponentSpec:
             "text_time": text_time,
             "in_channels": config.in_channels,
             "guidance_embedded": config.time_cond_proj_dim is not None,
+            "controlnet_residuals": len(_residual_specs(config, "denoiser_batch")) if residuals else 0,
+        },
+    )
+
+
+def _controlnet_spec(name: str, folder: Path, config: ControlNetConfig) -> ComponentSpec:
+    """A ControlNet: the scaled residuals of the latents, the prompt and the control image."""
+    residuals = _residual_specs(config, "denoiser_batch")
+    inputs = [
+        _t("sample", "float32", "denoiser_batch", config.in_channels, "latent_height", "latent_width"),
+        _t("timestep", "float32", "denoiser_batch"),
+        _t("encoder_hidden_states", "float32", "denoiser_batch", "context_sequence", config.cross_attention_dim),
+        _t("controlnet_cond", "float32", "denoiser_batch", config.conditioning_channels, "height", "width"),
+        # each residual's factor: the conditioning scale, or guess mode's ramp times it
+        _t("conditioning_scales", "float32", len(residuals)),
+    ]
+    text_time = config.addition_embed_type == "text_time"
+    if text_time:
+        assert config.projection_class_embeddings_input_dim is not None and config.addition_time_embed_dim is not None
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        inputs.append(_t("text_embeds", "float32", "denoiser_batch", pooled))
+        inputs.append(_t("time_ids", "float32", "denoiser_batch", 6))
+    return ComponentSpec(
+        name,
+        "controlnet",
+        str(folder.absolute()),  # its own folder, outside the checkpoint
+        "ControlNetModel",
+        tuple(inputs),
+        tuple(residuals),
+        {
+            "text_time": text_time,
+            "residuals": len(residuals),
+            "global_pool_conditions": config.global_pool_conditions,
         },
     )
 
@@ -272,19 +344,46 @@ class TextEncoderExport(nn.Module):
 
 
 class UNetExport(nn.Module):
-    """sample, timestep, encoder_hidden_states[, text_embeds, time_ids][, timestep_cond] -> (out_sample,)."""
+    """sample, timestep, encoder_hidden_states[, text_embeds, time_ids][, timestep_cond][, ControlNet
+    residuals: one per skip, then the mid block's] -> (out_sample,)."""
 
-    def __init__(self, unet: nn.Module, text_time: bool, guidance_embedded: bool = False):
+    def __init__(self, unet: nn.Module, text_time: bool, guidance_embedded: bool = False, residuals: int = 0):
         super().__init__()
         self.unet = unet
         self.text_time = text_time
         self.guidance_embedded = guidance_embedded
+        self.residuals = residuals
 
-    def forward(self, sample, timestep, encoder_hidden_states, *conditions):
+    def forward(self, sample, timestep, encoder_hidden_states, *rest):
+        conditions, residuals = (rest[: len(rest) - self.residuals], rest[len(rest) - self.residuals :])
         added = {"text_embeds": conditions[0], "time_ids": conditions[1]} if self.text_time else None
         timestep_cond = conditions[-1] if self.guidance_embedded else None
-        out = self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=added, timestep_cond=timestep_cond)
+        out = self.unet(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            added_cond_kwargs=added,
+            timestep_cond=timestep_cond,
+            down_block_additional_residuals=list(residuals[:-1]) if residuals else None,
+            mid_block_additional_residual=residuals[-1] if residuals else None,
+        )
         return (out[0],)
+
+
+class ControlNetExport(nn.Module):
+    """sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scales[, text_embeds,
+    time_ids] -> the scaled residuals (one per skip, then the mid block's)."""
+
+    def __init__(self, controlnet: nn.Module, text_time: bool):
+        super().__init__()
+        self.controlnet = controlnet
+        self.text_time = text_time
+
+    def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scales, *conditions):
+        added = {"text_embeds": conditions[0], "time_ids": conditions[1]} if self.text_time else None
+        return self.controlnet.residuals(
+            sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scales, added
+        )
 
 
 class TransformerExport(nn.Module):
@@ -329,7 +428,14 @@ def wrap_module(spec: ComponentSpec, model: nn.Module) -> nn.Module:
             model, spec.class_name == "T5EncoderModel", bool(spec.facts.get("with_projection"))
         )
     elif spec.kind == "unet":
-        module = UNetExport(model, spec.facts["text_time"], bool(spec.facts.get("guidance_embedded")))
+        module = UNetExport(
+            model,
+            spec.facts["text_time"],
+            bool(spec.facts.get("guidance_embedded")),
+            int(spec.facts.get("controlnet_residuals", 0)),
+        )
+    elif spec.kind == "controlnet":
+        module = ControlNetExport(model, spec.facts["text_time"])
     elif spec.kind == "transformer":
         module = TransformerExport(model)
     elif spec.kind == "vae_encoder":
@@ -350,6 +456,8 @@ def load_export_module(spec: ComponentSpec, root: Path, loras: Sequence[Lora] = 
         model = load_unet(folder, torch.float32)
     elif spec.kind == "transformer":
         model = load_sd3_transformer(folder, torch.float32)
+    elif spec.kind == "controlnet":
+        model = load_controlnet(folder, torch.float32)
     else:
         model = load_vae(folder, torch.float32)
         if spec.kind == "vae_encoder":
@@ -381,6 +489,10 @@ def example_inputs(spec: ComponentSpec, dims: dict[str, int], seed: int = 0) -> 
             out[tensor.name] = torch.full(shape, 637.5)
         elif tensor.name == "timestep_cond":  # the embedding of a guidance scale of 7.5 (w - 1 = 6.5)
             out[tensor.name] = guidance_scale_embedding(torch.full((shape[0],), 6.5), shape[1])
+        elif tensor.name == "conditioning_scales":  # guess mode's ramp at a scale of 0.8
+            out[tensor.name] = torch.logspace(-1, 0, shape[0]) * 0.8
+        elif tensor.name == "controlnet_cond":  # a control image in [0, 1]
+            out[tensor.name] = torch.rand(shape, generator=gen)
         elif tensor.name == "time_ids":
             h, w = dims["height"], dims["width"]
             out[tensor.name] = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32).repeat(shape[0], 1)

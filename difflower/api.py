@@ -57,6 +57,7 @@ def load(
     threads: int | None = None,
     compile: bool = False,
     lora: Sequence[str | Path | tuple[str | Path, float]] | None = None,
+    controlnet: Sequence[str | Path] | None = None,
     **engine_options: Any,
 ) -> Any:
     """The pipeline for whatever `path` holds.
@@ -69,6 +70,8 @@ def load(
     `scheduler` swaps the scheduler by name (`euler`, `dpm++2m-karras`, ...). `compile` runs a
     checkpoint's denoiser and VAE blocks under torch.compile (regional compilation). `lora` fuses
     LoRA files into a checkpoint's denoiser and text encoders: `FILE`, `FILE:SCALE` or (file, scale).
+    `controlnet` (ControlNet folders or Hub repo ids) drive a checkpoint's UNet; an artifact holds
+    the ControlNets it was exported with.
     """
     from difflower.artifact.manifest import MANIFEST_NAME
     from difflower.reference.lora import read_loras
@@ -85,6 +88,10 @@ def load(
             raise ArgumentError("compile", "compiles the eager reference; an artifact is compiled at export (aoti)")
         if lora:
             raise ArgumentError("--lora", "an artifact has its LoRAs fused at export (difflower info lists them)")
+        if controlnet:
+            raise ArgumentError(
+                "--controlnet", "an artifact holds the ControlNets it was exported with (difflower info lists them)"
+            )
         return load_artifact(
             path, engine=engine, device=str(device), threads=threads, scheduler=scheduler, **engine_options
         )
@@ -106,6 +113,7 @@ def load(
             scheduler=scheduler,
             compile=compile,
             loras=read_loras(lora),
+            controlnets=tuple(controlnet or ()),
         )
     if not path.exists():
         raise CheckpointError(path, "not found")

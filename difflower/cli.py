@@ -136,8 +136,12 @@ def _write_image(image: Any, path: Path, overwrite: bool, metadata: dict[str, st
 
 
 def _cmd_tiny(args: argparse.Namespace) -> int:
-    from difflower.reference.tiny import make_tiny_checkpoint
+    from difflower.reference.tiny import make_tiny_checkpoint, make_tiny_controlnet
 
+    if args.controlnet_for is not None:
+        out = make_tiny_controlnet(args.dir, args.controlnet_for, seed=args.seed, overwrite=args.overwrite)
+        print(f"wrote a tiny ControlNet (seed {args.seed}) for {args.controlnet_for} to {out}")
+        return 0
     out = make_tiny_checkpoint(args.dir, family=args.family, seed=args.seed, overwrite=args.overwrite)
     print(f"wrote tiny {args.family} checkpoint (seed {args.seed}) to {out}")
     return 0
@@ -165,6 +169,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     for path in paths:
         _check_output(path, args.overwrite, "-o", IMAGE_SUFFIXES)
     image, mask = _open_image(args.image, "--image"), _open_image(args.mask, "--mask")
+    controls = [_open_image(path, "--control-image") for path in args.control_image or []]
     if args.strength is not None and image is None:
         raise ArgumentError("--strength", "applies to img2img and inpainting: pass --image as well")
     if mask is not None and image is None:
@@ -180,6 +185,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         variant=args.variant,
         scheduler=args.scheduler,
         lora=args.lora,
+        controlnet=args.controlnet,
         engine=args.engine,
         threads=args.threads,
         compile=args.compile,
@@ -200,6 +206,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         strength=args.strength,
         output_type="pil",
         check_memory=not args.no_memory_check,
+        **_control_arguments(args, controls),
     )
     elapsed = time.perf_counter() - start
 
@@ -221,6 +228,24 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     note = f"; replaced {', '.join(map(str, replaced))}" if replaced else ""
     print(f"wrote {', '.join(map(str, paths))} ({size}, {len(result.timesteps)} steps, {elapsed:.1f} s{note})")
     return 0
+
+
+def _control_arguments(args: argparse.Namespace, controls: list) -> dict:
+    """The ControlNet arguments of a generate call (only those given, so the defaults are the pipeline's)."""
+    out: dict = {}
+    if controls:
+        out["control_image"] = controls[0] if len(controls) == 1 else controls
+    for flag, key in (
+        ("control_scale", "controlnet_conditioning_scale"),
+        ("control_start", "control_guidance_start"),
+        ("control_end", "control_guidance_end"),
+    ):
+        values = getattr(args, flag)
+        if values:
+            out[key] = values[0] if len(values) == 1 else values
+    if args.guess_mode:
+        out["guess_mode"] = True
+    return out
 
 
 def _engine_options(args: argparse.Namespace) -> dict:
@@ -261,6 +286,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         chunk_unet=args.chunk_unet or None,
         device=args.device,
         lora=args.lora or (),
+        controlnet=args.controlnet or (),
     )
     print(f"wrote {args.out} ({manifest.backend}, {manifest.precision}, {manifest.shapes['graph']} shapes)")
     print(f"  {'component':<16} {'export s':>8} {'MB':>9}  parity")
@@ -357,6 +383,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
         modules = ", ".join(f"{name} {count}" for name, count in lora["modules"].items())
         detail = f"{lora['format']}; {modules} modules; sha256 {lora['sha256'][:12]}"
         print(f"  LoRA fused: {lora['path']} x {lora['scale']} ({detail})")
+    for k, record in enumerate(manifest.source.get("controlnets", [])):
+        origin = record["hub"]["repo_id"] + "@" + record["hub"]["commit"] if "hub" in record else record["path"]
+        print(f"  ControlNet {k}: {origin} (component {'controlnet' if k == 0 else f'controlnet_{k}'})")
     print(
         f"  shapes: {shapes.get('graph')} graphs, buckets {buckets}, CFG doubles the denoiser batch: "
         f"{shapes.get('cfg_doubles_denoiser_batch')}"
@@ -417,6 +446,13 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("dir", type=Path, metavar="DIR", help="output folder")
     tiny.add_argument("--family", choices=("sd", "sdxl", "sd3"), default="sd")
     tiny.add_argument("--seed", type=non_negative_int, default=0)
+    tiny.add_argument(
+        "--controlnet-for",
+        type=Path,
+        default=None,
+        metavar="CHECKPOINT",
+        help="write a tiny ControlNet fitting this (SD/SDXL) checkpoint's UNet instead",
+    )
     tiny.add_argument("--overwrite", action="store_true", help="replace DIR if it is a tiny checkpoint difflower wrote")
     tiny.set_defaults(handler=_cmd_tiny)
 
@@ -466,6 +502,27 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE[:SCALE]",
         help="fuse a LoRA (diffusers/peft or kohya .safetensors) into the denoiser and text encoders (repeatable)",
     )
+    gen.add_argument(
+        "--controlnet",
+        action="append",
+        metavar="DIR",
+        help="checkpoints: a ControlNet folder or Hub repo id driving the UNet (repeatable; artifacts hold theirs)",
+    )
+    gen.add_argument(
+        "--control-image",
+        action="append",
+        type=Path,
+        metavar="IMAGE",
+        help="the ControlNet's conditioning image, e.g. edges or depth (one per ControlNet, in order)",
+    )
+    gen.add_argument(
+        "--control-scale", action="append", type=finite_float, metavar="SCALE", help="controlnet_conditioning_scale"
+    )
+    gen.add_argument(
+        "--control-start", action="append", type=finite_float, metavar="FRACTION", help="start of its window (0)"
+    )
+    gen.add_argument("--control-end", action="append", type=finite_float, metavar="FRACTION", help="end of it (1)")
+    gen.add_argument("--guess-mode", action="store_true", help="ControlNet guess mode (the prompt may be empty)")
     gen.add_argument("--device", default="cpu")
     gen.add_argument(
         "--compile", action="store_true", help="checkpoints: torch.compile the repeated blocks (slow first image)"
@@ -513,6 +570,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="FILE[:SCALE]",
         help="fuse a LoRA (diffusers/peft or kohya .safetensors) into the denoiser and text encoders (repeatable)",
+    )
+    exp.add_argument(
+        "--controlnet",
+        action="append",
+        metavar="DIR",
+        help="a ControlNet folder or Hub repo id to export beside the UNet (repeatable)",
     )
     exp.add_argument("--no-cfg", action="store_true", help="static denoiser batch without guidance doubling")
     exp.add_argument("--device", default=None, help="torchscript, aoti: trace/compile on cpu (default) or cuda")
@@ -573,6 +636,11 @@ _FLAGS = {
     "generator": "--seed",
     "threads": "--threads",
     "compile": "--compile",
+    "control_image": "--control-image",
+    "controlnet_conditioning_scale": "--control-scale",
+    "control_guidance_start": "--control-start",
+    "control_guidance_end": "--control-end",
+    "guess_mode": "--guess-mode",
 }
 
 # Faults of the machine, not of difflower: a full disk, a read-only or forbidden folder.

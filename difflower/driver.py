@@ -55,6 +55,7 @@ def export(
     progress: bool = True,
     exporter: BackendExporter | None = None,
     lora: Sequence[str | Path | tuple[str | Path, float]] = (),
+    controlnet: Sequence[str | Path] = (),
     **backend_options: Any,
 ) -> Manifest:
     """Export checkpoint `model` (a folder, or a Hub repo id `org/name[@revision]`) to `backend` at
@@ -65,6 +66,8 @@ def export(
     refuses the ones it does not know. `exporter` replaces the backend's exporter object (tests
     give Neuron a CPU stand-in compiler). `lora` fuses LoRA files (`FILE`, `FILE:SCALE` or
     (file, scale)) into the denoiser and text encoders before export; the manifest records them.
+    `controlnet` (folders or Hub repo ids) exports each ControlNet as a component, and the UNet
+    with their residuals as inputs.
     """
     exporter = exporter or get_exporter(backend)
     options = ExportOptions(
@@ -79,6 +82,7 @@ def export(
         progress=progress,
         extra={k: v for k, v in backend_options.items() if v is not None},
         loras=read_loras(lora),
+        controlnets=tuple(str(c) for c in controlnet),
     )
     folder, origin = resolve_model(model)
     plan = plan_export(exporter, folder, options)

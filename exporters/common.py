@@ -27,7 +27,14 @@ from typing import Any, Protocol
 
 import torch
 
-from difflower.artifact.manifest import Bucket, ComponentRecord, Manifest, lora_records, source_record
+from difflower.artifact.manifest import (
+    Bucket,
+    ComponentRecord,
+    Manifest,
+    controlnet_records,
+    lora_records,
+    source_record,
+)
 from difflower.artifact.precision import Precision, StoragePrecision, parse_storage_precision, quantized_precision
 from difflower.artifact.specs import (
     ComponentSpec,
@@ -43,7 +50,13 @@ from difflower.graph_passes.base import PassResult, measured
 from difflower.graph_passes.calibration import DENOISERS
 from difflower.graph_passes.fuse_qkv import fuse_qkv
 from difflower.machine import machine_record
-from difflower.reference.loading import ModelIndex, read_model_index, support_files
+from difflower.reference.loading import (
+    ControlNetSource,
+    ModelIndex,
+    read_model_index,
+    resolve_controlnet,
+    support_files,
+)
 from difflower.reference.lora import Lora, check_components
 from difflower.reference.spec import PipelineSpec, spec_from_configs
 from difflower.version import __version__
@@ -68,6 +81,7 @@ class ExportOptions:
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
     loras: tuple[Lora, ...] = ()  # fused into the denoiser and text encoders before export
+    controlnets: tuple[str, ...] = ()  # ControlNet folders or Hub repo ids exported beside the UNet
     source_root: Path | None = None  # set by plan_export: the checkpoint folder being exported
 
     def __post_init__(self) -> None:
@@ -149,6 +163,7 @@ class ExportPlan:
     options: ExportOptions  # with the buckets settled and the source root set
     specs: list[ComponentSpec]  # the components to export
     every: list[ComponentSpec]  # the components of the whole pipeline
+    controlnets: tuple[ControlNetSource, ...] = ()
 
     @property
     def parity_bucket(self) -> Bucket:
@@ -163,6 +178,7 @@ class ExportPlan:
             source={
                 **source_record(self.index.root),
                 **({"loras": lora_records(self.options.loras)} if self.options.loras else {}),
+                **({"controlnets": controlnet_records(self.controlnets)} if self.controlnets else {}),
             },
             pipeline=asdict(self.pipeline),
             components={},
@@ -178,6 +194,13 @@ def plan_export(backend: BackendExporter, model: Path | str, options: ExportOpti
     """Read checkpoint `model`, settle the shapes and check every option for `backend`."""
     index = read_model_index(model)
     pipeline = spec_from_configs(index)
+    controlnets = tuple(resolve_controlnet(source, index) for source in options.controlnets)
+    if controlnets:
+        pipeline = replace(
+            pipeline,
+            controlnets=len(controlnets),
+            controlnet_pools_conditions=controlnets[0].config.global_pool_conditions,
+        )
     if not options.buckets and getattr(backend, "static_only", False):
         native = pipeline.native_size
         options = replace(options, buckets=(Bucket(1, native, native),))
@@ -185,11 +208,11 @@ def plan_export(backend: BackendExporter, model: Path | str, options: ExportOpti
         multiple = pipeline.size_multiple
         if bucket.height % multiple or bucket.width % multiple:
             raise ArgumentError("--static", f"{bucket}: height and width must be multiples of {multiple}")
-    every = component_specs(index)
+    every = component_specs(index, controlnets)
     check_components(options.loras, set(index.components))
     options = replace(options, source_root=index.root)
     backend.check_options(options, index)
-    return ExportPlan(backend, index, pipeline, options, _select(every, options.components), every)
+    return ExportPlan(backend, index, pipeline, options, _select(every, options.components), every, controlnets)
 
 
 def _select(specs: list[ComponentSpec], names: tuple[str, ...]) -> list[ComponentSpec]:
@@ -248,7 +271,7 @@ def write_component(plan: ExportPlan, spec: ComponentSpec, out: Path) -> Written
     applied += written.passes
     del module
     gc.collect()
-    shutil.copyfile(plan.index.root / spec.source / "config.json", folder / "config.json")
+    shutil.copyfile(plan.index.root / spec.source / "config.json", folder / "config.json")  # absolute: a ControlNet
     files = sorted(str(p.relative_to(out)) for p in folder.rglob("*") if p.is_file())
     record = ComponentRecord(
         name=spec.name,

@@ -46,12 +46,14 @@ def convert(module: torch.nn.Module, inputs: dict[str, torch.Tensor], spec: Comp
             shape = ov.PartialShape(list(inputs[tensor.name].shape))
         else:
             shape = ov.PartialShape([d if isinstance(d, int) else -1 for d in tensor.shape])
-        declared.append((tensor.name, shape, _ov_type(tensor.dtype)))
+        declared.append((shape, _ov_type(tensor.dtype)))  # by position: varargs (residuals) have no names
     with torch.no_grad(), warnings.catch_warnings():
         # Tracer warnings about Python values taken from shapes (expected: shapes are config- or
         # input-derived, never tensor values).
         warnings.simplefilter("ignore")
         model = ov.convert_model(module, example_input=tuple(inputs.values()), input=declared)
+    for port, tensor in zip(model.inputs, spec.inputs, strict=True):
+        port.get_tensor().set_names({tensor.name})
     for port, tensor in zip(model.outputs, spec.outputs, strict=True):
         port.get_tensor().set_names({tensor.name})
     return model

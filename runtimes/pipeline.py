@@ -17,9 +17,12 @@ import numpy as np
 import torch
 
 from difflower.artifact.manifest import MANIFEST_NAME, Manifest, verify_files
+from difflower.artifact.specs import latent_dims
 from difflower.errors import ArgumentError, CheckpointError
 from difflower.reference.config import parse_config, read_json
+from difflower.reference.controlnet import controlnet_scales
 from difflower.reference.loading import check_tokenizer, load_tokenizer
+from difflower.reference.model_calls import Residuals
 from difflower.reference.pipeline import DiffusionPipeline, tokenizers_by_encoder
 from difflower.reference.prompts import Conditioning, TextEncoderOutput
 from difflower.reference.request import GenerateRequest
@@ -27,6 +30,9 @@ from difflower.reference.schedulers import load_scheduler
 from difflower.reference.spec import PipelineSpec
 from difflower.runtimes import ENGINES
 from difflower.runtimes.engine import Array, Engine, EngineInputError
+
+# The UNet inputs that take ControlNet residuals (artifact.specs names them).
+RESIDUAL_PREFIXES = ("down_block_res_sample_", "mid_block_res_sample")
 
 
 def _torch(x: Array) -> torch.Tensor:
@@ -91,20 +97,77 @@ class EngineModelCalls:
         penultimate = next((out[n] for n in names if n.startswith("hidden_states.")), None)
         return TextEncoderOutput(out["last_hidden_state"], penultimate, out.get("text_embeds"))
 
-    def _unet(self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    def _unet(
+        self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning, residuals: Residuals | None = None
+    ) -> torch.Tensor:
         inputs = {
             "sample": sample.float(),
             "timestep": timestep.float(),
             "encoder_hidden_states": cond.encoder_hidden_states.float(),
+            **self._conditions(cond),
         }
-        if cond.text_embeds is not None:
-            inputs["text_embeds"] = cond.text_embeds.float()
-            inputs["time_ids"] = cond.time_ids.float()
         if cond.timestep_cond is not None:
             inputs["timestep_cond"] = cond.timestep_cond.float()
+        residual_specs = [t for t in self.engines["unet"].inputs if t.name.startswith(RESIDUAL_PREFIXES)]
+        if residuals is not None and not residual_specs:
+            raise EngineInputError("this artifact's UNet takes no ControlNet residuals: export it with --controlnet")
+        if residual_specs:  # a UNet exported for ControlNets: their residuals, or zeros (none of them on)
+            dims = {"denoiser_batch": sample.shape[0], **latent_dims(sample.shape[2], sample.shape[3])}
+            given = [*residuals.down, residuals.mid] if residuals is not None else [None] * len(residual_specs)
+            for spec, value in zip(residual_specs, given, strict=True):
+                shape = tuple(dims[d] if isinstance(d, str) else d for d in spec.shape)
+                inputs[spec.name] = value.float() if value is not None else torch.zeros(shape)
         return self._run("unet", inputs)["out_sample"]
 
-    def _transformer(self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    def controlnet(
+        self,
+        name: str,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        cond: Conditioning,
+        image: torch.Tensor,
+        conditioning_scale: float,
+        guess_mode: bool,
+    ) -> Residuals:
+        """A ControlNet engine's residuals. Its graph was built for the denoiser's batch: guess
+        mode's conditional half (B of the 2B) runs doubled, and the second half is kept."""
+        engine = self.engines[name]
+        facts = engine.record.config
+        half = guess_mode and cond.encoder_hidden_states.shape[0] * 2 == self._denoiser_batch(sample.shape[0])
+        if half:
+            sample, timestep, image = (torch.cat([x, x]) for x in (sample, timestep, image))
+            cond = Conditioning.for_guidance(cond, cond)
+        pooled = bool(facts.get("global_pool_conditions"))
+        count = int(facts["residuals"]) - 1
+        inputs = {
+            "sample": sample.float(),
+            "timestep": timestep.float(),
+            "encoder_hidden_states": cond.encoder_hidden_states.float(),
+            "controlnet_cond": image.float(),
+            "conditioning_scales": controlnet_scales(count, conditioning_scale, guess_mode and not pooled),
+            **self._conditions(cond),
+        }
+        out = self._run(name, inputs)
+        values = [out[t.name] for t in engine.outputs]  # the down residuals in skip order, then the mid one
+        if half:
+            values = [v.chunk(2)[1] for v in values]
+        return Residuals(values[:-1], values[-1])
+
+    def _denoiser_batch(self, batch: int) -> int:
+        """The denoiser batch of a run whose ControlNet input has `batch` samples in guess mode."""
+        return batch * (2 if self.manifest.shapes.get("cfg_doubles_denoiser_batch", True) else 1)
+
+    @staticmethod
+    def _conditions(cond: Conditioning) -> dict[str, torch.Tensor]:
+        """SDXL's text-time conditioning, when the run has it."""
+        if cond.text_embeds is None:
+            return {}
+        assert cond.time_ids is not None
+        return {"text_embeds": cond.text_embeds.float(), "time_ids": cond.time_ids.float()}
+
+    def _transformer(
+        self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning, residuals: Residuals | None = None
+    ) -> torch.Tensor:
         inputs = {
             "hidden_states": sample.float(),
             "encoder_hidden_states": cond.encoder_hidden_states.float(),

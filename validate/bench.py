@@ -29,11 +29,12 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from difflower.artifact.manifest import ComponentRecord, Manifest
+from difflower.artifact.manifest import ComponentRecord, Manifest, recorded_controlnets
 from difflower.artifact.specs import ShapePlan, component_specs, example_inputs, spec_for_record, wrap_module
 from difflower.errors import ArgumentError
 from difflower.machine import machine_record
-from difflower.reference.loading import read_model_index
+from difflower.reference.control import edge_pattern
+from difflower.reference.loading import read_model_index, resolve_controlnet
 from difflower.reference.pipeline import load_pipeline
 from difflower.reference.single_file import resolve_model
 from difflower.runtimes.pipeline import load_artifact
@@ -185,24 +186,27 @@ class _Target:
     engines: dict[str, Any] = field(default_factory=dict)
 
 
-def _reference_engines(pipe: Any, path: Path) -> dict[str, Any]:
+def _reference_engines(pipe: Any, path: Path, controlnets: list[Path]) -> dict[str, Any]:
     """The eager pipeline's own modules behind the engine interface (no second copy of the weights)."""
     engines = {}
-    for spec in component_specs(read_model_index(path)):
+    index = read_model_index(path)
+    for spec in component_specs(index, [resolve_controlnet(c, index) for c in controlnets]):
         if spec.kind == "vae_encoder":
             continue  # txt2img does not encode images
-        model = pipe.calls.components["vae" if spec.kind == "vae_decoder" else spec.source]
+        key = {"vae_decoder": "vae", "controlnet": spec.name}.get(spec.kind, spec.source)
+        model = pipe.calls.components[key]
         config = {"class_name": spec.class_name, "source": spec.source, **spec.facts}
         record = ComponentRecord(spec.name, spec.kind, [], list(spec.inputs), list(spec.outputs), config=config)
         engines[spec.name] = TorchEngine(record, wrap_module(spec, model))
     return engines
 
 
-def _load(target: _Target, engine_options: dict[str, Any]) -> None:
-    """Load `target` (timed by the caller) as a pipeline plus its component engines."""
+def _load(target: _Target, engine_options: dict[str, Any], controlnets: list[Path]) -> None:
+    """Load `target` (timed by the caller) as a pipeline plus its component engines; the eager
+    reference gets the artifacts' ControlNets."""
     if target.manifest is None:
-        target.pipe = load_pipeline(target.path)
-        target.engines = _reference_engines(target.pipe, target.path)
+        target.pipe = load_pipeline(target.path, controlnets=controlnets)
+        target.engines = _reference_engines(target.pipe, target.path, controlnets)
     else:
         target.pipe = load_artifact(target.path, **engine_options)
         target.engines = {n: e for n, e in target.pipe.engines.items() if n != "vae_encoder"}
@@ -234,12 +238,14 @@ def bench(
 
     # 1. load each target twice: cold, then warm (OpenVINO from its model cache, others from the OS cache)
     cache_dir = tempfile.mkdtemp(prefix="difflower-bench-cache-")
+    with_control = [t.manifest for t in targets if t.manifest is not None and t.manifest.source.get("controlnets")]
+    controlnets = recorded_controlnets(with_control[0]) if with_control else []
     for target in targets:
         options = {"cache_dir": cache_dir} if target.result.kind == "openvino" else {}
-        cold = timed(partial(_load, target, options))
+        cold = timed(partial(_load, target, options, controlnets))
         target.pipe, target.engines = None, {}
         gc.collect()
-        warm = timed(partial(_load, target, options))
+        warm = timed(partial(_load, target, options, controlnets))
         target.result.load_s = {"cold": cold, "warm": warm}
         target.result.rss_after_load_gib = round(_rss_gib(), 2)
         target.result.size_bytes = _size_on_disk(target.path, weights_only=target.manifest is None)
@@ -276,8 +282,10 @@ def bench(
         if recorded is not None and recorded.missing_for_generation():
             result.not_run = f"not run (the artifact holds {', '.join(recorded.components)} only)"
             continue
+        control = target.pipe.spec.controlnets  # the same edge pattern into every target's ControlNets
+        extra = {"control_image": edge_pattern(bucket.height, bucket.width, control)} if control else {}
         start = time.perf_counter()
-        out = target.pipe(generator=torch.Generator().manual_seed(seed), **kwargs)
+        out = target.pipe(generator=torch.Generator().manual_seed(seed), **kwargs, **extra)
         result.end_to_end_s = time.perf_counter() - start
         result.denoiser_calls = len(out.trajectory)
         if recorded is None:

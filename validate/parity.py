@@ -20,11 +20,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from difflower.artifact.manifest import ComponentRecord, Manifest, recorded_loras, source_record
+from difflower.artifact.manifest import (
+    ComponentRecord,
+    Manifest,
+    recorded_controlnets,
+    recorded_loras,
+    source_record,
+)
 from difflower.artifact.parity import ComponentParity, OutputParity
 from difflower.artifact.precision import Precision
 from difflower.artifact.specs import ShapePlan, example_inputs, load_export_module, spec_for_record
 from difflower.errors import DifflowerError
+from difflower.reference.control import edge_pattern
 from difflower.reference.pipeline import load_pipeline
 from difflower.reference.single_file import resolve_model
 from difflower.runtimes.engine import Engine
@@ -166,7 +173,7 @@ def validate_artifact(
         check_source(manifest, reference)
     pipe = load_artifact(artifact, engine=engine, device=device, **(engine_options or {}))
     loras = recorded_loras(manifest)  # fused into the artifact, so into the reference it is held to
-    eager = load_pipeline(reference, loras=loras)
+    eager = load_pipeline(reference, loras=loras, controlnets=recorded_controlnets(manifest))
     plan = ShapePlan.of_manifest(manifest.shapes)
     bucket = plan.parity_bucket(pipe.spec.native_size)
     settings = {
@@ -214,6 +221,8 @@ def validate_artifact(
         return_trajectory=True,
         progress=progress,
     )
+    if pipe.spec.controlnets:  # the same edge pattern into both sides' ControlNets
+        kwargs["control_image"] = edge_pattern(bucket.height, bucket.width, pipe.spec.controlnets)
     expected_run = eager(generator=torch.Generator().manual_seed(seed), **kwargs)
     actual_run = pipe(generator=torch.Generator().manual_seed(seed), **kwargs)
     report.seconds["trajectory"] = time.perf_counter() - start
