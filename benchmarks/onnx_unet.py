@@ -49,6 +49,28 @@ def checkpoint(family: str) -> Path:
     return path
 
 
+def sd15_source(tiny: bool, scratch: Path, out: Path | None, name: str) -> tuple[Path, Path, Path]:
+    """(artifact root, checkpoint, result file) of an SD1.5 benchmark: the real-size random-weight
+    checkpoint in CACHE and results/NAME.json, or with `tiny` (a smoke test) a tiny checkpoint in
+    `scratch` and a temp result file."""
+    if tiny:
+        return (
+            scratch,
+            make_tiny_checkpoint(scratch / "tiny-sd", "sd", seed=0),
+            out or scratch.parent / f"{name}-tiny.json",
+        )
+    CACHE.mkdir(parents=True, exist_ok=True)
+    return CACHE, checkpoint("sd15"), out or Path(__file__).resolve().parent / "results" / f"{name}.json"
+
+
+def write_result(out: Path, result: dict, table: str) -> None:
+    """The result JSON at `out`, and its markdown table on stdout."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(table)
+    print(f"wrote {out}")
+
+
 def sd15_step_inputs() -> dict[str, torch.Tensor]:
     """One CFG step of the SD1.5 UNet at 512x512: batch 2, 4x64x64 latents, seeded."""
     gen = torch.Generator().manual_seed(0)
