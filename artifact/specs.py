@@ -37,7 +37,9 @@ from difflower.reference.loading import (
 from difflower.reference.lora import Lora, fuse_loras
 from difflower.reference.unet_2d_condition import UNetConfig, skip_shapes
 
-ComponentKind = Literal["text_encoder", "unet", "transformer", "vae_encoder", "vae_decoder", "controlnet"]
+ComponentKind = Literal[
+    "text_encoder", "unet", "unet_shallow", "transformer", "vae_encoder", "vae_decoder", "controlnet"
+]
 # How many times the down path can halve a latent size (the residual shapes' symbolic dims).
 MAX_HALVINGS = 4
 
@@ -127,9 +129,13 @@ def _t(name: str, dtype: str, *shape: int | str) -> TensorSpec:
 # -- the specs ---------------------------------------------------------------------------------
 
 
-def component_specs(index: ModelIndex, controlnets: Sequence[ControlNetSource] = ()) -> list[ComponentSpec]:
+def component_specs(
+    index: ModelIndex, controlnets: Sequence[ControlNetSource] = (), deepcache_branch: int | None = None
+) -> list[ComponentSpec]:
     """Every exportable component of a checkpoint, in export order, with symbolic shapes; with
-    `controlnets`, the UNet also takes their residuals and each ControlNet is a component."""
+    `controlnets`, the UNet also takes their residuals and each ControlNet is a component; with
+    `deepcache_branch`, the UNet also returns DeepCache's deep feature of that skip branch and
+    `unet_shallow` (the shallow path fed that feature) is a component."""
     root = index.root
     specs: list[ComponentSpec] = []
     for suffix in ("", "_2", "_3"):
@@ -139,7 +145,9 @@ def component_specs(index: ModelIndex, controlnets: Sequence[ControlNetSource] =
     if index.family == "sd3":
         specs.append(_transformer_spec(root / "transformer"))
     else:
-        specs.append(_unet_spec(root / "unet", residuals=bool(controlnets)))
+        specs.append(_unet_spec(root / "unet", residuals=bool(controlnets), deepcache_branch=deepcache_branch))
+        if deepcache_branch is not None:
+            specs.append(_unet_shallow_spec(specs[-1], read_unet_config(root / "unet"), deepcache_branch))
         for k, source in enumerate(controlnets):
             specs.append(_controlnet_spec(controlnet_name(k), source.folder, source.config))
     vae = read_vae_config(root / "vae")
@@ -225,7 +233,38 @@ def _residual_specs(config: UNetConfig | ControlNetConfig, batch: str) -> list[T
     return specs
 
 
-def _unet_spec(folder: Path, residuals: bool = False) -> ComponentSpec:
+def deepcache_feature(config: UNetConfig, branch: int, batch: str) -> TensorSpec:
+    """The deep feature DeepCache keeps for skip `branch` (see UNet2DConditionModel.deepcache_split):
+    the hidden state entering the up path's layer that mirrors layer l of down block b, at block
+    b's resolution; the previous up block's (or the mid block's) width when that layer is the
+    block's first, block b's own otherwise."""
+    channels = config.block_out_channels
+    per = config.per_block("layers_per_block")[0] + 1
+    b, layer = branch // per, branch % per
+    if b >= len(channels):
+        raise ValueError(f"DeepCache branch must be in [0, {per * len(channels)}) for this UNet")
+    first_layer = layer == per - 1  # the fresh path starts at the up block's first resnet
+    width = channels[min(b + 1, len(channels) - 1)] if first_layer else channels[b]
+    div = 2**b
+    h, w = ("latent_height", "latent_width") if div == 1 else (f"latent_height_div{div}", f"latent_width_div{div}")
+    return _t("deepcache_feature", "float32", batch, width, h, w)
+
+
+def _unet_shallow_spec(unet: ComponentSpec, config: UNetConfig, branch: int) -> ComponentSpec:
+    """DeepCache's shallow path: the UNet's inputs and the cached deep feature -> its prediction."""
+    feature = deepcache_feature(config, branch, "denoiser_batch")
+    return ComponentSpec(
+        "unet_shallow",
+        "unet_shallow",
+        "unet",
+        "UNet2DConditionModel",
+        (*unet.inputs, feature),
+        unet.outputs[:1],
+        {**unet.facts, "deepcache_branch": branch},
+    )
+
+
+def _unet_spec(folder: Path, residuals: bool = False, deepcache_branch: int | None = None) -> ComponentSpec:
     config = read_unet_config(folder)
     cross = config.cross_attention_dim if isinstance(config.cross_attention_dim, int) else config.cross_attention_dim[0]
     inputs = [
@@ -242,14 +281,18 @@ def _unet_spec(folder: Path, residuals: bool = False) -> ComponentSpec:
         inputs.append(_t("timestep_cond", "float32", "denoiser_batch", config.time_cond_proj_dim))
     if residuals:  # driven by ControlNets: their summed residuals are inputs
         inputs += _residual_specs(config, "denoiser_batch")
+    outputs = [_t("out_sample", "float32", "denoiser_batch", config.out_channels, "latent_height", "latent_width")]
+    if deepcache_branch is not None:  # DeepCache's full pass also returns the feature it keeps
+        outputs.append(deepcache_feature(config, deepcache_branch, "denoiser_batch"))
     return ComponentSpec(
         "unet",
         "unet",
         "unet",
         "UNet2DConditionModel",
         tuple(inputs),
-        (_t("out_sample", "float32", "denoiser_batch", config.out_channels, "latent_height", "latent_width"),),
+        tuple(outputs),
         {
+            **({"deepcache_branch": deepcache_branch} if deepcache_branch is not None else {}),
             "text_time": text_time,
             "in_channels": config.in_channels,
             "guidance_embedded": config.time_cond_proj_dim is not None,
@@ -347,17 +390,34 @@ class UNetExport(nn.Module):
     """sample, timestep, encoder_hidden_states[, text_embeds, time_ids][, timestep_cond][, ControlNet
     residuals: one per skip, then the mid block's] -> (out_sample,)."""
 
-    def __init__(self, unet: nn.Module, text_time: bool, guidance_embedded: bool = False, residuals: int = 0):
+    def __init__(
+        self,
+        unet: nn.Module,
+        text_time: bool,
+        guidance_embedded: bool = False,
+        residuals: int = 0,
+        deepcache_branch: int | None = None,
+    ):
         super().__init__()
         self.unet = unet
         self.text_time = text_time
         self.guidance_embedded = guidance_embedded
         self.residuals = residuals
+        self.deepcache_branch = deepcache_branch
 
     def forward(self, sample, timestep, encoder_hidden_states, *rest):
         conditions, residuals = (rest[: len(rest) - self.residuals], rest[len(rest) - self.residuals :])
         added = {"text_embeds": conditions[0], "time_ids": conditions[1]} if self.text_time else None
         timestep_cond = conditions[-1] if self.guidance_embedded else None
+        if self.deepcache_branch is not None:  # (out_sample, deepcache_feature)
+            return self.unet.forward_deepcache(
+                sample,
+                timestep,
+                encoder_hidden_states,
+                self.deepcache_branch,
+                added_cond_kwargs=added,
+                timestep_cond=timestep_cond,
+            )
         out = self.unet(
             sample,
             timestep,
@@ -368,6 +428,33 @@ class UNetExport(nn.Module):
             mid_block_additional_residual=residuals[-1] if residuals else None,
         )
         return (out[0],)
+
+
+class UNetShallowExport(nn.Module):
+    """sample, timestep, encoder_hidden_states[, text_embeds, time_ids][, timestep_cond],
+    deepcache_feature -> (out_sample,): DeepCache's shallow path."""
+
+    def __init__(self, unet: nn.Module, text_time: bool, guidance_embedded: bool, branch: int):
+        super().__init__()
+        self.unet = unet
+        self.text_time = text_time
+        self.guidance_embedded = guidance_embedded
+        self.branch = branch
+
+    def forward(self, sample, timestep, encoder_hidden_states, *rest):
+        conditions, feature = rest[:-1], rest[-1]
+        added = {"text_embeds": conditions[0], "time_ids": conditions[1]} if self.text_time else None
+        timestep_cond = conditions[-1] if self.guidance_embedded else None
+        out, _ = self.unet.forward_deepcache(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            self.branch,
+            feature,
+            added_cond_kwargs=added,
+            timestep_cond=timestep_cond,
+        )
+        return (out,)
 
 
 class ControlNetExport(nn.Module):
@@ -433,6 +520,11 @@ def wrap_module(spec: ComponentSpec, model: nn.Module) -> nn.Module:
             spec.facts["text_time"],
             bool(spec.facts.get("guidance_embedded")),
             int(spec.facts.get("controlnet_residuals", 0)),
+            spec.facts.get("deepcache_branch"),
+        )
+    elif spec.kind == "unet_shallow":
+        module = UNetShallowExport(
+            model, spec.facts["text_time"], bool(spec.facts.get("guidance_embedded")), spec.facts["deepcache_branch"]
         )
     elif spec.kind == "controlnet":
         module = ControlNetExport(model, spec.facts["text_time"])
@@ -452,7 +544,7 @@ def load_export_module(spec: ComponentSpec, root: Path, loras: Sequence[Lora] = 
     folder = Path(root) / spec.source
     if spec.kind == "text_encoder":
         model = load_text_encoder(folder, spec.class_name, torch.float32)
-    elif spec.kind == "unet":
+    elif spec.kind in ("unet", "unet_shallow"):
         model = load_unet(folder, torch.float32)
     elif spec.kind == "transformer":
         model = load_sd3_transformer(folder, torch.float32)
@@ -464,7 +556,7 @@ def load_export_module(spec: ComponentSpec, root: Path, loras: Sequence[Lora] = 
             model.decoder = model.post_quant_conv = None  # only the encoder half is exported (and carried)
         else:
             model.encoder = model.quant_conv = None  # only the decoder half is exported (and carried)
-    if loras and spec.kind in ("text_encoder", "unet", "transformer"):
+    if loras and spec.kind in ("text_encoder", "unet", "unet_shallow", "transformer"):
         fuse_loras(model, spec.source, loras)
     return wrap_module(spec, model)
 

@@ -206,6 +206,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         strength=args.strength,
         output_type="pil",
         check_memory=not args.no_memory_check,
+        cache=args.cache,
         **_control_arguments(args, controls),
     )
     elapsed = time.perf_counter() - start
@@ -226,7 +227,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         _write_image(picture, path, args.overwrite, metadata)
     size = f"{result.images[0].width}x{result.images[0].height}"
     note = f"; replaced {', '.join(map(str, replaced))}" if replaced else ""
-    print(f"wrote {', '.join(map(str, paths))} ({size}, {len(result.timesteps)} steps, {elapsed:.1f} s{note})")
+    cached = ""
+    if result.full_steps is not None:
+        cached = f", {sum(result.full_steps)} of them with the whole UNet ({args.cache})"
+    print(f"wrote {', '.join(map(str, paths))} ({size}, {len(result.timesteps)} steps{cached}, {elapsed:.1f} s{note})")
     return 0
 
 
@@ -287,6 +291,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         device=args.device,
         lora=args.lora or (),
         controlnet=args.controlnet or (),
+        cache_graphs=args.cache_graphs,
     )
     print(f"wrote {args.out} ({manifest.backend}, {manifest.precision}, {manifest.shapes['graph']} shapes)")
     print(f"  {'component':<16} {'export s':>8} {'MB':>9}  parity")
@@ -328,6 +333,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         device=args.device,
         allow_source_mismatch=args.allow_mismatch,
         engine_options=_engine_options(args),
+        cache=args.cache,
     )
     print(render(report))
     _write_json(args.json, report.to_json(), "full report", args.overwrite)
@@ -523,6 +529,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--control-end", action="append", type=finite_float, metavar="FRACTION", help="end of it (1)")
     gen.add_argument("--guess-mode", action="store_true", help="ControlNet guess mode (the prompt may be empty)")
+    gen.add_argument(
+        "--cache",
+        default=None,
+        metavar="deepcache[:interval=N,branch=K]",
+        help="step caching: DeepCache refreshes the deep UNet feature every N steps (default 3, branch 0)",
+    )
     gen.add_argument("--device", default="cpu")
     gen.add_argument(
         "--compile", action="store_true", help="checkpoints: torch.compile the repeated blocks (slow first image)"
@@ -577,6 +589,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="a ControlNet folder or Hub repo id to export beside the UNet (repeatable)",
     )
+    exp.add_argument(
+        "--cache-graphs",
+        default=None,
+        metavar="deepcache[:branch=K]",
+        help="also write the graphs a step cache needs (DeepCache: the UNet's feature and its shallow path)",
+    )
     exp.add_argument("--no-cfg", action="store_true", help="static denoiser batch without guidance doubling")
     exp.add_argument("--device", default=None, help="torchscript, aoti: trace/compile on cpu (default) or cuda")
     exp.add_argument("--overwrite", action="store_true", help="replace --out if it is an earlier difflower artifact")
@@ -591,6 +609,9 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--seed", type=non_negative_int, default=0)
     _add_engine_flags(val)
     val.add_argument("--device", default="cpu")
+    val.add_argument(
+        "--cache", default=None, metavar="deepcache[:interval=N,branch=K]", help="compare cached runs (same decisions)"
+    )
     val.add_argument("--json", type=Path, default=None, help="write the full report here")
     val.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     val.add_argument("--allow-mismatch", action="store_true", help="compare even if MODEL is not the source")
@@ -641,6 +662,7 @@ _FLAGS = {
     "control_guidance_start": "--control-start",
     "control_guidance_end": "--control-end",
     "guess_mode": "--guess-mode",
+    "cache": "--cache",
 }
 
 # Faults of the machine, not of difflower: a full disk, a read-only or forbidden folder.

@@ -82,6 +82,7 @@ class ExportOptions:
     extra: dict[str, Any] = field(default_factory=dict)
     loras: tuple[Lora, ...] = ()  # fused into the denoiser and text encoders before export
     controlnets: tuple[str, ...] = ()  # ControlNet folders or Hub repo ids exported beside the UNet
+    deepcache_branch: int | None = None  # --cache-graphs deepcache: the UNet split for DeepCache
     source_root: Path | None = None  # set by plan_export: the checkpoint folder being exported
 
     def __post_init__(self) -> None:
@@ -208,7 +209,15 @@ def plan_export(backend: BackendExporter, model: Path | str, options: ExportOpti
         multiple = pipeline.size_multiple
         if bucket.height % multiple or bucket.width % multiple:
             raise ArgumentError("--static", f"{bucket}: height and width must be multiples of {multiple}")
-    every = component_specs(index, controlnets)
+    if options.deepcache_branch is not None:
+        if index.family == "sd3":
+            raise ArgumentError("--cache-graphs", "deepcache splits a UNet; SD3 is a transformer")
+        if controlnets:
+            raise ArgumentError("--cache-graphs", "deepcache with ControlNets is not supported yet; drop one of them")
+    try:
+        every = component_specs(index, controlnets, options.deepcache_branch)
+    except ValueError as err:
+        raise ArgumentError("--cache-graphs", str(err)) from None
     check_components(options.loras, set(index.components))
     options = replace(options, source_root=index.root)
     backend.check_options(options, index)

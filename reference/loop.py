@@ -91,6 +91,7 @@ class LoopResult:
     latents: torch.Tensor
     trajectory: list[torch.Tensor] | None
     timesteps: list[float]
+    full_steps: list[bool] | None = None  # with a step cache: which steps ran the whole denoiser
 
 
 def denoise(
@@ -109,6 +110,7 @@ def denoise(
     blend = request.task == "inpaint" and spec.denoiser_in_channels == spec.latent_channels
     concat_mask = request.task == "inpaint" and not blend
     indices = range(start, len(run.timesteps))
+    cache, feature, full_steps = request.cache, None, []
     for i in tqdm(indices, disable=not request.progress, desc=f"{spec.family} {request.task}", leave=False):
         t = run.timesteps[i]
         model_input = torch.cat([latents] * 2) if request.do_cfg else latents  # (2B or B, C, h, w)
@@ -119,7 +121,16 @@ def denoise(
             assert state.mask is not None and state.masked_latents is not None
             # (2B or B, C + 1 + C, h, w): what the 9-channel inpainting UNet reads
             model_input = torch.cat([model_input, state.mask, state.masked_latents], dim=1)
-        prediction = calls.denoiser(model_input, t.expand(model_input.shape[0]), cond, residuals)
+        timestep = t.expand(model_input.shape[0])
+        if cache is None:
+            prediction = calls.denoiser(model_input, timestep, cond, residuals)
+        else:  # DeepCache: the whole UNet on refresh steps, else its shallow path on the kept feature
+            full = feature is None or cache.refresh(i - start)
+            prediction, deep = calls.denoiser_deepcache(
+                model_input, timestep, cond, cache.branch, None if full else feature
+            )
+            feature = deep if full else feature
+            full_steps.append(full)
         if request.do_cfg:
             uncond, text = prediction.chunk(2)  # (B, C, h, w) each: negatives first
             prediction = uncond + request.guidance_scale * (text - uncond)
@@ -128,7 +139,9 @@ def denoise(
             latents = _blend(latents, state, run, i, request.do_cfg)
         if trajectory is not None:
             trajectory.append(latents.detach().cpu().clone())
-    return LoopResult(latents, trajectory, [float(run.timesteps[i]) for i in indices])
+    return LoopResult(
+        latents, trajectory, [float(run.timesteps[i]) for i in indices], full_steps if cache is not None else None
+    )
 
 
 def _blend(latents: torch.Tensor, state: StartState, run: SchedulerRun, i: int, do_cfg: bool) -> torch.Tensor:

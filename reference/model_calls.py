@@ -40,6 +40,18 @@ class ModelCalls(Protocol):
         `residuals` added to the UNet's skip connections when given."""
         ...
 
+    def denoiser_deepcache(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        cond: Conditioning,
+        branch: int,
+        feature: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """DeepCache: without `feature` the whole UNet and the deep feature of skip `branch`;
+        with it the shallow path only (the prediction, None)."""
+        ...
+
     def controlnet(
         self,
         name: str,

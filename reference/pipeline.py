@@ -41,6 +41,7 @@ from difflower.reference.prompts import Conditioning, TextEncoderOutput
 from difflower.reference.request import GenerateRequest, GeneratorArg, build_request
 from difflower.reference.schedulers import Scheduler, calculate_shift, load_scheduler, scheduler_by_name
 from difflower.reference.spec import PipelineSpec, spec_from_configs
+from difflower.reference.step_cache import DeepCache
 
 
 class TorchModelCalls:
@@ -94,6 +95,28 @@ class TorchModelCalls:
         )[0]
 
     @torch.no_grad()
+    def denoiser_deepcache(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        cond: Conditioning,
+        branch: int,
+        feature: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        added = None
+        if cond.text_embeds is not None:
+            added = {"text_embeds": cond.text_embeds, "time_ids": cond.time_ids}
+        return self.components["unet"].forward_deepcache(
+            sample,
+            timestep,
+            cond.encoder_hidden_states,
+            branch,
+            feature,
+            added_cond_kwargs=added,
+            timestep_cond=cond.timestep_cond,
+        )
+
+    @torch.no_grad()
     def controlnet(
         self,
         name: str,
@@ -137,6 +160,7 @@ class PipelineOutput:
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
     trajectory: list[torch.Tensor] | None = None
     timesteps: list[float] = field(default_factory=list)
+    full_steps: list[bool] | None = None  # with a step cache: which steps ran the whole denoiser
 
 
 class DiffusionPipeline:
@@ -201,6 +225,7 @@ class DiffusionPipeline:
         guess_mode: bool = False,
         control_guidance_start: float | list[float] = 0.0,
         control_guidance_end: float | list[float] = 1.0,
+        cache: str | DeepCache | None = None,
         **family_options: Any,
     ) -> PipelineOutput:
         """Generate images; the task follows from the inputs (image -> img2img, image + mask -> inpaint).
@@ -214,6 +239,8 @@ class DiffusionPipeline:
         With ControlNets: `control_image` (one per ControlNet; diffusers' ControlNet txt2img
         pipelines call it `image`), `controlnet_conditioning_scale`, `guess_mode` and
         `control_guidance_start`/`_end`, with diffusers' ControlNet pipelines' defaults.
+        `cache` is a step-caching policy (`"deepcache:interval=3,branch=0"` or a
+        `step_cache.DeepCache`); the output's `full_steps` says which steps ran the whole UNet.
         """
         request = build_request(
             self.spec,
@@ -238,6 +265,7 @@ class DiffusionPipeline:
             guess_mode=guess_mode,
             control_guidance_start=control_guidance_start,
             control_guidance_end=control_guidance_end,
+            cache=cache,
             **family_options,
         )
         return self.run(request, check_memory=check_memory)
@@ -280,7 +308,7 @@ class DiffusionPipeline:
         else:
             decoded = self.calls.vae_decode(spec.from_latents(result.latents))  # (B, 3, H, W) in [-1, 1]
             images = postprocess(decoded.float(), request.output_type)
-        return PipelineOutput(images, result.trajectory, result.timesteps)
+        return PipelineOutput(images, result.trajectory, result.timesteps, result.full_steps)
 
     def _control_run(self, request: GenerateRequest, steps: int, dtype: torch.dtype) -> ControlRun | None:
         if request.control is None:

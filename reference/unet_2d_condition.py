@@ -392,6 +392,62 @@ class UNet2DConditionModel(UNetEncoder):
         sample, _ = self.run_stages(sample, skips, emb, encoder_hidden_states, start=mid + 1)
         return UNetOutput(sample) if return_dict else (sample,)
 
+    # -- DeepCache: the full pass that also returns the deep feature, and the shallow pass -----------
+
+    def deepcache_split(self, branch: int) -> tuple[int, int]:
+        """DeepCache's skip branch as (down block b, layer l): fresh on a cached step are the down
+        path before layer l of block b and the up path from the matching layer on. As DeepCache's
+        helper: b = branch // (layers + 1), l = branch % (layers + 1) (3 for every SD/SDXL UNet)."""
+        layers = self.config.per_block("layers_per_block")
+        per = layers[0] + 1
+        if len(set(layers)) != 1 or not 0 <= branch < per * len(self.down_blocks):
+            raise ValueError(f"DeepCache branch must be in [0, {per * len(self.down_blocks)}) for this UNet")
+        return branch // per, branch % per
+
+    def forward_deepcache(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor,
+        branch: int,
+        feature: torch.Tensor | None = None,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+        timestep_cond: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Without `feature`: the full UNet, and the deep feature DeepCache caches (the hidden state
+        entering up block n-1-b at resnet (layers - l)); with it: the shallow path only, fed the
+        cached feature (its prediction, None). Same numbers as DeepCache on diffusers' UNet."""
+        if self.config.center_input_sample:
+            sample = 2 * sample - 1.0
+        emb = self.embed(sample, timestep, added_cond_kwargs, timestep_cond)
+        b, layer = self.deepcache_split(branch)
+        up = len(self.up_blocks) - 1 - b  # the up block that mirrors down block b
+        n = len(cast(nn.ModuleList, self.up_blocks[up].resnets))
+        j = n - 1 - layer  # its first fresh resnet on a cached step
+        mid = self.stages().index("mid_block")
+        if feature is None:  # the full pass: down, mid, the up blocks before `up`, its first j resnets
+            hidden, skips = self.run_stages(sample, [], emb, encoder_hidden_states, stop=mid + 1 + up)
+            block_skips, skips = skips[-n:], skips[:-n]
+            upsample_size = tuple(skips[-1].shape[2:]) if skips else None
+            block = self.up_blocks[up]
+            captured = block(hidden, block_skips[n - j :], emb, encoder_hidden_states, start=0, stop=j) if j else hidden
+            deep = captured
+            hidden = block(captured, block_skips[: n - j], emb, encoder_hidden_states, upsample_size, start=j)
+        else:  # the shallow pass: conv_in, down blocks before b, block b's first `layer` resnets
+            deep = None
+            hidden, skips = self.run_stages(sample, [], emb, encoder_hidden_states, stop=1 + b)
+            down = cast(DownBlock, self.down_blocks[b])
+            for i in range(layer):
+                hidden = down.resnets[i](hidden, emb)
+                if down.attentions is not None:
+                    hidden = down.attentions[i](hidden, encoder_hidden_states)
+                skips.append(hidden)
+            block_skips, skips = skips[-(n - j) :], skips[: -(n - j)]
+            upsample_size = tuple(skips[-1].shape[2:]) if skips else None
+            hidden = self.up_blocks[up](feature, block_skips, emb, encoder_hidden_states, upsample_size, start=j)
+        out, _ = self.run_stages(hidden, skips, emb, encoder_hidden_states, start=mid + 2 + up)
+        return out, deep
+
     def stages(self) -> list[str]:
         """The forward pass after the embedding, in order: `conv_in`, each down block, `mid_block`,
         each up block, `conv_out` (the head). `run_stages` runs any contiguous range of them."""

@@ -334,13 +334,18 @@ class UpBlock(nn.Module):
         temb: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
         upsample_size: tuple[int, int] | None = None,
+        start: int = 0,
+        stop: int | None = None,
     ) -> torch.Tensor:
-        """`skips` holds exactly this block's skip connections, consumed last-first."""
-        for i, resnet in enumerate(self.resnets):
-            hidden_states = torch.cat([hidden_states, skips[-1 - i]], dim=1)  # (B, C + C_skip, H, W)
-            hidden_states = resnet(hidden_states, temb)
+        """Resnets `start:stop` (all, then the upsampler, by default); `skips` holds exactly their
+        skip connections, consumed last-first. A partial run (DeepCache's split) upsamples only
+        when it runs the last resnet."""
+        stop = len(self.resnets) if stop is None else stop
+        for i in range(start, stop):
+            hidden_states = torch.cat([hidden_states, skips[-1 - (i - start)]], dim=1)  # (B, C + C_skip, H, W)
+            hidden_states = self.resnets[i](hidden_states, temb)
             if self.attentions is not None:
                 hidden_states = self.attentions[i](hidden_states, encoder_hidden_states)
-        if self.upsamplers is not None:
+        if self.upsamplers is not None and stop == len(self.resnets):
             hidden_states = self.upsamplers[0](hidden_states, upsample_size)
         return hidden_states

@@ -53,6 +53,8 @@ class EngineModelCalls:
     def prepare_run(self, request: GenerateRequest) -> None:
         """Refuse, before any work, a request this artifact cannot serve: a component it lacks, a
         size outside its static buckets, guidance its denoiser batch was not built for."""
+        if request.cache is not None:
+            self._check_cache_graphs(request.cache.branch)
         needed = self.manifest.missing_for_generation()
         if request.task != "txt2img" and "vae_encoder" not in self.engines:
             needed.append("vae_encoder")
@@ -100,14 +102,7 @@ class EngineModelCalls:
     def _unet(
         self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning, residuals: Residuals | None = None
     ) -> torch.Tensor:
-        inputs = {
-            "sample": sample.float(),
-            "timestep": timestep.float(),
-            "encoder_hidden_states": cond.encoder_hidden_states.float(),
-            **self._conditions(cond),
-        }
-        if cond.timestep_cond is not None:
-            inputs["timestep_cond"] = cond.timestep_cond.float()
+        inputs = self._unet_inputs(sample, timestep, cond)
         residual_specs = [t for t in self.engines["unet"].inputs if t.name.startswith(RESIDUAL_PREFIXES)]
         if residuals is not None and not residual_specs:
             raise EngineInputError("this artifact's UNet takes no ControlNet residuals: export it with --controlnet")
@@ -118,6 +113,35 @@ class EngineModelCalls:
                 shape = tuple(dims[d] if isinstance(d, str) else d for d in spec.shape)
                 inputs[spec.name] = value.float() if value is not None else torch.zeros(shape)
         return self._run("unet", inputs)["out_sample"]
+
+    def _check_cache_graphs(self, branch: int) -> None:
+        built = self.engines["unet"].record.config.get("deepcache_branch") if "unet" in self.engines else None
+        if built is None or "unet_shallow" not in self.engines:
+            raise ArgumentError(
+                "cache", "this artifact has no DeepCache graphs; export it with --cache-graphs deepcache[:branch=K]"
+            )
+        if built != branch:
+            raise ArgumentError(
+                "cache",
+                f"this artifact's DeepCache graphs split at branch {built}; use deepcache:branch={built} "
+                f"or export with --cache-graphs deepcache:branch={branch}",
+            )
+
+    def denoiser_deepcache(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        cond: Conditioning,
+        branch: int,
+        feature: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The full UNet graph (it also returns the deep feature) or the shallow one fed the feature."""
+        self._check_cache_graphs(branch)
+        inputs = self._unet_inputs(sample, timestep, cond)
+        if feature is None:
+            out = self._run("unet", inputs)
+            return out["out_sample"], out["deepcache_feature"]
+        return self._run("unet_shallow", {**inputs, "deepcache_feature": feature.float()})["out_sample"], None
 
     def controlnet(
         self,
@@ -156,6 +180,17 @@ class EngineModelCalls:
     def _denoiser_batch(self, batch: int) -> int:
         """The denoiser batch of a run whose ControlNet input has `batch` samples in guess mode."""
         return batch * (2 if self.manifest.shapes.get("cfg_doubles_denoiser_batch", True) else 1)
+
+    def _unet_inputs(self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> dict[str, torch.Tensor]:
+        inputs = {
+            "sample": sample.float(),
+            "timestep": timestep.float(),
+            "encoder_hidden_states": cond.encoder_hidden_states.float(),
+            **self._conditions(cond),
+        }
+        if cond.timestep_cond is not None:
+            inputs["timestep_cond"] = cond.timestep_cond.float()
+        return inputs
 
     @staticmethod
     def _conditions(cond: Conditioning) -> dict[str, torch.Tensor]:

@@ -114,12 +114,16 @@ class ValidationReport:
     seconds: dict[str, float] = field(default_factory=dict)
     # Why the denoising run was not compared (a partial artifact), else None.
     not_run: str | None = None
+    # With a step cache: its policy and which steps ran the whole denoiser on each side.
+    cache: dict[str, Any] | None = None
 
     @property
     def passed(self) -> bool:
         verdicts = [bool(c.passed) for c in self.components.values()]
         if self.not_run is None:
             verdicts += [self.final_latents.get("passed", False), self.image.get("passed", False)]
+            if self.cache is not None:
+                verdicts.append(self.cache["passed"])
         return all(verdicts)
 
     def to_json(self) -> dict[str, Any]:
@@ -137,6 +141,7 @@ class ValidationReport:
             "image": self.image,
             "seconds": self.seconds,
             "not_run": self.not_run,
+            "cache": self.cache,
         }
 
 
@@ -165,6 +170,7 @@ def validate_artifact(
     allow_source_mismatch: bool = False,
     progress: bool = False,
     engine_options: dict[str, Any] | None = None,
+    cache: str | None = None,
 ) -> ValidationReport:
     """Validate `artifact` against the eager pipeline of `reference` (see the module docstring)."""
     artifact, (reference, _) = Path(artifact), resolve_model(reference)
@@ -186,6 +192,7 @@ def validate_artifact(
         "guidance_scale": guidance_scale,
         "scheduler": type(pipe.scheduler).__name__,
         "engine": next(iter(pipe.engines.values())).backend,
+        "cache": cache,
     }
     report = ValidationReport(
         str(artifact), str(reference), manifest.family, manifest.backend, manifest.precision, settings
@@ -220,6 +227,7 @@ def validate_artifact(
         output_type="np",
         return_trajectory=True,
         progress=progress,
+        cache=cache,
     )
     if pipe.spec.controlnets:  # the same edge pattern into both sides' ControlNets
         kwargs["control_image"] = edge_pattern(bucket.height, bucket.width, pipe.spec.controlnets)
@@ -236,4 +244,8 @@ def validate_artifact(
     report.final_latents = {**final_metrics.to_json(), **verdict.to_json()}
     image_metrics = compare(np.asarray(actual_run.images), np.asarray(expected_run.images))
     report.image = {**image_metrics.to_json(), **image_verdict(manifest.precision, image_metrics).to_json()}
+    if cache is not None:  # the same decisions on both sides, or the comparison means little
+        full, expected_full = actual_run.full_steps, expected_run.full_steps
+        report.cache = {"policy": cache, "full_steps": full, "reference_full_steps": expected_full}
+        report.cache["passed"] = full == expected_full
     return report

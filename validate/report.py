@@ -47,7 +47,22 @@ def render(report: ValidationReport) -> str:
         "",
         f"  final latents: max abs {_num(f['max_abs'])}, PSNR {_psnr(f['psnr'])} dB; {f['gate']}: {_ok(f['passed'])}",
         f"  image:         max abs {_num(i['max_abs'])}, PSNR {_psnr(i['psnr'])} dB; {i['gate']}: {_ok(i['passed'])}",
+        *_cache_lines(report.cache),
         "",
         "  PASSED" if report.passed else "  FAILED: a parity gate was missed (see the rows marked MISSED)",
     ]
     return "\n".join(lines)
+
+
+def _cache_lines(cache: dict | None) -> list[str]:
+    """The step cache's decisions (F: the whole denoiser ran, c: the cached path), both sides."""
+    if cache is None:
+        return []
+
+    def row(steps: list[bool] | None) -> str:
+        return "".join("F" if full else "c" for full in steps or [])
+
+    return [
+        f"  {cache['policy']}: artifact {row(cache['full_steps'])}, reference {row(cache['reference_full_steps'])} "
+        f"(F whole UNet, c cached); same decisions: {_ok(cache['passed'])}"
+    ]
