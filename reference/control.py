@@ -75,7 +75,10 @@ class ControlInputs:
             images: tuple[ImageInput, ...] = (cast(ImageInput, control_image),)  # a list: a batch of images
         else:
             if not isinstance(control_image, (list, tuple)) or len(control_image) != count:
-                raise ArgumentError("control_image", f"this pipeline has {count} ControlNets: pass a list of {count}")
+                raise ArgumentError(
+                    "control_image",
+                    f"this pipeline has {count} ControlNets: give {count} control images, one each, in order",
+                )
             images = tuple(control_image)
         if not isinstance(guess_mode, bool):
             raise ArgumentError("guess_mode", f"must be True or False, got {guess_mode!r}")
@@ -84,9 +87,8 @@ class ControlInputs:
         ends = _per_net(end, count, "end")
         for s, e in zip(starts, ends, strict=True):
             if not 0.0 <= s < e <= 1.0:
-                raise ArgumentError(
-                    "control_guidance_start", f"{s} and end {e}: need 0 <= start < end <= 1 for every ControlNet"
-                )
+                argument = "control_guidance_start" if not 0.0 <= s < 1.0 else "control_guidance_end"
+                raise ArgumentError(argument, f"start {s} and end {e}: need 0 <= start < end <= 1 for every ControlNet")
         return ControlInputs(images, scales, starts, ends, guess_mode)
 
     def size(self, factor: int) -> tuple[int, int]:
@@ -101,7 +103,8 @@ def _per_net(value: float | Sequence[float], count: int, what: str) -> tuple[flo
     argument = "controlnet_conditioning_scale" if what == "scale" else f"control_guidance_{what}"
     if isinstance(value, (list, tuple)):
         if len(value) != count:
-            raise ArgumentError(argument, f"has {len(value)} values for {count} ControlNet(s); give one or {count}")
+            wanted = "one value" if count == 1 else f"one value, or {count}: one per ControlNet"
+            raise ArgumentError(argument, f"has {len(value)} values for {count} ControlNet(s); give {wanted}")
         return tuple(finite(v, argument) for v in value)
     return (finite(cast(float, value), argument),) * count
 

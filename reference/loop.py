@@ -30,6 +30,7 @@ class ControlRun:
     names: list[str]
     control: ControlInputs
     images: list[torch.Tensor]
+    start: int  # the scheduler index the loop starts at (img2img and inpainting skip some)
     steps: int  # the steps the loop runs (diffusers' len(timesteps) after img2img's cut)
     do_cfg: bool
 
@@ -41,17 +42,17 @@ class ControlRun:
     def residuals(
         self,
         calls: ModelCalls,
-        step: int,
+        i: int,
         latents: torch.Tensor,
         model_input: torch.Tensor,
         timestep: torch.Tensor,
         cond: Conditioning,
         run: SchedulerRun,
-        i: int,
     ) -> Residuals | None:
         """The summed residuals of every ControlNet at `step` (None when every ControlNet is
         outside its window: diffusers adds zeros then, which changes nothing), batched like
-        `model_input`."""
+        `model_input`; `i` is the scheduler index."""
+        step = i - self.start
         guess_cfg = self.control.guess_mode and self.do_cfg
         if guess_cfg:  # only the conditional half goes through the ControlNets
             control_input = run.scale_model_input(latents, i)
@@ -116,7 +117,7 @@ def denoise(
         model_input = torch.cat([latents] * 2) if request.do_cfg else latents  # (2B or B, C, h, w)
         model_input = run.scale_model_input(model_input, i)
         # the ControlNets read the latents before the inpainting channels are added
-        residuals = control.residuals(calls, i - start, latents, model_input, t, cond, run, i) if control else None
+        residuals = control.residuals(calls, i, latents, model_input, t, cond, run) if control else None
         if concat_mask:
             assert state.mask is not None and state.masked_latents is not None
             # (2B or B, C + 1 + C, h, w): what the 9-channel inpainting UNet reads

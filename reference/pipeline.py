@@ -55,7 +55,13 @@ class TorchModelCalls:
         return self.components.get(name) is not None
 
     def prepare_run(self, request: GenerateRequest) -> None:
-        """Eager modules take any shape, and a checkpoint holds every component."""
+        """Eager modules take any shape and a checkpoint holds every component; a DeepCache
+        branch must exist in this UNet."""
+        if request.cache is not None:
+            try:
+                self.components["unet"].deepcache_split(request.cache.branch)
+            except ValueError as err:
+                raise ArgumentError("cache", str(err)) from None
 
     @torch.no_grad()
     def text_encoder(self, name: str, input_ids: torch.Tensor) -> TextEncoderOutput:
@@ -79,9 +85,7 @@ class TorchModelCalls:
                 encoder_hidden_states=cond.encoder_hidden_states,
                 pooled_projections=cond.pooled_projections,
             )[0]
-        added = None
-        if cond.text_embeds is not None:
-            added = {"text_embeds": cond.text_embeds, "time_ids": cond.time_ids}
+        added = _text_time(cond)
         unet = self.components["unet"]
         context = cond.encoder_hidden_states
         return unet(
@@ -103,9 +107,7 @@ class TorchModelCalls:
         branch: int,
         feature: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        added = None
-        if cond.text_embeds is not None:
-            added = {"text_embeds": cond.text_embeds, "time_ids": cond.time_ids}
+        added = _text_time(cond)
         return self.components["unet"].forward_deepcache(
             sample,
             timestep,
@@ -127,9 +129,7 @@ class TorchModelCalls:
         conditioning_scale: float,
         guess_mode: bool,
     ) -> Residuals:
-        added = None
-        if cond.text_embeds is not None:
-            added = {"text_embeds": cond.text_embeds, "time_ids": cond.time_ids}
+        added = _text_time(cond)
         down, mid = self.components[name](
             sample,
             timestep,
@@ -151,6 +151,13 @@ class TorchModelCalls:
     def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.components["vae"]
         return vae.decode(latents.to(vae.dtype))[0]
+
+
+def _text_time(cond: Conditioning) -> dict[str, torch.Tensor] | None:
+    """SDXL's added_cond_kwargs, when the run has them."""
+    if cond.text_embeds is None or cond.time_ids is None:
+        return None
+    return {"text_embeds": cond.text_embeds, "time_ids": cond.time_ids}
 
 
 @dataclass
@@ -298,7 +305,7 @@ class DiffusionPipeline:
 
         # 3. the control images, the starting latents (drawing the generator in diffusers'
         #    order), then the loop
-        control = self._control_run(request, len(run.timesteps) - start, dtype)
+        control = self._control_run(request, start, len(run.timesteps) - start, dtype)
         state = prepare_latents(request, spec, self.calls, run, start, self.device, dtype)
         result = denoise(request, spec, self.calls, run, start, cond, state, control)
 
@@ -310,7 +317,7 @@ class DiffusionPipeline:
             images = postprocess(decoded.float(), request.output_type)
         return PipelineOutput(images, result.trajectory, result.timesteps, result.full_steps)
 
-    def _control_run(self, request: GenerateRequest, steps: int, dtype: torch.dtype) -> ControlRun | None:
+    def _control_run(self, request: GenerateRequest, start: int, steps: int, dtype: torch.dtype) -> ControlRun | None:
         if request.control is None:
             return None
         guess = request.control.guess_mode
@@ -326,7 +333,7 @@ class DiffusionPipeline:
             dtype,
         )
         names = [controlnet_name(k) for k in range(self.spec.controlnets)]
-        return ControlRun(names, request.control, images, steps, request.do_cfg)
+        return ControlRun(names, request.control, images, start, steps, request.do_cfg)
 
     def _start_index(self, request: GenerateRequest) -> int:
         """How many scheduled steps img2img/inpainting skip (SD3 rounds differently from SD/SDXL)."""

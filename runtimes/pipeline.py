@@ -46,6 +46,8 @@ class EngineModelCalls:
         self.engines = engines
         self.manifest = manifest
         self.denoiser = self._unet if "unet" in engines else self._transformer
+        unet_inputs = engines["unet"].inputs if "unet" in engines else []
+        self._residual_specs = [t for t in unet_inputs if t.name.startswith(RESIDUAL_PREFIXES)]
 
     def has_component(self, name: str) -> bool:
         return name in self.engines
@@ -103,7 +105,7 @@ class EngineModelCalls:
         self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning, residuals: Residuals | None = None
     ) -> torch.Tensor:
         inputs = self._unet_inputs(sample, timestep, cond)
-        residual_specs = [t for t in self.engines["unet"].inputs if t.name.startswith(RESIDUAL_PREFIXES)]
+        residual_specs = self._residual_specs
         if residuals is not None and not residual_specs:
             raise EngineInputError("this artifact's UNet takes no ControlNet residuals: export it with --controlnet")
         if residual_specs:  # a UNet exported for ControlNets: their residuals, or zeros (none of them on)
@@ -157,7 +159,7 @@ class EngineModelCalls:
         mode's conditional half (B of the 2B) runs doubled, and the second half is kept."""
         engine = self.engines[name]
         facts = engine.record.config
-        half = guess_mode and cond.encoder_hidden_states.shape[0] * 2 == self._denoiser_batch(sample.shape[0])
+        half = guess_mode and bool(self.manifest.shapes.get("cfg_doubles_denoiser_batch", True))
         if half:
             sample, timestep, image = (torch.cat([x, x]) for x in (sample, timestep, image))
             cond = Conditioning.for_guidance(cond, cond)
@@ -176,10 +178,6 @@ class EngineModelCalls:
         if half:
             values = [v.chunk(2)[1] for v in values]
         return Residuals(values[:-1], values[-1])
-
-    def _denoiser_batch(self, batch: int) -> int:
-        """The denoiser batch of a run whose ControlNet input has `batch` samples in guess mode."""
-        return batch * (2 if self.manifest.shapes.get("cfg_doubles_denoiser_batch", True) else 1)
 
     def _unet_inputs(self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> dict[str, torch.Tensor]:
         inputs = {

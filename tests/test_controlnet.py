@@ -251,7 +251,7 @@ def test_a_controlnet_that_does_not_fit_is_refused_naming_both(dirs):
         ),
         (
             {"control_image": [_edges(), _edges()], "control_guidance_start": 0.8, "control_guidance_end": 0.2},
-            "control_guidance_start",
+            "control_guidance_end",
         ),
     ],
 )
@@ -363,7 +363,7 @@ def test_cli_tiny_export_info_and_generate_with_a_controlnet(tmp_path, monkeypat
         (["generate", "art", "--prompt", "x", "-o", "none.png"], "argument --control-image"),
         (
             ["generate", "art", *common, "--control-start", "0.9", "--control-end", "0.1", "-o", "none.png"],
-            "argument --control-start",
+            "argument --control-end",
         ),
         (["generate", "art", "--controlnet", "cn", *common, "-o", "none.png"], "argument --controlnet"),
         (["export", "sd", "--backend", "onnx", "--controlnet", "sd", "--out", "bad"], "not a ControlNet folder"),

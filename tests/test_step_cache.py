@@ -60,6 +60,17 @@ def test_parse_cache_and_its_errors():
         assert err.value.name == "cache"
 
 
+def test_a_branch_the_unet_lacks_is_one_line(tiny_dirs, tmp_path, capsys):
+    """The eager reference refuses it before any work, naming --cache (no traceback)."""
+    out = tmp_path / "x.png"
+    assert (
+        main(["generate", str(tiny_dirs["sd"]), "--prompt", "x", "--cache", "deepcache:branch=99", "-o", str(out)]) == 2
+    )
+    err = capsys.readouterr().err
+    assert "argument --cache: DeepCache branch must be in [0, 6)" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
 def test_deepcache_on_sd3_is_refused(tiny_dirs):
     with pytest.raises(ArgumentError, match="transformer"):
         load_pipeline(tiny_dirs["sd3"])(PROMPT, num_inference_steps=2, cache="deepcache", progress=False)
