@@ -35,10 +35,19 @@ from difflower.reference.loading import (
     read_vae_config,
 )
 from difflower.reference.lora import Lora, fuse_loras
+from difflower.reference.step_cache import CacheGraphs
 from difflower.reference.unet_2d_condition import UNetConfig, skip_shapes
 
 ComponentKind = Literal[
-    "text_encoder", "unet", "unet_shallow", "transformer", "vae_encoder", "vae_decoder", "controlnet"
+    "text_encoder",
+    "unet",
+    "unet_shallow",
+    "transformer",
+    "transformer_first",
+    "transformer_tail",
+    "vae_encoder",
+    "vae_decoder",
+    "controlnet",
 ]
 # How many times the down path can halve a latent size (the residual shapes' symbolic dims).
 MAX_HALVINGS = 4
@@ -130,20 +139,25 @@ def _t(name: str, dtype: str, *shape: int | str) -> TensorSpec:
 
 
 def component_specs(
-    index: ModelIndex, controlnets: Sequence[ControlNetSource] = (), deepcache_branch: int | None = None
+    index: ModelIndex, controlnets: Sequence[ControlNetSource] = (), cache_graphs: CacheGraphs | None = None
 ) -> list[ComponentSpec]:
     """Every exportable component of a checkpoint, in export order, with symbolic shapes; with
-    `controlnets`, the UNet also takes their residuals and each ControlNet is a component; with
-    `deepcache_branch`, the UNet also returns DeepCache's deep feature of that skip branch and
-    `unet_shallow` (the shallow path fed that feature) is a component."""
+    `controlnets`, the UNet also takes their residuals and each ControlNet is a component. With
+    DeepCache's `cache_graphs`, the UNet also returns the deep feature of their skip branch and
+    `unet_shallow` (the shallow path fed that feature) is a component; with the first-block
+    cache's, the transformer also returns its tail residual, and `transformer_first` (the first
+    block alone) and `transformer_tail` (the output from the first block plus a cached tail
+    residual) are components."""
     root = index.root
     specs: list[ComponentSpec] = []
     for suffix in ("", "_2", "_3"):
         name = "text_encoder" + suffix
         if name in index.components:
             specs.append(_text_encoder_spec(name, index.components[name][1], root / name))
+    deepcache_branch = cache_graphs.branch if cache_graphs is not None and cache_graphs.kind == "deepcache" else None
     if index.family == "sd3":
-        specs.append(_transformer_spec(root / "transformer"))
+        first_block = cache_graphs is not None and cache_graphs.kind == "first-block"
+        specs += _transformer_specs(root / "transformer", first_block)
     else:
         specs.append(_unet_spec(root / "unet", residuals=bool(controlnets), deepcache_branch=deepcache_branch))
         if deepcache_branch is not None:
@@ -333,31 +347,38 @@ def _controlnet_spec(name: str, folder: Path, config: ControlNetConfig) -> Compo
     )
 
 
-def _transformer_spec(folder: Path) -> ComponentSpec:
+def _transformer_specs(folder: Path, first_block: bool = False) -> list[ComponentSpec]:
+    """The transformer; with `first_block`, also the parts the first-block cache runs. Their token
+    grids are (B, D, h, w) with h = latent_height / patch_size."""
     config = read_sd3_config(folder)
-    return ComponentSpec(
-        "transformer",
-        "transformer",
-        "transformer",
-        "SD3Transformer2DModel",
-        (
-            _t("hidden_states", "float32", "denoiser_batch", config.in_channels, "latent_height", "latent_width"),
-            _t("encoder_hidden_states", "float32", "denoiser_batch", "joint_sequence", config.joint_attention_dim),
-            _t("pooled_projections", "float32", "denoiser_batch", config.pooled_projection_dim),
-            _t("timestep", "float32", "denoiser_batch"),
-        ),
-        (
-            _t(
-                "out_hidden_states",
-                "float32",
-                "denoiser_batch",
-                config.out_channels,
-                "latent_height",
-                "latent_width",
-            ),
-        ),
-        {"in_channels": config.in_channels},
+    inputs = (
+        _t("hidden_states", "float32", "denoiser_batch", config.in_channels, "latent_height", "latent_width"),
+        _t("encoder_hidden_states", "float32", "denoiser_batch", "joint_sequence", config.joint_attention_dim),
+        _t("pooled_projections", "float32", "denoiser_batch", config.pooled_projection_dim),
+        _t("timestep", "float32", "denoiser_batch"),
     )
+    out = _t("out_hidden_states", "float32", "denoiser_batch", config.out_channels, "latent_height", "latent_width")
+    facts = {"in_channels": config.in_channels}
+    if not first_block:
+        return [
+            ComponentSpec("transformer", "transformer", "transformer", "SD3Transformer2DModel", inputs, (out,), facts)
+        ]
+    p = config.patch_size
+    if p & (p - 1) or p > 2**MAX_HALVINGS:
+        raise ValueError(f"the first-block cache's graphs need a power-of-two patch_size, this one is {p}")
+    grid = ("denoiser_batch", config.inner_dim, f"latent_height_div{p}", f"latent_width_div{p}")
+    tail, first, residual = (
+        _t(n, "float32", *grid) for n in ("tail_residual", "first_block_hidden", "first_block_residual")
+    )
+    cached = {**facts, "first_block_cache": True}
+    cls = "SD3Transformer2DModel"
+    return [
+        ComponentSpec("transformer", "transformer", "transformer", cls, inputs, (out, tail), cached),
+        ComponentSpec("transformer_first", "transformer_first", "transformer", cls, inputs, (first, residual), cached),
+        ComponentSpec(
+            "transformer_tail", "transformer_tail", "transformer", cls, (first, tail, *inputs[2:]), (out,), cached
+        ),
+    ]
 
 
 def concrete(spec: TensorSpec, dims: dict[str, int]) -> TensorSpec:
@@ -474,19 +495,43 @@ class ControlNetExport(nn.Module):
 
 
 class TransformerExport(nn.Module):
+    """hidden_states, encoder_hidden_states, pooled_projections, timestep -> (out_hidden_states,);
+    with `with_tail` also the tail residual the first-block cache keeps."""
+
+    def __init__(self, transformer: nn.Module, with_tail: bool = False):
+        super().__init__()
+        self.transformer = transformer
+        self.with_tail = with_tail
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
+        if self.with_tail:
+            return self.transformer.forward_with_tail(
+                hidden_states, encoder_hidden_states, pooled_projections, timestep
+            )
+        return (self.transformer(hidden_states, encoder_hidden_states, pooled_projections, timestep)[0],)
+
+
+class TransformerFirstExport(nn.Module):
+    """The transformer's inputs -> (first_block_hidden, first_block_residual): its first block alone."""
+
     def __init__(self, transformer: nn.Module):
         super().__init__()
         self.transformer = transformer
 
     def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
-        return (
-            self.transformer(
-                hidden_states=hidden_states,
-                encoder_hidden_states=encoder_hidden_states,
-                pooled_projections=pooled_projections,
-                timestep=timestep,
-            )[0],
-        )
+        return self.transformer.first_block(hidden_states, encoder_hidden_states, pooled_projections, timestep)
+
+
+class TransformerTailExport(nn.Module):
+    """first_block_hidden, tail_residual, pooled_projections, timestep -> (out_hidden_states,): the
+    output with the blocks after the first skipped."""
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, first_block_hidden, tail_residual, pooled_projections, timestep):
+        return (self.transformer.forward_from_cache(first_block_hidden, tail_residual, pooled_projections, timestep),)
 
 
 class VAEEncoderExport(nn.Module):
@@ -529,7 +574,11 @@ def wrap_module(spec: ComponentSpec, model: nn.Module) -> nn.Module:
     elif spec.kind == "controlnet":
         module = ControlNetExport(model, spec.facts["text_time"])
     elif spec.kind == "transformer":
-        module = TransformerExport(model)
+        module = TransformerExport(model, bool(spec.facts.get("first_block_cache")))
+    elif spec.kind == "transformer_first":
+        module = TransformerFirstExport(model)
+    elif spec.kind == "transformer_tail":
+        module = TransformerTailExport(model)
     elif spec.kind == "vae_encoder":
         module = VAEEncoderExport(model)
     else:
@@ -546,7 +595,7 @@ def load_export_module(spec: ComponentSpec, root: Path, loras: Sequence[Lora] = 
         model = load_text_encoder(folder, spec.class_name, torch.float32)
     elif spec.kind in ("unet", "unet_shallow"):
         model = load_unet(folder, torch.float32)
-    elif spec.kind == "transformer":
+    elif spec.kind in ("transformer", "transformer_first", "transformer_tail"):
         model = load_sd3_transformer(folder, torch.float32)
     elif spec.kind == "controlnet":
         model = load_controlnet(folder, torch.float32)
@@ -556,7 +605,7 @@ def load_export_module(spec: ComponentSpec, root: Path, loras: Sequence[Lora] = 
             model.decoder = model.post_quant_conv = None  # only the encoder half is exported (and carried)
         else:
             model.encoder = model.quant_conv = None  # only the decoder half is exported (and carried)
-    if loras and spec.kind in ("text_encoder", "unet", "unet_shallow", "transformer"):
+    if loras and spec.kind not in ("vae_encoder", "vae_decoder", "controlnet"):  # LoRAs reach the rest
         fuse_loras(model, spec.source, loras)
     return wrap_module(spec, model)
 

@@ -229,7 +229,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     note = f"; replaced {', '.join(map(str, replaced))}" if replaced else ""
     cached = ""
     if result.full_steps is not None:
-        cached = f", {sum(result.full_steps)} of them with the whole UNet ({args.cache})"
+        denoiser = "transformer" if pipe.spec.family == "sd3" else "UNet"
+        cached = f", {sum(result.full_steps)} of them with the whole {denoiser} ({args.cache})"
     print(f"wrote {', '.join(map(str, paths))} ({size}, {len(result.timesteps)} steps{cached}, {elapsed:.1f} s{note})")
     return 0
 
@@ -532,8 +533,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--cache",
         default=None,
-        metavar="deepcache[:interval=N,branch=K]",
-        help="step caching: DeepCache refreshes the deep UNet feature every N steps (default 3, branch 0)",
+        metavar="deepcache[:interval=N,branch=K]|first-block[:threshold=T|:interval=N]",
+        help="step caching: DeepCache refreshes the deep UNet feature every N steps (default 3, branch 0); "
+        "first-block reruns an SD3 transformer's later blocks when its first block's residual moves by more "
+        "than T (default 0.05), or every N steps",
     )
     gen.add_argument("--device", default="cpu")
     gen.add_argument(
@@ -592,8 +595,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument(
         "--cache-graphs",
         default=None,
-        metavar="deepcache[:branch=K]",
-        help="also write the graphs a step cache needs (DeepCache: the UNet's feature and its shallow path)",
+        metavar="deepcache[:branch=K]|first-block",
+        help="also write the graphs a step cache needs (DeepCache for UNets, first-block for SD3 transformers)",
     )
     exp.add_argument("--no-cfg", action="store_true", help="static denoiser batch without guidance doubling")
     exp.add_argument("--device", default=None, help="torchscript, aoti: trace/compile on cpu (default) or cuda")
@@ -610,7 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_flags(val)
     val.add_argument("--device", default="cpu")
     val.add_argument(
-        "--cache", default=None, metavar="deepcache[:interval=N,branch=K]", help="compare cached runs (same decisions)"
+        "--cache", default=None, metavar="POLICY", help="compare cached runs (same decisions); as generate --cache"
     )
     val.add_argument("--json", type=Path, default=None, help="write the full report here")
     val.add_argument("--overwrite", action="store_true", help="replace an existing --json file")

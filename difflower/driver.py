@@ -24,7 +24,6 @@ from tqdm.auto import tqdm
 
 from difflower.artifact.manifest import Manifest, not_an_artifact, record_files
 from difflower.atomic import atomic_directory
-from difflower.errors import ArgumentError
 from difflower.exporters import get_exporter
 from difflower.exporters.common import (
     BackendExporter,
@@ -37,7 +36,7 @@ from difflower.exporters.common import (
 )
 from difflower.reference.lora import read_loras
 from difflower.reference.single_file import resolve_model
-from difflower.reference.step_cache import parse_cache
+from difflower.reference.step_cache import parse_cache_graphs
 from difflower.validate.parity import exported_component_parity
 
 
@@ -70,8 +69,10 @@ def export(
     give Neuron a CPU stand-in compiler). `lora` fuses LoRA files (`FILE`, `FILE:SCALE` or
     (file, scale)) into the denoiser and text encoders before export; the manifest records them.
     `controlnet` (folders or Hub repo ids) exports each ControlNet as a component, and the UNet
-    with their residuals as inputs. `cache_graphs` ("deepcache[:branch=K]") adds the graphs a step
-    cache needs: the UNet also returns DeepCache's feature and `unet_shallow` takes it.
+    with their residuals as inputs. `cache_graphs` adds the graphs a step cache needs:
+    "deepcache[:branch=K]" (the UNet also returns DeepCache's feature and `unet_shallow` takes it)
+    or "first-block" (the transformer also returns its tail residual; `transformer_first` and
+    `transformer_tail` are the parts a reusing step runs).
     """
     exporter = exporter or get_exporter(backend)
     options = ExportOptions(
@@ -87,7 +88,7 @@ def export(
         extra={k: v for k, v in backend_options.items() if v is not None},
         loras=read_loras(lora),
         controlnets=tuple(str(c) for c in controlnet),
-        deepcache_branch=_deepcache_branch(cache_graphs),
+        cache_graphs=parse_cache_graphs(cache_graphs),
     )
     folder, origin = resolve_model(model)
     plan = plan_export(exporter, folder, options)
@@ -118,17 +119,3 @@ def export(
                 "artifact with these numbers recorded"
             )
     return manifest
-
-
-def _deepcache_branch(cache_graphs: str | None) -> int | None:
-    """The UNet split `--cache-graphs deepcache[:branch=K]` asks for (an interval is a run setting)."""
-    if cache_graphs is None:
-        return None
-    try:
-        policy = parse_cache(cache_graphs)
-    except ArgumentError as err:
-        raise ArgumentError("--cache-graphs", err.detail) from None
-    assert policy is not None
-    if "interval=" in cache_graphs:
-        raise ArgumentError("--cache-graphs", "takes deepcache[:branch=K]; the interval is chosen per run (--cache)")
-    return policy.branch

@@ -54,11 +54,13 @@ from difflower.reference.loading import (
     ControlNetSource,
     ModelIndex,
     read_model_index,
+    read_sd3_config,
     resolve_controlnet,
     support_files,
 )
 from difflower.reference.lora import Lora, check_components
 from difflower.reference.spec import PipelineSpec, spec_from_configs
+from difflower.reference.step_cache import CacheGraphs
 from difflower.version import __version__
 
 
@@ -82,7 +84,7 @@ class ExportOptions:
     extra: dict[str, Any] = field(default_factory=dict)
     loras: tuple[Lora, ...] = ()  # fused into the denoiser and text encoders before export
     controlnets: tuple[str, ...] = ()  # ControlNet folders or Hub repo ids exported beside the UNet
-    deepcache_branch: int | None = None  # --cache-graphs deepcache: the UNet split for DeepCache
+    cache_graphs: CacheGraphs | None = None  # --cache-graphs: the extra graphs a step cache needs
     source_root: Path | None = None  # set by plan_export: the checkpoint folder being exported
 
     def __post_init__(self) -> None:
@@ -209,13 +211,19 @@ def plan_export(backend: BackendExporter, model: Path | str, options: ExportOpti
         multiple = pipeline.size_multiple
         if bucket.height % multiple or bucket.width % multiple:
             raise ArgumentError("--static", f"{bucket}: height and width must be multiples of {multiple}")
-    if options.deepcache_branch is not None:
+    graphs = options.cache_graphs
+    if graphs is not None and graphs.kind == "deepcache":
         if index.family == "sd3":
-            raise ArgumentError("--cache-graphs", "deepcache splits a UNet; SD3 is a transformer")
+            raise ArgumentError("--cache-graphs", "deepcache splits a UNet; SD3 is a transformer: use first-block")
         if controlnets:
             raise ArgumentError("--cache-graphs", "deepcache with ControlNets is not supported yet; drop one of them")
+    if graphs is not None and graphs.kind == "first-block":
+        if index.family != "sd3":
+            raise ArgumentError("--cache-graphs", "first-block caches a transformer's blocks; for a UNet use deepcache")
+        if read_sd3_config(index.root / "transformer").num_layers < 2:
+            raise ArgumentError("--cache-graphs", "first-block needs a transformer of two blocks or more")
     try:
-        every = component_specs(index, controlnets, options.deepcache_branch)
+        every = component_specs(index, controlnets, graphs)
     except ValueError as err:
         raise ArgumentError("--cache-graphs", str(err)) from None
     check_components(options.loras, set(index.components))

@@ -21,6 +21,7 @@ from difflower.reference.prompts import Conditioning
 from difflower.reference.request import GenerateRequest
 from difflower.reference.schedulers import SchedulerRun
 from difflower.reference.spec import PipelineSpec
+from difflower.reference.step_cache import CachePolicy, DeepCache, FirstBlockCache
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ def denoise(
     blend = request.task == "inpaint" and spec.denoiser_in_channels == spec.latent_channels
     concat_mask = request.task == "inpaint" and not blend
     indices = range(start, len(run.timesteps))
-    cache, feature, full_steps = request.cache, None, []
+    cached = _CachedDenoiser.for_policy(request.cache)
     for i in tqdm(indices, disable=not request.progress, desc=f"{spec.family} {request.task}", leave=False):
         t = run.timesteps[i]
         model_input = torch.cat([latents] * 2) if request.do_cfg else latents  # (2B or B, C, h, w)
@@ -123,15 +124,10 @@ def denoise(
             # (2B or B, C + 1 + C, h, w): what the 9-channel inpainting UNet reads
             model_input = torch.cat([model_input, state.mask, state.masked_latents], dim=1)
         timestep = t.expand(model_input.shape[0])
-        if cache is None:
+        if cached is None:
             prediction = calls.denoiser(model_input, timestep, cond, residuals)
-        else:  # DeepCache: the whole UNet on refresh steps, else its shallow path on the kept feature
-            full = feature is None or cache.refresh(i - start)
-            prediction, deep = calls.denoiser_deepcache(
-                model_input, timestep, cond, cache.branch, None if full else feature
-            )
-            feature = deep if full else feature
-            full_steps.append(full)
+        else:
+            prediction = cached(calls, i - start, model_input, timestep, cond)
         if request.do_cfg:
             uncond, text = prediction.chunk(2)  # (B, C, h, w) each: negatives first
             prediction = uncond + request.guidance_scale * (text - uncond)
@@ -140,9 +136,72 @@ def denoise(
             latents = _blend(latents, state, run, i, request.do_cfg)
         if trajectory is not None:
             trajectory.append(latents.detach().cpu().clone())
-    return LoopResult(
-        latents, trajectory, [float(run.timesteps[i]) for i in indices], full_steps if cache is not None else None
-    )
+    timesteps = [float(run.timesteps[i]) for i in indices]
+    return LoopResult(latents, trajectory, timesteps, cached.full_steps if cached is not None else None)
+
+
+class _CachedDenoiser:
+    """The denoiser under a step cache: what it keeps between steps, and which steps ran it whole."""
+
+    def __init__(self) -> None:
+        self.full_steps: list[bool] = []
+
+    @staticmethod
+    def for_policy(policy: CachePolicy | None) -> _CachedDenoiser | None:
+        if policy is None:
+            return None
+        return _DeepCacheRun(policy) if isinstance(policy, DeepCache) else _FirstBlockRun(policy)
+
+    def __call__(
+        self, calls: ModelCalls, step: int, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class _DeepCacheRun(_CachedDenoiser):
+    """The whole UNet on refresh steps, else its shallow path fed the kept deep feature."""
+
+    def __init__(self, policy: DeepCache):
+        super().__init__()
+        self.policy = policy
+        self.feature: torch.Tensor | None = None
+
+    def __call__(self, calls, step, sample, timestep, cond):
+        full = self.feature is None or self.policy.refresh(step)
+        prediction, deep = calls.denoiser_deepcache(
+            sample, timestep, cond, self.policy.branch, None if full else self.feature
+        )
+        if full:
+            self.feature = deep
+        self.full_steps.append(full)
+        return prediction
+
+
+class _FirstBlockRun(_CachedDenoiser):
+    """The first block every step; the blocks after it when the policy says so (their tail residual
+    kept), else that residual reused on the first block's fresh tokens. In fixed-interval mode the
+    first block runs alone only on the steps that reuse (a full step needs nothing from it)."""
+
+    def __init__(self, policy: FirstBlockCache):
+        super().__init__()
+        self.policy = policy
+        self.first_residual: torch.Tensor | None = None  # at the last step that ran every block
+        self.tail: torch.Tensor | None = None
+
+    def __call__(self, calls, step, sample, timestep, cond):
+        first = residual = None
+        if self.policy.threshold is not None:  # the decision reads its residual
+            first, residual = calls.first_block(sample, timestep, cond)
+        full = self.tail is None or self.policy.run_all(step, residual, self.first_residual)
+        self.full_steps.append(full)
+        if not full:
+            if first is None:  # fixed interval: the first block runs alone only on reusing steps
+                first, _ = calls.first_block(sample, timestep, cond)
+            assert self.tail is not None
+            return calls.denoiser_from_cache(first, self.tail, timestep, cond)
+        prediction, self.tail = calls.denoiser_with_tail(sample, timestep, cond)
+        self.first_residual = residual
+        return prediction
 
 
 def _blend(latents: torch.Tensor, state: StartState, run: SchedulerRun, i: int, do_cfg: bool) -> torch.Tensor:

@@ -52,6 +52,26 @@ class ModelCalls(Protocol):
         with it the shallow path only (the prediction, None)."""
         ...
 
+    def first_block(
+        self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """First-block cache: the transformer's first block alone -> (the image tokens after it,
+        its residual), each (B, D, h, w)."""
+        ...
+
+    def denoiser_with_tail(
+        self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """First-block cache: the whole transformer -> (its prediction, the tail residual (B, D, h, w)
+        the blocks after the first added)."""
+        ...
+
+    def denoiser_from_cache(
+        self, first: torch.Tensor, tail_residual: torch.Tensor, timestep: torch.Tensor, cond: Conditioning
+    ) -> torch.Tensor:
+        """First-block cache: the prediction from the first block's tokens plus a cached tail residual."""
+        ...
+
     def controlnet(
         self,
         name: str,

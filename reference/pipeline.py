@@ -41,7 +41,7 @@ from difflower.reference.prompts import Conditioning, TextEncoderOutput
 from difflower.reference.request import GenerateRequest, GeneratorArg, build_request
 from difflower.reference.schedulers import Scheduler, calculate_shift, load_scheduler, scheduler_by_name
 from difflower.reference.spec import PipelineSpec, spec_from_configs
-from difflower.reference.step_cache import DeepCache
+from difflower.reference.step_cache import CachePolicy, DeepCache
 
 
 class TorchModelCalls:
@@ -56,12 +56,14 @@ class TorchModelCalls:
 
     def prepare_run(self, request: GenerateRequest) -> None:
         """Eager modules take any shape and a checkpoint holds every component; a DeepCache
-        branch must exist in this UNet."""
-        if request.cache is not None:
+        branch must exist in this UNet, a first-block cache needs blocks after the first."""
+        if isinstance(request.cache, DeepCache):
             try:
                 self.components["unet"].deepcache_split(request.cache.branch)
             except ValueError as err:
                 raise ArgumentError("cache", str(err)) from None
+        elif request.cache is not None and len(self.components["transformer"].transformer_blocks) < 2:
+            raise ArgumentError("cache", "first-block needs a transformer of two blocks or more")
 
     @torch.no_grad()
     def text_encoder(self, name: str, input_ids: torch.Tensor) -> TextEncoderOutput:
@@ -79,12 +81,7 @@ class TorchModelCalls:
         self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning, residuals: Residuals | None = None
     ) -> torch.Tensor:
         if self.family == "sd3":
-            return self.components["transformer"](
-                hidden_states=sample,
-                timestep=timestep,
-                encoder_hidden_states=cond.encoder_hidden_states,
-                pooled_projections=cond.pooled_projections,
-            )[0]
+            return self.components["transformer"](*self._transformer_inputs(sample, timestep, cond))[0]
         added = _text_time(cond)
         unet = self.components["unet"]
         context = cond.encoder_hidden_states
@@ -117,6 +114,30 @@ class TorchModelCalls:
             added_cond_kwargs=added,
             timestep_cond=cond.timestep_cond,
         )
+
+    @torch.no_grad()
+    def first_block(
+        self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.components["transformer"].first_block(*self._transformer_inputs(sample, timestep, cond))
+
+    @torch.no_grad()
+    def denoiser_with_tail(
+        self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.components["transformer"].forward_with_tail(*self._transformer_inputs(sample, timestep, cond))
+
+    @torch.no_grad()
+    def denoiser_from_cache(
+        self, first: torch.Tensor, tail_residual: torch.Tensor, timestep: torch.Tensor, cond: Conditioning
+    ) -> torch.Tensor:
+        return self.components["transformer"].forward_from_cache(
+            first, tail_residual, cond.pooled_projections, timestep
+        )
+
+    @staticmethod
+    def _transformer_inputs(sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning):
+        return sample, cond.encoder_hidden_states, cond.pooled_projections, timestep
 
     @torch.no_grad()
     def controlnet(
@@ -232,7 +253,7 @@ class DiffusionPipeline:
         guess_mode: bool = False,
         control_guidance_start: float | list[float] = 0.0,
         control_guidance_end: float | list[float] = 1.0,
-        cache: str | DeepCache | None = None,
+        cache: str | CachePolicy | None = None,
         **family_options: Any,
     ) -> PipelineOutput:
         """Generate images; the task follows from the inputs (image -> img2img, image + mask -> inpaint).
@@ -246,8 +267,9 @@ class DiffusionPipeline:
         With ControlNets: `control_image` (one per ControlNet; diffusers' ControlNet txt2img
         pipelines call it `image`), `controlnet_conditioning_scale`, `guess_mode` and
         `control_guidance_start`/`_end`, with diffusers' ControlNet pipelines' defaults.
-        `cache` is a step-caching policy (`"deepcache:interval=3,branch=0"` or a
-        `step_cache.DeepCache`); the output's `full_steps` says which steps ran the whole UNet.
+        `cache` is a step-caching policy (`"deepcache:interval=3,branch=0"` for UNets,
+        `"first-block:threshold=0.1"` or `"first-block:interval=2"` for transformers, or a
+        `step_cache` policy object); the output's `full_steps` says which steps ran the whole denoiser.
         """
         request = build_request(
             self.spec,

@@ -21,7 +21,7 @@ from difflower.reference.control import ControlInputs
 from difflower.reference.images import OUTPUT_TYPES, ImageInput, OutputType, default_size, image_size
 from difflower.reference.prompts import PromptInputs, SD3Prompts, SDPrompts, SDXLPrompts, as_prompt_list, finite
 from difflower.reference.spec import PipelineSpec
-from difflower.reference.step_cache import DeepCache, parse_cache
+from difflower.reference.step_cache import CachePolicy, DeepCache, parse_cache
 
 Task = Literal["txt2img", "img2img", "inpaint"]
 GeneratorArg = torch.Generator | Sequence[torch.Generator] | None
@@ -85,7 +85,7 @@ class GenerateRequest:
     return_trajectory: bool
     progress: bool
     control: ControlInputs | None = None  # the ControlNets' images, scales and windows
-    cache: DeepCache | None = None  # a step-caching policy the loop consults each step
+    cache: CachePolicy | None = None  # a step-caching policy the loop consults each step
 
     @property
     def batch(self) -> int:
@@ -121,7 +121,7 @@ def build_request(
     guess_mode: bool = False,
     control_guidance_start: float | Sequence[float] = 0.0,
     control_guidance_end: float | Sequence[float] = 1.0,
-    cache: str | DeepCache | None = None,
+    cache: str | CachePolicy | None = None,
     **family_options: Any,
 ) -> GenerateRequest:
     """The checked request of one pipeline call (`family_options`: prompt_2, prompt_3, negative
@@ -186,12 +186,16 @@ def build_request(
             "mask_image", f"is {image_size(mask_image)} (h, w) but image is {image_size(image)}; give them one size"
         )
 
-    # 5. step caching: DeepCache splits a UNet (and not one driven by ControlNets' residuals)
+    # 5. step caching: DeepCache splits a UNet (and not one driven by ControlNets' residuals), the
+    # first-block cache a transformer
     policy = parse_cache(cache)
-    if policy is not None and spec.family == "sd3":
-        raise ArgumentError("cache", "deepcache splits a UNet; SD3 is a transformer")
-    if policy is not None and control is not None:
+    unet = spec.family != "sd3"
+    if isinstance(policy, DeepCache) and not unet:
+        raise ArgumentError("cache", "deepcache splits a UNet; SD3 is a transformer: use first-block")
+    if isinstance(policy, DeepCache) and control is not None:
         raise ArgumentError("cache", "deepcache with ControlNets is not supported yet; drop one of them")
+    if policy is not None and not isinstance(policy, DeepCache) and unet:
+        raise ArgumentError("cache", "first-block caches a transformer's blocks; for a UNet use deepcache")
 
     # A guidance-distilled UNet takes the guidance scale as an input instead: no doubled batch.
     cfg = guidance > 1.0 and spec.time_cond_proj_dim is None

@@ -262,21 +262,67 @@ class SD3Transformer2DModel(nn.Module):
     ) -> TransformerOutput | tuple[torch.Tensor]:
         """hidden_states (B, C, H, W), encoder_hidden_states (B, T, joint_dim), pooled (B, P), timestep (B,)."""
         height, width = hidden_states.shape[-2:]
-        p = self.config.patch_size
-
-        # 1. embed image patches, conditioning vector and text tokens
-        hidden_states = self.pos_embed(hidden_states)  # (B, h*w, D)
-        temb = self.time_text_embed(timestep, pooled_projections)  # (B, D)
-        encoder_hidden_states = self.context_embedder(encoder_hidden_states)  # (B, T, D)
-
-        # 2. joint blocks
+        tokens, context, temb = self._embed(hidden_states, encoder_hidden_states, pooled_projections, timestep)
         for block in self.transformer_blocks:
-            encoder_hidden_states, hidden_states = block(hidden_states, encoder_hidden_states, temb)
-
-        # 3. final modulation and unpatchify
-        hidden_states = self.proj_out(self.norm_out(hidden_states, temb))  # (B, h*w, p*p*C)
-        batch, channels = hidden_states.shape[0], self.config.out_channels
-        hidden_states = hidden_states.reshape(batch, height // p, width // p, p, p, channels)  # (B, h, w, p, p, C)
-        hidden_states = hidden_states.permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
-        output = hidden_states.reshape(batch, channels, height, width)
+            context, tokens = block(tokens, context, temb)
+        output = self._unpatchify(tokens, temb, height, width)
         return TransformerOutput(output) if return_dict else (output,)
+
+    def _embed(self, hidden_states, encoder_hidden_states, pooled_projections, timestep):
+        """Image patches (B, h*w, D), text tokens (B, T, D) and the conditioning vector (B, D)."""
+        tokens = self.pos_embed(hidden_states)
+        temb = self.time_text_embed(timestep, pooled_projections)
+        return tokens, self.context_embedder(encoder_hidden_states), temb
+
+    def _unpatchify(self, tokens: torch.Tensor, temb: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Final modulation and projection of the image tokens (B, h*w, D) -> (B, C, H, W)."""
+        p = self.config.patch_size
+        tokens = self.proj_out(self.norm_out(tokens, temb))  # (B, h*w, p*p*C)
+        batch, channels = tokens.shape[0], self.config.out_channels
+        tokens = tokens.reshape(batch, height // p, width // p, p, p, channels)  # (B, h, w, p, p, C)
+        tokens = tokens.permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
+        return tokens.reshape(batch, channels, height, width)
+
+    # -- first-block caching: the first block alone, the full pass with the tail residual, and the
+    # -- output from the first block plus a cached tail residual. Token tensors cross these calls in
+    # -- a (B, D, h, w) grid so that a graph of one part knows the image size (h = H / patch_size).
+
+    def first_block(
+        self, hidden_states, encoder_hidden_states, pooled_projections, timestep
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (the image tokens after the first block, that block's residual), both (B, D, h, w)."""
+        tokens, context, temb = self._embed(hidden_states, encoder_hidden_states, pooled_projections, timestep)
+        _, first = self.transformer_blocks[0](tokens, context, temb)
+        grid = self._grid_size(hidden_states)
+        return _to_grid(first, grid), _to_grid(first - tokens, grid)
+
+    def forward_with_tail(
+        self, hidden_states, encoder_hidden_states, pooled_projections, timestep
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole transformer -> (its prediction (B, C, H, W), the tail residual (B, D, h, w): what
+        the blocks after the first added to the image tokens), as diffusers' FirstBlockCache keeps it."""
+        height, width = hidden_states.shape[-2:]
+        tokens, context, temb = self._embed(hidden_states, encoder_hidden_states, pooled_projections, timestep)
+        context, tokens = self.transformer_blocks[0](tokens, context, temb)
+        first = tokens
+        for block in self.transformer_blocks[1:]:
+            context, tokens = block(tokens, context, temb)
+        output = self._unpatchify(tokens, temb, height, width)
+        return output, _to_grid(tokens - first, self._grid_size(hidden_states))
+
+    def forward_from_cache(self, first, tail_residual, pooled_projections, timestep) -> torch.Tensor:
+        """The prediction from the first block's tokens plus a cached tail residual (both (B, D, h, w)),
+        the blocks after the first skipped."""
+        p = self.config.patch_size
+        temb = self.time_text_embed(timestep, pooled_projections)
+        tokens = (tail_residual + first).flatten(2).transpose(1, 2)  # (B, h*w, D)
+        return self._unpatchify(tokens, temb, first.shape[2] * p, first.shape[3] * p)
+
+    def _grid_size(self, hidden_states: torch.Tensor) -> tuple[int, int]:
+        p = self.config.patch_size
+        return hidden_states.shape[-2] // p, hidden_states.shape[-1] // p
+
+
+def _to_grid(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Image tokens (B, h*w, D) -> (B, D, h, w)."""
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *grid)

@@ -28,6 +28,7 @@ from difflower.reference.prompts import Conditioning, TextEncoderOutput
 from difflower.reference.request import GenerateRequest
 from difflower.reference.schedulers import load_scheduler
 from difflower.reference.spec import PipelineSpec
+from difflower.reference.step_cache import CacheGraphs, CachePolicy, DeepCache
 from difflower.runtimes import ENGINES
 from difflower.runtimes.engine import Array, Engine, EngineInputError
 
@@ -56,7 +57,7 @@ class EngineModelCalls:
         """Refuse, before any work, a request this artifact cannot serve: a component it lacks, a
         size outside its static buckets, guidance its denoiser batch was not built for."""
         if request.cache is not None:
-            self._check_cache_graphs(request.cache.branch)
+            self._check_cache_graphs(request.cache)
         needed = self.manifest.missing_for_generation()
         if request.task != "txt2img" and "vae_encoder" not in self.engines:
             needed.append("vae_encoder")
@@ -116,18 +117,30 @@ class EngineModelCalls:
                 inputs[spec.name] = value.float() if value is not None else torch.zeros(shape)
         return self._run("unet", inputs)["out_sample"]
 
-    def _check_cache_graphs(self, branch: int) -> None:
-        built = self.engines["unet"].record.config.get("deepcache_branch") if "unet" in self.engines else None
-        if built is None or "unet_shallow" not in self.engines:
-            raise ArgumentError(
-                "cache", "this artifact has no DeepCache graphs; export it with --cache-graphs deepcache[:branch=K]"
-            )
-        if built != branch:
+    def _check_cache_graphs(self, policy: CachePolicy) -> None:
+        """Refuse a step cache this artifact has no graphs for, naming the export flag that adds them."""
+        built = self._cache_graphs()
+        if built is not None and built.serves(policy):
+            return
+        if isinstance(policy, DeepCache) and built is not None and built.kind == "deepcache":
             raise ArgumentError(
                 "cache",
-                f"this artifact's DeepCache graphs split at branch {built}; use deepcache:branch={built} "
-                f"or export with --cache-graphs deepcache:branch={branch}",
+                f"this artifact's DeepCache graphs split at branch {built.branch}; use deepcache:branch={built.branch} "
+                f"or export with --cache-graphs deepcache:branch={policy.branch}",
             )
+        wanted = "deepcache[:branch=K]" if isinstance(policy, DeepCache) else "first-block"
+        kind = "DeepCache" if isinstance(policy, DeepCache) else "first-block cache"
+        raise ArgumentError("cache", f"this artifact has no {kind} graphs; export it with --cache-graphs {wanted}")
+
+    def _cache_graphs(self) -> CacheGraphs | None:
+        """The step-cache graphs this artifact holds, from its denoiser records."""
+        if "unet" in self.engines and "unet_shallow" in self.engines:
+            branch = self.engines["unet"].record.config.get("deepcache_branch")
+            return CacheGraphs("deepcache", branch) if branch is not None else None
+        parts = ("transformer", "transformer_first", "transformer_tail")
+        if all(p in self.engines for p in parts) and self.engines["transformer"].record.config.get("first_block_cache"):
+            return CacheGraphs("first-block")
+        return None
 
     def denoiser_deepcache(
         self,
@@ -138,7 +151,6 @@ class EngineModelCalls:
         feature: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The full UNet graph (it also returns the deep feature) or the shallow one fed the feature."""
-        self._check_cache_graphs(branch)
         inputs = self._unet_inputs(sample, timestep, cond)
         if feature is None:
             out = self._run("unet", inputs)
@@ -201,13 +213,41 @@ class EngineModelCalls:
     def _transformer(
         self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning, residuals: Residuals | None = None
     ) -> torch.Tensor:
+        return self._run("transformer", self._transformer_inputs(sample, timestep, cond))["out_hidden_states"]
+
+    def first_block(
+        self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self._run("transformer_first", self._transformer_inputs(sample, timestep, cond))
+        return out["first_block_hidden"], out["first_block_residual"]
+
+    def denoiser_with_tail(
+        self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self._run("transformer", self._transformer_inputs(sample, timestep, cond))
+        return out["out_hidden_states"], out["tail_residual"]
+
+    def denoiser_from_cache(
+        self, first: torch.Tensor, tail_residual: torch.Tensor, timestep: torch.Tensor, cond: Conditioning
+    ) -> torch.Tensor:
         inputs = {
+            "first_block_hidden": first.float(),
+            "tail_residual": tail_residual.float(),
+            "pooled_projections": cond.pooled_projections.float(),
+            "timestep": timestep.float(),
+        }
+        return self._run("transformer_tail", inputs)["out_hidden_states"]
+
+    @staticmethod
+    def _transformer_inputs(
+        sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning
+    ) -> dict[str, torch.Tensor]:
+        return {
             "hidden_states": sample.float(),
             "encoder_hidden_states": cond.encoder_hidden_states.float(),
             "pooled_projections": cond.pooled_projections.float(),
             "timestep": timestep.float(),
         }
-        return self._run("transformer", inputs)["out_hidden_states"]
 
     def vae_encode(self, image: torch.Tensor) -> torch.Tensor:
         self._require("vae_encoder", "img2img and inpainting")

@@ -1,7 +1,11 @@
 """Step caching in the one loop: DeepCache on UNets against the `DeepCache` package's own helper
-(DeepCacheSDHelper, wrapping diffusers' UNet blocks) on the same tiny checkpoints."""
+(DeepCacheSDHelper, wrapping diffusers' UNet blocks), and the first-block cache on SD3 against
+diffusers' own FirstBlockCache hooks, on the same tiny checkpoints; then the cache graphs of
+artifacts against the reference's cached runs."""
 
 from __future__ import annotations
+
+import itertools
 
 import diffusers  # the oracle: missing it fails the suite, never skips it
 import numpy as np
@@ -15,7 +19,7 @@ from difflower.cli import main
 from difflower.driver import export
 from difflower.errors import ArgumentError
 from difflower.reference.pipeline import load_pipeline
-from difflower.reference.step_cache import DeepCache, parse_cache
+from difflower.reference.step_cache import CacheGraphs, DeepCache, FirstBlockCache, parse_cache, parse_cache_graphs
 from difflower.runtimes.pipeline import load_artifact
 from difflower.validate.parity import validate_artifact
 
@@ -54,10 +58,25 @@ def test_deepcache_matches_the_deepcache_package(tiny_dirs, family, interval, br
 def test_parse_cache_and_its_errors():
     assert parse_cache("deepcache") == DeepCache(3, 0)
     assert parse_cache("deepcache:interval=5,branch=2") == DeepCache(5, 2)
-    for bad in ("firstblock", "deepcache:interval=0", "deepcache:every=3", "deepcache:interval=x"):
+    assert parse_cache("first-block") == FirstBlockCache(threshold=0.05)  # diffusers' default
+    assert parse_cache("first-block:threshold=0.1") == FirstBlockCache(threshold=0.1)
+    assert parse_cache("first-block:interval=2") == FirstBlockCache(interval=2)
+    assert str(parse_cache("first-block:interval=2")) == "first-block:interval=2"
+    bad_ones = [
+        *("firstblock", "deepcache:interval=0", "deepcache:every=3", "deepcache:interval=x", "deepcache:threshold=1"),
+        *("first-block:threshold=-1", "first-block:threshold=nan", "first-block:threshold=x"),
+        *("first-block:interval=0", "first-block:branch=1", "first-block:threshold=0.1,interval=2"),
+    ]
+    for bad in bad_ones:
         with pytest.raises(ArgumentError) as err:
             parse_cache(bad)
-        assert err.value.name == "cache"
+        assert err.value.name == "cache", bad
+    assert parse_cache_graphs("deepcache:branch=2") == CacheGraphs("deepcache", 2)
+    assert parse_cache_graphs("first-block") == CacheGraphs("first-block")
+    for bad in ("first-block:interval=2", "deepcache:interval=3", "first-block:threshold=0.1", "nope"):
+        with pytest.raises(ArgumentError) as err:
+            parse_cache_graphs(bad)
+        assert err.value.name == "--cache-graphs", bad
 
 
 def test_a_branch_the_unet_lacks_is_one_line(tiny_dirs, tmp_path, capsys):
@@ -71,9 +90,86 @@ def test_a_branch_the_unet_lacks_is_one_line(tiny_dirs, tmp_path, capsys):
     assert not out.exists()
 
 
-def test_deepcache_on_sd3_is_refused(tiny_dirs):
-    with pytest.raises(ArgumentError, match="transformer"):
+def test_each_cache_on_the_other_denoiser_is_refused(tiny_dirs):
+    with pytest.raises(ArgumentError, match="SD3 is a transformer: use first-block"):
         load_pipeline(tiny_dirs["sd3"])(PROMPT, num_inference_steps=2, cache="deepcache", progress=False)
+    with pytest.raises(ArgumentError, match="for a UNet use deepcache"):
+        load_pipeline(tiny_dirs["sd"])(PROMPT, num_inference_steps=2, cache="first-block", progress=False)
+
+
+# -- the first-block cache on SD3, against diffusers' FirstBlockCache hooks ----------------------
+
+
+def _diffusers_first_block(tiny_dirs, threshold: float = 0.05, every: int | None = None):
+    """diffusers' SD3 pipeline with its own FirstBlockCache hooks on the transformer, and a list
+    that fills with the hooks' decision at each step.
+
+    Two adaptations, neither touching the algorithm: diffusers 0.42's SD3 pipeline opens no cache
+    context, so one is set for the whole run (CFG runs both halves in one call, one context, as
+    ours); and SD3's last block returns None for the text stream, which the tail hook would
+    subtract, so that block passes its text input through instead (nobody reads it). With
+    `every`, the hooks' decision is replaced by a fixed interval (the reuse stays diffusers')."""
+    from diffusers.hooks import FirstBlockCacheConfig, HookRegistry, apply_first_block_cache
+    from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+    pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(tiny_dirs["sd3"])
+    transformer = pipe.transformer
+    last, forward = transformer.transformer_blocks[-1], transformer.transformer_blocks[-1].forward
+
+    def pass_text_through(hidden_states, encoder_hidden_states, temb, *args, **kwargs):
+        context, hidden = forward(hidden_states, encoder_hidden_states, temb, *args, **kwargs)
+        return encoder_hidden_states if context is None else context, hidden
+
+    last.forward = pass_text_through
+    apply_first_block_cache(transformer, FirstBlockCacheConfig(threshold=threshold))
+    _set_cache_context(transformer, CacheContext("cond"))
+    head = HookRegistry.check_if_exists_or_initialize(transformer.transformer_blocks[0]).get_hook(
+        "fbc_leader_block_hook"
+    )
+    decisions: list[bool] = []
+    if every is not None:  # called once per step, with the step's first-block residual
+        steps = itertools.count()
+        head._should_compute_remaining_blocks = lambda _residual: next(steps) % every == 0
+
+    def record(_pipe, _i, _t, tensors):
+        decisions.append(head.state_manager.get_state().should_compute)
+        return tensors
+
+    return pipe, decisions, record
+
+
+@pytest.mark.parametrize("threshold", [0.7, 1.0])
+def test_first_block_matches_diffusers_first_block_cache(tiny_dirs, threshold):
+    """Every step's latents and the image equal diffusers' FirstBlockCache on its SD3 pipeline, with
+    the same decisions. (Random tiny weights move the first block's residual by 40-150% a step, so
+    the thresholds are high.)"""
+    pipe, decisions, record = _diffusers_first_block(tiny_dirs, threshold)
+    pipe.set_progress_bar_config(disable=True)
+    latents = []
+
+    def capture(p, i, t, tensors):
+        latents.append(tensors["latents"].clone())
+        return record(p, i, t, tensors)
+
+    theirs = pipe(PROMPT, num_inference_steps=8, callback_on_step_end=capture, output_type="np",
+                  generator=torch.Generator().manual_seed(0))  # fmt: skip
+    ours = ours_run(load_pipeline(tiny_dirs["sd3"]), PROMPT, 8, cache=f"first-block:threshold={threshold}",
+                    generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert ours.full_steps == decisions and 1 < sum(decisions) < len(decisions) - 1
+    assert_same(ours, theirs.images, latents)
+
+
+def test_first_block_fixed_interval_reuses_as_diffusers_does(tiny_dirs):
+    """Fixed-interval mode: every third step runs every block; the others reuse the tail residual
+    exactly as diffusers' hooks do when they decide to skip."""
+    pipe, decisions, record = _diffusers_first_block(tiny_dirs, every=3)
+    images, latents = diffusers_run(pipe, PROMPT, 7, generator=torch.Generator().manual_seed(0))
+    sd3 = load_pipeline(tiny_dirs["sd3"])
+    ours = ours_run(sd3, PROMPT, 7, cache="first-block:interval=3", generator=torch.Generator().manual_seed(0))
+    assert ours.full_steps == [i % 3 == 0 for i in range(7)]
+    assert_same(ours, images, latents)
+    plain = ours_run(sd3, PROMPT, 7, generator=torch.Generator().manual_seed(0))
+    assert np.abs(plain.images - ours.images).max() > 1e-4  # the reusing steps really skipped blocks
 
 
 # -- artifacts: the graphs DeepCache needs, on every backend that runs here ----------------------
@@ -133,3 +229,59 @@ def test_cache_errors_name_the_flag(tiny_dirs, sd_onnx, tmp_path, capsys):
         err_text = capsys.readouterr().err
         assert expected in err_text and len(err_text.strip().splitlines()) == 1, err_text
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.png").exists()
+
+
+# -- artifacts: the first-block cache's graphs ----------------------------------------------------
+
+
+@pytest.mark.parametrize("backend,static", [("onnx", []), ("openvino", ["1x64x64"]), ("torchscript", [])])
+def test_first_block_runs_on_artifacts_equal_the_reference(tiny_dirs, tmp_path, backend, static):
+    """--cache-graphs first-block: the transformer also returns its tail residual, the first block
+    and the tail are graphs of their own; cached runs in both modes make the reference's
+    decisions, latents within the fp32 gates."""
+    out = tmp_path / backend
+    manifest = export(tiny_dirs["sd3"], backend, out, cache_graphs="first-block", static=static, progress=False)
+    assert [t.name for t in manifest.components["transformer"].outputs] == ["out_hidden_states", "tail_residual"]
+    first, tail = manifest.components["transformer_first"], manifest.components["transformer_tail"]
+    assert [t.name for t in first.outputs] == ["first_block_hidden", "first_block_residual"]
+    assert [t.name for t in tail.inputs][:2] == ["first_block_hidden", "tail_residual"]
+    assert all(r.parity.passed for r in manifest.components.values())
+    eager, artifact = load_pipeline(tiny_dirs["sd3"]), load_artifact(out)
+    for policy in ("first-block:threshold=1.0", "first-block:interval=3"):
+        a, e = assert_run_matches(eager, artifact, prompt=PROMPT, num_inference_steps=8, cache=policy, progress=False)
+        assert a.full_steps == e.full_steps and 1 < sum(a.full_steps) < len(a.full_steps) - 1, policy
+    plain = artifact(PROMPT, num_inference_steps=8, seed=11, output_type="np", progress=False)
+    assert np.abs(plain.images - a.images).max() > 1e-4  # the plain run ignores the extra output
+
+
+def test_first_block_validate_and_errors(tiny_dirs, tmp_path, capsys):
+    """validate gates on the same decisions; a cache the artifact has no graphs for, or one for the
+    other kind of denoiser, is one line naming the flag, and nothing is written."""
+    sd3 = str(tiny_dirs["sd3"])
+    export(sd3, "onnx", tmp_path / "art", cache_graphs="first-block", progress=False)
+    report = validate_artifact(tmp_path / "art", sd3, steps=5, cache="first-block:interval=2")
+    assert report.passed and report.cache["passed"]
+    assert report.cache["full_steps"] == report.cache["reference_full_steps"] == [True, False, True, False, True]
+    policy = "first-block:interval=2"
+    assert main(["generate", str(tmp_path / "art"), "--prompt", "x", "--steps", "5", "--cache", policy,
+                 "-o", str(tmp_path / "x.png")]) == 0  # fmt: skip
+    assert "3 of them with the whole transformer (first-block:interval=2)" in capsys.readouterr().out
+    export(sd3, "onnx", tmp_path / "plain", components=["transformer"], progress=False)
+    x = str(tmp_path / "y")
+    cases = [
+        (["export", str(tiny_dirs["sd"]), "--backend", "onnx", "--cache-graphs", "first-block", "--out", x],
+         "argument --cache-graphs: first-block caches a transformer's blocks; for a UNet use deepcache"),
+        (["export", sd3, "--backend", "onnx", "--cache-graphs", "first-block:interval=2", "--out", x],
+         "argument --cache-graphs: takes deepcache[:branch=K] or first-block"),
+        (["generate", str(tmp_path / "plain"), "--prompt", "x", "--cache", "first-block", "-o", x + ".png"],
+         "argument --cache: this artifact has no first-block cache graphs; export it with --cache-graphs first-block"),
+        (["generate", str(tmp_path / "art"), "--prompt", "x", "--cache", "deepcache", "-o", x + ".png"],
+         "argument --cache: deepcache splits a UNet; SD3 is a transformer: use first-block"),
+        (["generate", sd3, "--prompt", "x", "--cache", "first-block:threshold=0.1,interval=2", "-o", x + ".png"],
+         "argument --cache: first-block takes threshold=T or interval=N, not both"),
+    ]  # fmt: skip
+    for args, expected in cases:
+        assert main(args) == 2
+        err_text = capsys.readouterr().err
+        assert expected in err_text and len(err_text.strip().splitlines()) == 1, err_text
+    assert not (tmp_path / "y").exists() and not (tmp_path / "y.png").exists()
