@@ -49,6 +49,8 @@ ComponentKind = Literal[
     "vae_decoder",
     "controlnet",
 ]
+# Every kind that is (part of) the denoiser: what fuse_qkv, int8 calibration and CFG batching reach.
+DENOISERS = ("unet", "unet_shallow", "transformer", "transformer_first", "transformer_tail")
 # How many times the down path can halve a latent size (the residual shapes' symbolic dims).
 MAX_HALVINGS = 4
 

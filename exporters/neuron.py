@@ -47,7 +47,7 @@ import torch
 from difflower.artifact import formats
 from difflower.artifact.formats import NEURON_FILE as FILE
 from difflower.artifact.manifest import lora_records, sha256_file
-from difflower.artifact.specs import ComponentSpec, load_export_module
+from difflower.artifact.specs import DENOISERS, ComponentSpec, load_export_module
 from difflower.errors import ArgumentError, DifflowerError
 from difflower.exporters.common import ComponentExport, ExportOptions
 from difflower.exporters.torchscript import check_traced_options
@@ -61,7 +61,6 @@ log = logging.getLogger(__name__)
 AUTO_CAST = {"none": "none", "matmul": "matmult", "all": "all"}
 AUTO_CAST_TYPES = ("bf16", "fp16", "tf32")
 OPTIONS = ("auto_cast", "auto_cast_type", "compile_cache")
-DENOISERS = ("unet", "transformer")
 DEFAULT_CACHE = Path.home() / ".cache" / "difflower" / "neuron-compile"
 
 # (module, example inputs, compiler args, work folder) -> the compiled TorchScript module
@@ -115,7 +114,7 @@ def cast_settings(precision: str, extra: dict[str, Any]) -> CastSettings:
 
 def model_type(spec: ComponentSpec) -> str:
     """neuronx-cc's `--model-type` hint, as optimum-neuron picks it for diffusers' components."""
-    if spec.kind == "transformer" or spec.class_name.startswith("CLIP"):
+    if spec.kind.startswith("transformer") or spec.class_name.startswith("CLIP"):
         return "transformer"
     return "unet-inference"  # UNet, VAE and (as optimum-neuron found best) the T5 encoder
 

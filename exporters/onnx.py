@@ -18,7 +18,7 @@ from difflower.artifact.formats import ONNX_FILE, consolidate_external_data
 from difflower.artifact.specs import ComponentSpec
 from difflower.errors import ArgumentError
 from difflower.exporters.common import ComponentExport, ExportOptions
-from difflower.graph_passes.calibration import CALIBRATED, DENOISERS, denoiser_calibration
+from difflower.graph_passes.calibration import CALIBRATED, QUANTIZED_DENOISERS, denoiser_calibration
 from difflower.graph_passes.fp16 import convert_fp16, select_islands
 from difflower.graph_passes.onnx_quantize import ONNX_QUANTIZE_MODES, quantize_applies, quantize_onnx
 from difflower.graph_passes.static_shapes import static_shapes
@@ -103,7 +103,7 @@ class OnnxExporter:
         quantize = options.extra.get("quantize")
         if quantize is not None and quantize_applies(quantize, spec.kind):
             dataset = None
-            if quantize == "int8" and spec.kind in DENOISERS:
+            if quantize == "int8" and spec.kind in QUANTIZED_DENOISERS:
                 dataset = denoiser_calibration(options, spec)
             # The reference's weights are not needed past this point; free them before the
             # quantizer and its calibration session load their own copies (SD1.5: 3.4 GB each).

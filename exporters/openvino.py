@@ -22,7 +22,7 @@ from difflower.artifact.formats import OPENVINO_FILE as XML
 from difflower.artifact.specs import ComponentSpec
 from difflower.errors import ArgumentError
 from difflower.exporters.common import ComponentExport, ExportOptions
-from difflower.graph_passes.calibration import CALIBRATED, denoiser_calibration
+from difflower.graph_passes.calibration import CALIBRATED, QUANTIZED_DENOISERS, denoiser_calibration
 from difflower.graph_passes.openvino_compression import QUANTIZE_MODES, compress_component, compression_applies
 from difflower.reference.loading import ModelIndex
 
@@ -110,7 +110,7 @@ class OpenVINOExporter:
         passes = []
         if quantize is not None and compression_applies(quantize, spec.kind):
             dataset = None
-            if quantize == "int8" and spec.kind in ("unet", "transformer"):
+            if quantize == "int8" and spec.kind in QUANTIZED_DENOISERS:
                 dataset = denoiser_calibration(options, spec)
             model, result = compress_component(model, spec.kind, quantize, dataset)
             passes.append(result)

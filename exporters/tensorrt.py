@@ -36,7 +36,7 @@ from difflower.errors import ArgumentError
 from difflower.exporters.common import ComponentExport, ExportOptions
 from difflower.exporters.onnx import OnnxExporter
 from difflower.graph_passes.base import PassDidNotFire, PassResult
-from difflower.graph_passes.calibration import CALIBRATED, DENOISERS, denoiser_calibration
+from difflower.graph_passes.calibration import CALIBRATED, QUANTIZED_DENOISERS, denoiser_calibration
 from difflower.graph_passes.tensorrt_sanitize import sanitize_for_tensorrt
 from difflower.reference.loading import ModelIndex, read_vae_config
 
@@ -227,12 +227,12 @@ class TensorRTExporter:
         onnx_options = replace(options, precision="fp16" if options.precision == "fp16" else "fp32", extra={})
         written = OnnxExporter().export_component(module, inputs, spec, folder, onnx_options)
         passes = [*written.passes, sanitize_for_tensorrt(folder / "model.onnx")]
-        if quantize is not None and spec.kind in DENOISERS:
+        if quantize is not None and spec.kind in QUANTIZED_DENOISERS:
             dataset = denoiser_calibration(options, spec)
             passes.append(modelopt_quantize(folder / "model.onnx", quantize, dataset))
         factor = _vae_factor(options)
         profiles = optimization_profiles(spec, options.plan.buckets, options.cfg, factor)
-        flags = builder_flags(options.precision, quantize if spec.kind in DENOISERS else None)
+        flags = builder_flags(options.precision, quantize if spec.kind in QUANTIZED_DENOISERS else None)
         gpu, capability = _gpu_facts()
         key = engine_cache_key(
             onnx_files(folder),

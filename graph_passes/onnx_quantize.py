@@ -37,7 +37,7 @@ import numpy as np
 
 from difflower.artifact.formats import ONNX_DATA, consolidate_external_data
 from difflower.graph_passes.base import PassDidNotFire, PassResult, quieter
-from difflower.graph_passes.calibration import DENOISERS
+from difflower.graph_passes.calibration import DENOISERS, QUANTIZED_DENOISERS
 
 ONNX_QUANTIZE_MODES = ("int8-weight", "int8")
 # Denoiser scopes kept in float (see the module docstring), by node-name fragment.
@@ -46,7 +46,7 @@ SENSITIVE_SCOPES = ("/conv_in/", "/conv_out/", "/time_embedding/", "/add_embeddi
 
 def quantize_applies(mode: str, kind: str) -> bool:
     """Which components a mode touches: the denoiser and text encoders (never the VAE)."""
-    return kind in DENOISERS or kind == "text_encoder"
+    return kind in QUANTIZED_DENOISERS or kind == "text_encoder"
 
 
 def _excluded(model, kind: str, op_types: tuple[str, ...]) -> dict[str, str]:
@@ -126,7 +126,7 @@ def quantize_onnx(path: Path, kind: str, mode: str, dataset: list[dict[str, np.n
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     external = (path.parent / ONNX_DATA).exists()
-    static = mode == "int8" and kind in DENOISERS
+    static = mode == "int8" and kind in QUANTIZED_DENOISERS
     op_types = ("Conv", "MatMul") if static else ("MatMul",)
     model = onnx.load(str(path), load_external_data=False)
     excluded = _excluded(model, kind, op_types)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from difflower.graph_passes.base import PassDidNotFire, PassResult, quieter
-from difflower.graph_passes.calibration import DENOISERS
+from difflower.graph_passes.calibration import DENOISERS, QUANTIZED_DENOISERS
 
 QUANTIZE_MODES = ("int8-weight", "int4-weight", "int8")
 
@@ -68,7 +68,7 @@ def _compress(model, kind: str, mode: str, dataset: list[dict[str, np.ndarray]] 
             model, mode=nncf.CompressWeightsMode.INT4_SYM, group_size=64, ratio=1.0, advanced_parameters=adjust
         )
         settings.update(weights="int4 symmetric, groups of 64 (smaller where 64 does not divide)")
-    elif mode == "int8" and kind in DENOISERS:
+    elif mode == "int8" and kind in QUANTIZED_DENOISERS:
         if not dataset:
             raise PassDidNotFire(f"openvino int8: no calibration samples for the {kind}")
         from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix

@@ -28,6 +28,7 @@ from difflower.artifact import formats
 from difflower.artifact.formats import NEURON_FILE as FILE
 from difflower.artifact.formats import load_traced
 from difflower.artifact.manifest import ComponentRecord
+from difflower.artifact.specs import DENOISERS
 from difflower.errors import ArgumentError
 from difflower.runtimes.engine import flag_option, refuse_options
 from difflower.runtimes.torchscript_engine import TorchScriptEngine
@@ -88,7 +89,7 @@ class CfgSplit:
 def cores_for(record: ComponentRecord, data_parallel: bool) -> list[int]:
     """The NeuronCores `record`'s replicas go on: two for a split denoiser with data parallelism."""
     halves = int(record.config.get("cfg_halves", 1))
-    if not data_parallel or record.kind not in ("unet", "transformer"):
+    if not data_parallel or record.kind not in DENOISERS:
         return [0]
     if halves != 2:
         raise ArgumentError(

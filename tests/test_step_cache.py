@@ -285,3 +285,35 @@ def test_first_block_validate_and_errors(tiny_dirs, tmp_path, capsys):
         err_text = capsys.readouterr().err
         assert expected in err_text and len(err_text.strip().splitlines()) == 1, err_text
     assert not (tmp_path / "y").exists() and not (tmp_path / "y.png").exists()
+
+
+# -- int8: the cache graphs are calibrated on what they see in a cached run ---------------------
+
+
+@pytest.mark.parametrize(
+    "family,backend,graphs,policy",
+    [
+        ("sd", "openvino", "deepcache", "deepcache:interval=2"),
+        ("sd3", "onnx", "first-block", "first-block:interval=2"),
+    ],
+)
+def test_int8_calibrates_the_cache_graphs(tiny_dirs, tmp_path, family, backend, graphs, policy):
+    """DeepCache's shallow UNet gets int8 activations calibrated on the cached steps (fed the kept
+    feature), the first block alone on the transformer's inputs; the first-block tail (the output
+    head only) stays in float. The cached run meets the int8 gates with the reference's decisions."""
+    out = tmp_path / "int8"
+    static = ["1x64x64"] if backend == "openvino" else []
+    manifest = export(tiny_dirs[family], backend, out, cache_graphs=graphs, quantize="int8", static=static,
+                      calibration_prompts=2, calibration_steps=4, progress=False)  # fmt: skip
+    passes = {p["component"]: p for p in manifest.passes if p["name"] in ("openvino_compression", "onnx_quantize")}
+    calibrated = ["unet", "unet_shallow"] if graphs == "deepcache" else ["transformer", "transformer_first"]
+    for name in calibrated:
+        assert passes[name]["settings"]["calibration_samples"] > 0, name
+    if graphs == "deepcache":  # 2 prompts x the 2 cached steps of 4 at interval 2
+        assert passes["unet_shallow"]["settings"]["calibration_samples"] == 4
+        assert passes["unet_shallow"]["rewrites"]["int8 activation quantizers"] > 0
+    else:
+        assert "transformer_tail" not in passes
+        assert manifest.components["transformer"].parity.outputs["tail_residual"].gate.startswith("no NaN/Inf")
+    report = validate_artifact(out, tiny_dirs[family], steps=6, cache=policy)
+    assert report.passed and report.cache["passed"] and report.final_latents["gate"] == "PSNR >= 25 dB"

@@ -32,9 +32,17 @@ def _psnr_at_least(metrics: Metrics, floor: float) -> bool:
     return metrics.nonfinite == 0 and (metrics.psnr is None or metrics.psnr >= floor)
 
 
-def component_verdict(precision: Precision, kind: str, metrics: Metrics) -> Verdict:
-    """Component parity: one exported component vs the reference module on seeded inputs."""
+# Step-cache outputs that are differences of two nearly equal hidden states (a block's input and
+# output): int8's error on both lands on a small signal, so their own PSNR says little. In int8
+# they are held to finite values only; `validate --cache` gates the cached run they feed.
+RESIDUAL_OUTPUTS = ("tail_residual", "first_block_residual")
+
+
+def component_verdict(precision: Precision, kind: str, metrics: Metrics, output: str = "") -> Verdict:
+    """Component parity: one exported component's `output` vs the reference module's on seeded inputs."""
     level = precision_class(precision)
+    if level == "low" and output in RESIDUAL_OUTPUTS:
+        return Verdict(metrics.nonfinite == 0, "no NaN/Inf (a cache residual in int8: validate --cache gates its run)")
     if level == "fp32":
         # VAE: many wide convolutions accumulate in a different order on every backend.
         bound = 3e-4 if kind in VAE_KINDS else 1e-4

@@ -62,7 +62,7 @@ def component_parity(
     outputs = {}
     for spec, reference in zip(engine.outputs, expected, strict=True):
         metrics = compare(got[spec.name], reference)
-        verdict = component_verdict(precision, kind, metrics)
+        verdict = component_verdict(precision, kind, metrics, spec.name)
         outputs[spec.name] = OutputParity(**metrics.to_json(), gate=verdict.gate, passed=verdict.passed)
     return ComponentParity.of_outputs(outputs, {"engine": engine.backend, **(settings or {})})
 
