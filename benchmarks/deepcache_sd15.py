@@ -6,7 +6,8 @@
 1. Exports (cached in $DIFFLOWER_BENCH_DIR), each with `--cache-graphs deepcache` (the UNet also
    returns the deep feature of skip branch 0; `unet_shallow` is the shallow path):
    ONNX Runtime dynamic, OpenVINO static 1x512x512, OpenVINO static 1x512x512 + hybrid int8
-   (calibrated on --calibration-prompts x 5 steps of the prompt set; the shallow graph stays fp32).
+   (calibrated on --calibration-prompts x 5 steps of the prompt set: the UNet on an uncached run,
+   the shallow graph on the cached steps of a deepcache:interval=2 run).
 2. Per engine (the eager reference first, then one artifact at a time), one process, same prompt
    and seed, PNDM at guidance 7.5 (21 UNet calls of batch 2 for 20 steps): one untimed 2-step
    warm-up, then the uncached and the `deepcache:interval=3` run interleaved (difflower.validate.
@@ -74,6 +75,9 @@ def exported(source: Path, folder: Path, backend: str, options: dict[str, Any]) 
         manifest = Manifest.read(folder)
         if set(manifest.components) != set(COMPONENTS):
             raise DifflowerError("another export")
+        calibrated = {p["component"] for p in manifest.passes if "calibration_samples" in p.get("settings", {})}
+        if options.get("quantize") == "int8" and "unet_shallow" not in calibrated:
+            raise DifflowerError("an int8 export from before the shallow graph was calibrated")
     except DifflowerError:
         print(f"exporting {folder.name} ...", flush=True)
         run = partial(export, source, backend, folder, components=COMPONENTS, cache_graphs="deepcache", **options)
