@@ -142,6 +142,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--interval", type=int, default=3)
     parser.add_argument("--calibration-prompts", type=int, default=2, help="int8: prompts x 5 steps to calibrate on")
+    parser.add_argument(
+        "--engines", nargs="+", default=None, help="artifacts to measure beside eager (default: all three)"
+    )
     parser.add_argument("--tiny", action="store_true", help="smoke test on a tiny checkpoint in a temp folder")
     parser.add_argument("--out", type=Path, default=None, help="result JSON (default: results/deepcache-sd15.json)")
     args = parser.parse_args()
@@ -152,6 +155,7 @@ def main() -> None:
         exports = {
             name: exported(source, root / f"{source.name}-deepcache-{name}", backend, options)
             for name, (backend, options) in artifacts(size, args.calibration_prompts).items()
+            if args.engines is None or name in args.engines
         }
         gc.collect()
         eager = difflower.load(source)

@@ -1,7 +1,7 @@
 """The first-block cache on a real-width SD3 transformer (issue 20): what a reusing step costs
 against a full one, per engine.
 
-    python benchmarks/first_block_sd3.py [--layers 6] [--size 1024] [--steps 20] [--runs 3]
+    python benchmarks/first_block_sd3.py [--layers 6] [--size 512] [--steps 20] [--runs 1]
     python benchmarks/first_block_sd3.py --tiny   # smoke test: a tiny checkpoint (seconds)
 
 The checkpoint is SD3-medium's published config with random weights (real width: 24 heads of
@@ -13,7 +13,7 @@ issue's "reduced depth"; 24 in the real model) to fit exports and runs in this m
    `transformer_tail` (the output head fed the first block plus a cached tail residual), and the
    two CLIP encoders: ONNX Runtime dynamic, OpenVINO static 1xSIZExSIZE.
 2. Per engine (eager first, then one artifact at a time), one process, batch 2 (CFG):
-   - per call, interleaved, median of --runs: the full transformer, the first block, the tail;
+   - per call, interleaved, median of 3: the full transformer, the first block, the tail;
    - the denoising loop end to end (text encoding + --steps FlowMatch Euler steps, latents out,
      no VAE decode) uncached, with `first-block:interval=2` and with `first-block:interval=3`,
      interleaved, median of --runs (1 with --tiny).
@@ -120,14 +120,14 @@ def measure(name: str, pipe: Any, size: int, steps: int, runs: int) -> dict:
     sample, timestep, cond = one_step_inputs(pipe, size)
     first, _ = calls.first_block(sample, timestep, cond)
     _, tail = calls.denoiser_with_tail(sample, timestep, cond)
-    print(f"{name}: per call, {runs} run(s) each ...", flush=True)
+    print(f"{name}: per call, 3 runs each ...", flush=True)
     per_call = interleaved(
         {
             "full": lambda: calls.denoiser_with_tail(sample, timestep, cond),
             "first_block": lambda: calls.first_block(sample, timestep, cond),
             "tail": lambda: calls.denoiser_from_cache(first, tail, timestep, cond),
         },
-        runs,
+        3,
     )
     base = dict(prompt=PROMPT, num_inference_steps=steps, seed=0, height=size, width=size, output_type="latent",
                 progress=False)  # fmt: skip
@@ -174,14 +174,14 @@ def markdown(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=6, help="joint blocks of the transformer (24 in SD3-medium)")
-    parser.add_argument("--size", type=int, default=None, help="image size (default: 1024; --tiny: 64)")
+    parser.add_argument("--size", type=int, default=None, help="image size (default: 512; --tiny: 64)")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--runs", type=int, default=3, help="timed runs of each (median reported)")
+    parser.add_argument("--runs", type=int, default=1, help="timed runs of each loop (median reported)")
     parser.add_argument("--tiny", action="store_true", help="smoke test on a tiny checkpoint in a temp folder")
     parser.add_argument("--out", type=Path, default=None, help="result JSON (default: results/first-block-sd3.json)")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    size = args.size or (64 if args.tiny else 1024)
+    size = args.size or (64 if args.tiny else 512)
     runs = 1 if args.tiny else args.runs
     with tempfile.TemporaryDirectory(prefix="difflower-first-block-") as scratch:
         root = Path(scratch) if args.tiny else CACHE

@@ -112,7 +112,7 @@ def denoise(
     blend = request.task == "inpaint" and spec.denoiser_in_channels == spec.latent_channels
     concat_mask = request.task == "inpaint" and not blend
     indices = range(start, len(run.timesteps))
-    cached = _CachedDenoiser.for_policy(request.cache)
+    cached = _CachedDenoiser.for_policy(request.cache, len(indices))
     for i in tqdm(indices, disable=not request.progress, desc=f"{spec.family} {request.task}", leave=False):
         t = run.timesteps[i]
         model_input = torch.cat([latents] * 2) if request.do_cfg else latents  # (2B or B, C, h, w)
@@ -147,10 +147,11 @@ class _CachedDenoiser:
         self.full_steps: list[bool] = []
 
     @staticmethod
-    def for_policy(policy: CachePolicy | None) -> _CachedDenoiser | None:
+    def for_policy(policy: CachePolicy | None, steps: int) -> _CachedDenoiser | None:
+        """The cached denoiser of a run of `steps` steps under `policy` (None: uncached)."""
         if policy is None:
             return None
-        return _DeepCacheRun(policy) if isinstance(policy, DeepCache) else _FirstBlockRun(policy)
+        return _DeepCacheRun(policy, steps) if isinstance(policy, DeepCache) else _FirstBlockRun(policy)
 
     def __call__(
         self, calls: ModelCalls, step: int, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning
@@ -161,13 +162,14 @@ class _CachedDenoiser:
 class _DeepCacheRun(_CachedDenoiser):
     """The whole UNet on refresh steps, else its shallow path fed the kept deep feature."""
 
-    def __init__(self, policy: DeepCache):
+    def __init__(self, policy: DeepCache, steps: int):
         super().__init__()
         self.policy = policy
+        self.refresh = set(policy.refresh_steps(steps))
         self.feature: torch.Tensor | None = None
 
     def __call__(self, calls, step, sample, timestep, cond):
-        full = self.feature is None or self.policy.refresh(step)
+        full = self.feature is None or step in self.refresh
         prediction, deep = calls.denoiser_deepcache(
             sample, timestep, cond, self.policy.branch, None if full else self.feature
         )

@@ -196,6 +196,8 @@ def build_request(
         raise ArgumentError("cache", "deepcache with ControlNets is not supported yet; drop one of them")
     if policy is not None and not isinstance(policy, DeepCache) and unet:
         raise ArgumentError("cache", "first-block caches a transformer's blocks; for a UNet use deepcache")
+    if isinstance(policy, DeepCache):
+        policy.refresh_steps(steps)  # a non-uniform schedule this run cannot have: refused before any work
 
     # A guidance-distilled UNet takes the guidance scale as an input instead: no doubled batch.
     cfg = guidance > 1.0 and spec.time_cond_proj_dim is None

@@ -5,7 +5,9 @@
 between run only the shallow path (the first layers of the down path and the matching last
 layers of the up path) fed with that feature. The split is the UNet's own
 (`UNet2DConditionModel.deepcache_split`); the policy only decides which steps refresh, counting
-the steps of the run (so img2img's first step refreshes, as in DeepCache's helper).
+the steps of the run (so img2img's first step refreshes, as in DeepCache's helper). With a
+`center`, the refresh steps follow the paper's non-uniform schedule instead (as many, crowded
+around that step by a power curve; `quadratic_refresh_steps`).
 
 `FirstBlockCache` (ParaAttention's first-block cache, diffusers' `FirstBlockCacheConfig`), for
 transformers: every step runs the first block; the blocks after it run only when the first
@@ -18,33 +20,74 @@ residual they added last time is reused.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
 from difflower.errors import ArgumentError
 
 CACHE_KINDS = ("deepcache", "first-block")
-USAGE = "deepcache[:interval=N,branch=K] or first-block[:threshold=T | :interval=N]"
+DEFAULT_POWER = 1.2  # DeepCache's sample_from_quad_center default
+USAGE = "deepcache[:interval=N,branch=K,center=C,pow=P] or first-block[:threshold=T | :interval=N]"
 
 
 @dataclass(frozen=True)
 class DeepCache:
-    """Refresh the deep feature every `interval` steps; `branch` is DeepCache's cache_branch_id."""
+    """Refresh the deep feature every `interval` steps; `branch` is DeepCache's cache_branch_id.
+
+    With `center`, the paper's non-uniform schedule instead: as many refresh steps as the uniform
+    one has, spaced by a power curve (`power`) so they crowd around step `center`."""
 
     interval: int = 3
     branch: int = 0
+    center: int | None = None
+    power: float | None = None  # the curve's power (DeepCache's default 1.2); needs `center`
 
     def __post_init__(self) -> None:
         _require_int(self, "interval", 1)
         _require_int(self, "branch", 0)
+        if self.center is not None:
+            _require_int(self, "center", 1)
+        elif self.power is not None:
+            raise ArgumentError("cache", "deepcache pow shapes the non-uniform schedule: give center=C too")
+        power = self.power
+        if power is not None and (isinstance(power, bool) or not isinstance(power, int | float) or not 1 < power < 16):
+            raise ArgumentError("cache", f"deepcache pow must be a number in (1, 16), got {power!r}")
 
-    def refresh(self, step: int) -> bool:
-        """Whether the whole UNet runs at `step` (0-based within the run)."""
-        return step % self.interval == 0
+    def refresh_steps(self, steps: int) -> list[int]:
+        """The steps (0-based within a run of `steps`) on which the whole UNet runs."""
+        if self.center is None or self.interval == 1:
+            return list(range(0, steps, self.interval))
+        count = -(-steps // self.interval)  # as many as the uniform schedule has
+        return quadratic_refresh_steps(steps, count, self.center, self.power or DEFAULT_POWER)
 
     def __str__(self) -> str:
-        return f"deepcache:interval={self.interval},branch={self.branch}"
+        text = f"deepcache:interval={self.interval},branch={self.branch}"
+        return text if self.center is None else f"{text},center={self.center},pow={self.power or DEFAULT_POWER:g}"
+
+
+def quadratic_refresh_steps(steps: int, count: int, center: int, power: float) -> list[int]:
+    """DeepCache's non-uniform schedule (its `sample_from_quad_center`): `count` refresh steps of
+    `steps`, step 0 and the points of a power curve through `center`, lowering the power by 0.02
+    until the curve yields `count` distinct steps.
+
+    The curve runs between (-center)^(1/power) and (steps - center)^(1/power); the first is a
+    fractional power of a negative number, which DeepCache's code takes as a complex number, and
+    the steps are the real parts of the curve, truncated. That arithmetic is reproduced here so
+    that the schedule is the published one."""
+    trial = power
+    while trial > 1:
+        ends = complex(-center) ** (1 / trial), complex(steps - center) ** (1 / trial)
+        curve = np.linspace(ends[0], ends[1], count + 1) ** trial
+        offsets = np.unique(curve.real.astype(np.int32))[1:-1]
+        chosen = [0, *(int(offset) + center for offset in offsets)]
+        if len(chosen) == count:
+            return sorted(chosen)
+        trial -= 0.02
+    raise ArgumentError(
+        "cache", f"deepcache center={center}: no power curve gives {count} refresh steps of {steps}; move the center"
+    )
 
 
 @dataclass(frozen=True)
@@ -94,15 +137,20 @@ def parse_cache(value: str | CachePolicy | None) -> CachePolicy | None:
         raise ArgumentError("cache", f"must be a string such as 'deepcache:interval=3', got {type(value).__name__}")
     kind, settings = _parse(value)
     if kind == "deepcache":
-        return DeepCache(**_ints(settings, ("interval", "branch"), kind))
+        power = _number(settings.pop("pow", None), "pow")
+        policy = DeepCache(**_ints(settings, ("interval", "branch", "center"), kind))
+        return policy if power is None else replace(policy, power=power)
     if set(settings) - {"threshold", "interval"}:
         raise ArgumentError("cache", f"expected threshold=T or interval=N after 'first-block:', got {value!r}")
-    threshold = settings.pop("threshold", None)
+    threshold = _number(settings.pop("threshold", None), "threshold")
+    return FirstBlockCache(threshold=threshold, **_ints(settings, ("interval",), kind))
+
+
+def _number(text: str | None, key: str) -> float | None:
     try:
-        number = float(threshold) if threshold is not None else None
+        return float(text) if text is not None else None
     except ValueError:
-        raise ArgumentError("cache", f"threshold must be a number, got {threshold!r}") from None
-    return FirstBlockCache(threshold=number, **_ints(settings, ("interval",), kind))
+        raise ArgumentError("cache", f"{key} must be a number, got {text!r}") from None
 
 
 @dataclass(frozen=True)

@@ -162,3 +162,13 @@ def test_cuda_packages_meet_their_gates_on_the_gpu(tiny_dirs, tmp_path, precisio
     assert validate_artifact(out, tiny_dirs["sd"], steps=2, device="cuda").passed
     with pytest.raises(ArgumentError, match=r"compiled for cuda; a package runs where it was compiled for"):
         make_engines(manifest, out, device="cpu")
+
+
+@pytest.mark.slow
+def test_first_block_cache_graphs_run_the_references_cached_steps(tiny_dirs, tmp_path):
+    """--cache-graphs first-block as AOTInductor packages: a cached run makes the reference's decisions."""
+    out = tmp_path / "sd3"
+    manifest = export(tiny_dirs["sd3"], "aoti", out, cache_graphs="first-block", progress=False)
+    assert all(r.parity.passed for r in manifest.components.values())
+    report = validate_artifact(out, tiny_dirs["sd3"], steps=5, cache="first-block:interval=2")
+    assert report.passed and report.cache["passed"] and report.cache["full_steps"].count(False) == 2

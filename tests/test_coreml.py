@@ -241,3 +241,23 @@ def test_macos_prediction_meets_the_fp16_gates(tiny_dirs, tmp_path, family):
     report = validate_artifact(tmp_path / family, tiny_dirs[family], steps=4)
     assert report.passed, report
     assert Manifest.read(tmp_path / family).precision == "fp16"
+
+
+@pytest.mark.parametrize(
+    "family,graphs,parts",
+    [("sd", "deepcache", ["unet", "unet_shallow"]), ("sd3", "first-block", ["transformer_first", "transformer_tail"])],
+)
+def test_cache_graphs_convert_with_their_extra_inputs_and_outputs(tiny_dirs, tmp_path, family, graphs, parts):
+    """--cache-graphs on Core ML: the step cache's graphs convert, their traced modules equal the
+    reference, and the packages declare the cache tensors (prediction itself needs macOS)."""
+    manifest = export(tiny_dirs[family], "coreml", tmp_path / "art", cache_graphs=graphs, components=parts,
+                      progress=False)  # fmt: skip
+    for name in parts:
+        record = manifest.components[name]
+        spec = ct.utils.load_spec(str(tmp_path / "art" / name / FILE))
+        assert [i.name for i in spec.description.input] == [t.name for t in record.inputs]
+        assert {o.name for o in spec.description.output} == {coreml_name(t.name) for t in record.outputs}
+        assert record.config["torch_parity_max_abs"] <= 1e-5
+    cache_tensors = {"deepcache_feature", "first_block_hidden", "first_block_residual"}
+    declared = {t.name for n in parts for t in (*manifest.components[n].inputs, *manifest.components[n].outputs)}
+    assert declared & cache_tensors

@@ -348,3 +348,15 @@ def test_real_neuron_export_and_data_parallel_validate(tiny_dirs, tmp_path):
     assert all(r.parity.passed for r in manifest.components.values())
     assert manifest.components["unet"].config["compiler"] == "difflower.exporters.neuron.neuronx_trace"
     assert validate_artifact(out, tiny_dirs["sd"], steps=3, engine_options={"data_parallel": True}).passed
+
+
+def test_cache_graphs_compile_and_run_the_references_cached_steps(tiny_dirs, tmp_path, cpu_in_place_of_neuron):
+    """--cache-graphs on Neuron (CPU stand-in compile): every denoiser part is compiled per CFG half
+    like the UNet, and a DeepCache run on the artifact makes the reference's decisions within the
+    fp32 gates."""
+    parts = ["text_encoder", "unet", "unet_shallow", "vae_decoder"]
+    manifest = stand_in_export(tiny_dirs["sd"], tmp_path / "art", tmp_path / "cache", parts, cache_graphs="deepcache")
+    assert manifest.components["unet_shallow"].config["cfg_halves"] == 2
+    report = validate_artifact(tmp_path / "art", tiny_dirs["sd"], steps=5, cache="deepcache:interval=2")
+    assert report.passed and report.cache["passed"] and report.final_latents["max_abs"] < 1e-4
+    assert report.cache["full_steps"] == [True, False, True, False, True, False]

@@ -55,15 +55,84 @@ def test_deepcache_matches_the_deepcache_package(tiny_dirs, family, interval, br
     assert np.abs(plain.images - ours.images).max() > 1e-4  # the cached steps really were shallow
 
 
+def _deepcache_schedule_function():
+    """DeepCache's own `sample_from_quad_center`, read from the installed package: its module imports
+    diffusers internals that 0.42 no longer has (PositionNet), so the function alone is compiled."""
+    import ast
+    from pathlib import Path
+
+    import DeepCache
+
+    source = (Path(DeepCache.__file__).parent / "sd" / "pipeline_stable_diffusion.py").read_text()
+    tree = ast.parse(source)
+    function = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "sample_from_quad_center")
+    namespace = {"np": np}
+    exec(compile(ast.Module([function], []), "sample_from_quad_center", "exec"), namespace)
+    return namespace["sample_from_quad_center"]
+
+
+class _ScheduledHelper(DeepCacheSDHelper):
+    """DeepCache's helper refreshing on the given steps (its own helper knows only the uniform
+    schedule; its pipelines, which know the non-uniform one, do not import under diffusers 0.42)."""
+
+    def __init__(self, pipe, refresh):
+        super().__init__(pipe=pipe)
+        self.refresh = set(refresh)
+
+    def is_skip_step(self, block_i, layer_i, blocktype="down"):
+        self.start_timestep = self.cur_timestep if self.start_timestep is None else self.start_timestep
+        if self.cur_timestep - self.start_timestep in self.refresh:
+            return False
+        return super().is_skip_step(block_i, layer_i, blocktype)  # skip_mode is not 'uniform': the cache
+
+
+def test_non_uniform_schedule_is_deepcaches(tiny_dirs):
+    """The non-uniform schedule equals DeepCache's sample_from_quad_center (complex arithmetic and
+    all) wherever that finds one, and refuses where it does not; a run on it equals DeepCache's
+    helper refreshing on those steps."""
+    theirs = _deepcache_schedule_function()
+    for steps in range(4, 40, 3):
+        for interval in (2, 3, 5):
+            count = -(-steps // interval)
+            for center in range(1, steps, 2):
+                for power in (1.2, 1.4):
+                    try:
+                        expected = sorted(int(i) for i in theirs(steps, count, center, power)[0])
+                    except ValueError:
+                        expected = None
+                    policy = DeepCache(interval, 0, center, power)
+                    if expected is None:
+                        with pytest.raises(ArgumentError, match="no power curve"):
+                            policy.refresh_steps(steps)
+                    else:
+                        assert policy.refresh_steps(steps) == expected, (steps, interval, center, power)
+    refresh = DeepCache(3, 1, center=4, power=1.4).refresh_steps(10)
+    assert refresh != list(range(0, 10, 3))
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(tiny_dirs["sd"], safety_checker=None)
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    helper = _ScheduledHelper(pipe, refresh)
+    helper.set_params(cache_interval=3, cache_branch_id=1, skip_mode="non-uniform")
+    helper.enable()
+    images, latents = diffusers_run(pipe, PROMPT, 10, generator=torch.Generator().manual_seed(0))
+    policy = "deepcache:interval=3,branch=1,center=4,pow=1.4"
+    ours = ours_run(load_pipeline(tiny_dirs["sd"], scheduler="euler"), PROMPT, 10, cache=policy,
+                    generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert ours.full_steps == [i in refresh for i in range(10)]
+    assert_same(ours, images, latents)
+
+
 def test_parse_cache_and_its_errors():
     assert parse_cache("deepcache") == DeepCache(3, 0)
     assert parse_cache("deepcache:interval=5,branch=2") == DeepCache(5, 2)
+    assert parse_cache("deepcache:interval=3,center=15,pow=1.4") == DeepCache(3, 0, 15, 1.4)
+    assert str(DeepCache(3, 0, 15, 1.4)) == "deepcache:interval=3,branch=0,center=15,pow=1.4"
     assert parse_cache("first-block") == FirstBlockCache(threshold=0.05)  # diffusers' default
     assert parse_cache("first-block:threshold=0.1") == FirstBlockCache(threshold=0.1)
     assert parse_cache("first-block:interval=2") == FirstBlockCache(interval=2)
     assert str(parse_cache("first-block:interval=2")) == "first-block:interval=2"
     bad_ones = [
         *("firstblock", "deepcache:interval=0", "deepcache:every=3", "deepcache:interval=x", "deepcache:threshold=1"),
+        *("deepcache:center=0", "deepcache:center=2,pow=1", "deepcache:pow=x", "deepcache:pow=1.4"),
         *("first-block:threshold=-1", "first-block:threshold=nan", "first-block:threshold=x"),
         *("first-block:interval=0", "first-block:branch=1", "first-block:threshold=0.1,interval=2"),
     ]
@@ -189,11 +258,38 @@ def test_cached_runs_on_artifacts_equal_the_reference(tiny_dirs, tmp_path, famil
     assert manifest.components["unet_shallow"].inputs[-1].name == "deepcache_feature"
     assert all(r.parity.passed for r in manifest.components.values())
     policy = f"deepcache:interval=3,branch={branch}"
-    a, e = assert_run_matches(load_pipeline(tiny_dirs[family]), load_artifact(out), prompt=PROMPT,
+    artifact = load_artifact(out)
+    calls = _count_engine_calls(artifact)
+    a, e = assert_run_matches(load_pipeline(tiny_dirs[family]), artifact, prompt=PROMPT,
                               num_inference_steps=7, cache=policy, progress=False)  # fmt: skip
     assert a.full_steps == e.full_steps and sum(a.full_steps) < len(a.full_steps)
+    assert calls == {"unet": sum(a.full_steps), "unet_shallow": len(a.full_steps) - sum(a.full_steps)}
     plain = load_artifact(out)(PROMPT, num_inference_steps=7, seed=11, output_type="np", progress=False)
     assert np.abs(plain.images - a.images).max() > 1e-4  # the plain run ignores the extra output
+
+
+def _count_engine_calls(artifact) -> dict[str, int]:
+    """Counts, filled as `artifact` runs, of the calls each denoiser graph gets."""
+    counts: dict[str, int] = {}
+    engines = artifact.calls.engines
+    for name in [n for n in engines if n.startswith(("unet", "transformer"))]:
+        counts[name] = 0
+        engines[name] = _Counted(engines[name], counts, name)
+    return counts
+
+
+class _Counted:
+    """An engine that counts its calls (every other attribute is the engine's)."""
+
+    def __init__(self, engine, counts: dict[str, int], name: str):
+        self.engine, self.counts, self.name = engine, counts, name
+
+    def __call__(self, inputs):
+        self.counts[self.name] += 1
+        return self.engine(inputs)
+
+    def __getattr__(self, attribute):
+        return getattr(self.engine, attribute)
 
 
 def test_validate_reports_the_decisions(tiny_dirs, tmp_path, capsys):
@@ -248,8 +344,12 @@ def test_first_block_runs_on_artifacts_equal_the_reference(tiny_dirs, tmp_path, 
     assert all(r.parity.passed for r in manifest.components.values())
     eager, artifact = load_pipeline(tiny_dirs["sd3"]), load_artifact(out)
     for policy in ("first-block:threshold=1.0", "first-block:interval=3"):
+        calls = _count_engine_calls(artifact)
         a, e = assert_run_matches(eager, artifact, prompt=PROMPT, num_inference_steps=8, cache=policy, progress=False)
         assert a.full_steps == e.full_steps and 1 < sum(a.full_steps) < len(a.full_steps) - 1, policy
+        full, reused = sum(a.full_steps), len(a.full_steps) - sum(a.full_steps)
+        first = len(a.full_steps) if "threshold" in policy else reused  # the threshold reads it every step
+        assert calls == {"transformer": full, "transformer_first": first, "transformer_tail": reused}, policy
     plain = artifact(PROMPT, num_inference_steps=8, seed=11, output_type="np", progress=False)
     assert np.abs(plain.images - a.images).max() > 1e-4  # the plain run ignores the extra output
 

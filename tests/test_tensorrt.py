@@ -25,6 +25,7 @@ from difflower.exporters.tensorrt import (  # noqa: E402
     optimization_profiles,
 )
 from difflower.reference.loading import read_model_index  # noqa: E402
+from difflower.reference.step_cache import CacheGraphs  # noqa: E402
 
 HAS_GPU_TENSORRT = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
 GPU_REASON = "needs NVIDIA's tensorrt package and a CUDA GPU (this machine has " + (
@@ -51,6 +52,20 @@ def test_profiles_span_the_buckets_with_the_cfg_doubling(tiny_dirs):
     assert decoder["latent_sample"]["opt"] == [2, 4, 16, 12]  # the first bucket given is the optimum
     with pytest.raises(ArgumentError, match="--static"):
         optimization_profiles(unet, [], cfg=True, vae_scale_factor=8)
+
+
+def test_profiles_of_the_cache_graphs_follow_the_token_grid(tiny_dirs):
+    """The first-block cache's graphs take (B, D, h, w) token grids, h = latent height / patch size."""
+    specs = {
+        s.name: s for s in component_specs(read_model_index(tiny_dirs["sd3"]), cache_graphs=CacheGraphs("first-block"))
+    }
+    buckets = [Bucket(1, 64, 64), Bucket(1, 128, 96)]
+    tail = optimization_profiles(specs["transformer_tail"], buckets, cfg=True, vae_scale_factor=8)
+    width = specs["transformer_tail"].inputs[0].shape[1]
+    assert tail["first_block_hidden"] == {"min": [2, width, 4, 4], "opt": [2, width, 4, 4], "max": [2, width, 8, 6]}
+    assert tail["tail_residual"] == tail["first_block_hidden"]
+    first = optimization_profiles(specs["transformer_first"], buckets, cfg=True, vae_scale_factor=8)
+    assert first["hidden_states"]["max"] == [2, 16, 16, 12]
 
 
 def test_engine_cache_key_changes_with_every_input(tmp_path):
