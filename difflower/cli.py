@@ -75,6 +75,13 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with its errors on one line (no usage block): `difflower CMD: error: ...`."""
 
@@ -321,6 +328,9 @@ def _write_json(path: Path | None, data: dict, label: str, overwrite: bool) -> N
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     _check_output(args.json, args.overwrite, "--json", (".json",))
+    _check_output(args.html, args.overwrite, "--html", (".html", ".htm"))
+    if args.html is not None and args.json is not None and args.html.resolve() == args.json.resolve():
+        raise ArgumentError("--html", "is the same file as --json; give each its own")
     from difflower.validate.parity import validate_artifact
     from difflower.validate.report import render
 
@@ -338,6 +348,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     )
     print(render(report))
     _write_json(args.json, report.to_json(), "full report", args.overwrite)
+    if args.html is not None:
+        from difflower.atomic import atomic_file
+        from difflower.validate.html import render_html
+
+        with atomic_file(args.html, overwrite=args.overwrite, argument="--html") as tmp:
+            tmp.write_text(render_html(report), encoding="utf-8")
+        print(f"  page: {args.html}")
     return 0 if report.passed else 1
 
 
@@ -369,6 +386,27 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             plot(report, tmp)
         print(f"  chart: {args.plot}")
     return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from difflower.serve import ServeSettings, serve
+
+    settings = ServeSettings(args.max_batch, args.max_wait_ms, args.queue_size, args.timeout)
+    _require_serve_extra()
+    import difflower
+
+    pipe = difflower.load(args.model, device=args.device, engine=args.engine, threads=args.threads)
+    print(f"serving {args.model} on http://{args.host}:{args.port}/ (Ctrl-C drains the queue and stops)", flush=True)
+    serve(pipe, args.host, args.port, settings, source=str(args.model))
+    return 0
+
+
+def _require_serve_extra() -> None:
+    import importlib.util
+
+    missing = [m for m in ("starlette", "uvicorn", "prometheus_client", "multipart") if not importlib.util.find_spec(m)]
+    if missing:
+        raise DifflowerError(f"serve needs {', '.join(missing)}: pip install 'difflower[serve]'")
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -533,10 +571,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--cache",
         default=None,
-        metavar="deepcache[:interval=N,branch=K]|first-block[:threshold=T|:interval=N]",
-        help="step caching: DeepCache refreshes the deep UNet feature every N steps (default 3, branch 0); "
-        "first-block reruns an SD3 transformer's later blocks when its first block's residual moves by more "
-        "than T (default 0.05), or every N steps",
+        metavar="deepcache[:interval=N,branch=K,center=C,pow=P]|first-block[:threshold=T|:interval=N]",
+        help="step caching: DeepCache refreshes the deep UNet feature every N steps (default 3, branch 0), or "
+        "as often on the paper's non-uniform schedule crowding around step C; first-block reruns an SD3 "
+        "transformer's later blocks when its first block's residual moves by more than T (default 0.05), "
+        "or every N steps",
     )
     gen.add_argument("--device", default="cpu")
     gen.add_argument(
@@ -616,7 +655,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache", default=None, metavar="POLICY", help="compare cached runs (same decisions); as generate --cache"
     )
     val.add_argument("--json", type=Path, default=None, help="write the full report here")
-    val.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    val.add_argument(
+        "--html", type=Path, default=None, help="write a self-contained page: images, difference heat map, drift plot"
+    )
+    val.add_argument("--overwrite", action="store_true", help="replace existing --json / --html files")
     val.add_argument("--allow-mismatch", action="store_true", help="compare even if MODEL is not the source")
     val.set_defaults(handler=_cmd_validate)
 
@@ -632,6 +674,21 @@ def build_parser() -> argparse.ArgumentParser:
     ben.add_argument("--plot", type=Path, default=None, metavar="FILE.png", help="latency chart")
     ben.add_argument("--overwrite", action="store_true", help="replace existing --json / --plot files")
     ben.set_defaults(handler=_cmd_bench)
+
+    srv = commands.add_parser("serve", help="serve a model over HTTP: batched generation, metrics and a page")
+    srv.add_argument(
+        "model", type=Path, metavar="MODEL", help="an artifact folder (or a checkpoint: the eager reference)"
+    )
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    srv.add_argument("--port", type=positive_int, default=8000)
+    srv.add_argument("--max-batch", type=positive_int, default=4, help="images per pipeline call (static: its batch)")
+    srv.add_argument("--max-wait-ms", type=non_negative_float, default=10.0, help="wait for requests to batch with")
+    srv.add_argument("--queue-size", type=positive_int, default=16, help="waiting requests before 429")
+    srv.add_argument("--timeout", type=non_negative_float, default=600.0, help="seconds a request may wait (504)")
+    srv.add_argument("--engine", default=None, help="artifact engine override (default: the backend's own)")
+    srv.add_argument("--device", default="cpu")
+    srv.add_argument("--threads", type=positive_int, default=None, help="CPU threads for the engines")
+    srv.set_defaults(handler=_cmd_serve)
 
     info = commands.add_parser("info", help="summarise an artifact's manifest")
     info.add_argument("artifact", type=Path, metavar="ARTIFACT")

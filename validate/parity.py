@@ -116,6 +116,8 @@ class ValidationReport:
     not_run: str | None = None
     # With a step cache: its policy and which steps ran the whole denoiser on each side.
     cache: dict[str, Any] | None = None
+    # The final images of both sides (HxWx3 uint8, the first of the batch) for the HTML report; not in the JSON.
+    images: dict[str, np.ndarray] | None = field(default=None, repr=False)
 
     @property
     def passed(self) -> bool:
@@ -244,6 +246,10 @@ def validate_artifact(
     report.final_latents = {**final_metrics.to_json(), **verdict.to_json()}
     image_metrics = compare(np.asarray(actual_run.images), np.asarray(expected_run.images))
     report.image = {**image_metrics.to_json(), **image_verdict(manifest.precision, image_metrics).to_json()}
+    report.images = {
+        side: (np.clip(np.asarray(run.images)[0], 0, 1) * 255).round().astype(np.uint8)
+        for side, run in (("reference", expected_run), ("artifact", actual_run))
+    }
     if cache is not None:  # the same decisions on both sides, or the comparison means little
         full, expected_full = actual_run.full_steps, expected_run.full_steps
         report.cache = {"policy": cache, "full_steps": full, "reference_full_steps": expected_full}

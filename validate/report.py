@@ -64,5 +64,5 @@ def _cache_lines(cache: dict | None) -> list[str]:
 
     return [
         f"  {cache['policy']}: artifact {row(cache['full_steps'])}, reference {row(cache['reference_full_steps'])} "
-        f"(F whole UNet, c cached); same decisions: {_ok(cache['passed'])}"
+        f"(F whole denoiser, c cached); same decisions: {_ok(cache['passed'])}"
     ]
