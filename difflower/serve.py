@@ -141,6 +141,7 @@ class Batcher:
 
     def check(self, job: Job) -> None:
         """Refuse, before it is queued, a job the pipeline would refuse (ArgumentError naming the field)."""
+        from difflower.reference.memory import check_memory
         from difflower.reference.request import build_request
         from difflower.reference.schedulers import scheduler_by_name
 
@@ -156,6 +157,7 @@ class Batcher:
             progress=False,
         )
         self.pipe.calls.prepare_run(request)
+        check_memory(self.pipe.spec, request)  # a size this machine cannot hold: 400, not a failed batch
 
     def submit(self, job: Job) -> concurrent.futures.Future:
         with self._lock:

@@ -157,6 +157,7 @@ def test_malformed_requests_name_the_field(pipe, tmp_path):
         ({"prompt": PROMPT, "size": "60x64"}, 400, "width"),  # not a multiple of 8: the pipeline's own check
         ({"prompt": PROMPT, "scheduler": "nope"}, 400, None),
         ({"prompt": PROMPT, "n": 9}, 400, "n"),  # over --max-batch
+        ({"prompt": PROMPT, "size": "65536x65536"}, 400, "height"),  # more memory than this machine has
     ]
     with serving(pipe, max_batch=4) as (url, _):
         for body, status, field in cases:
