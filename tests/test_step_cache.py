@@ -330,7 +330,11 @@ def test_cache_errors_name_the_flag(tiny_dirs, sd_onnx, tmp_path, capsys):
 # -- artifacts: the first-block cache's graphs ----------------------------------------------------
 
 
-@pytest.mark.parametrize("backend,static", [("onnx", []), ("openvino", ["1x64x64"]), ("torchscript", [])])
+@pytest.mark.parametrize(
+    "backend,static",
+    # OpenVINO static repeats the ONNX case on another backend (and DeepCache's OpenVINO case runs by default)
+    [("onnx", []), pytest.param("openvino", ["1x64x64"], marks=pytest.mark.slow), ("torchscript", [])],
+)
 def test_first_block_runs_on_artifacts_equal_the_reference(tiny_dirs, tmp_path, backend, static):
     """--cache-graphs first-block: the transformer also returns its tail residual, the first block
     and the tail are graphs of their own; cached runs in both modes make the reference's
@@ -393,7 +397,8 @@ def test_first_block_validate_and_errors(tiny_dirs, tmp_path, capsys):
 @pytest.mark.parametrize(
     "family,backend,graphs,policy",
     [
-        ("sd", "openvino", "deepcache", "deepcache:interval=2"),
+        # the OpenVINO case repeats the calibration check on another backend and cache: make test-slow
+        pytest.param("sd", "openvino", "deepcache", "deepcache:interval=2", marks=pytest.mark.slow),
         ("sd3", "onnx", "first-block", "first-block:interval=2"),
     ],
 )
