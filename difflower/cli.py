@@ -82,6 +82,13 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def port_number(text: str) -> int:
+    value = positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 1-65535, got {value}")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with its errors on one line (no usage block): `difflower CMD: error: ...`."""
 
@@ -680,7 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
         "model", type=Path, metavar="MODEL", help="an artifact folder (or a checkpoint: the eager reference)"
     )
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    srv.add_argument("--port", type=positive_int, default=8000)
+    srv.add_argument("--port", type=port_number, default=8000)
     srv.add_argument("--max-batch", type=positive_int, default=4, help="images per pipeline call (static: its batch)")
     srv.add_argument("--max-wait-ms", type=non_negative_float, default=10.0, help="wait for requests to batch with")
     srv.add_argument("--queue-size", type=positive_int, default=16, help="waiting requests before 429")

@@ -105,8 +105,12 @@ class FirstBlockCache:
             _require_int(self, "interval", 1)
         elif self.threshold is None:
             object.__setattr__(self, "threshold", 0.05)
-        elif isinstance(self.threshold, bool) or not isinstance(self.threshold, int | float) or not self.threshold >= 0:
-            raise ArgumentError("cache", f"first-block threshold must be a number >= 0, got {self.threshold!r}")
+        elif (
+            isinstance(self.threshold, bool)
+            or not isinstance(self.threshold, int | float)
+            or not 0 <= self.threshold < float("inf")
+        ):
+            raise ArgumentError("cache", f"first-block threshold must be a finite number >= 0, got {self.threshold!r}")
 
     def run_all(self, step: int, residual: torch.Tensor | None, last: torch.Tensor | None) -> bool:
         """Whether every block runs at `step` (0-based within the run): every `interval` steps, or

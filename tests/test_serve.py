@@ -251,6 +251,9 @@ def test_serve_arguments_are_checked_before_loading(tmp_path, capsys):
     with pytest.raises(SystemExit) as stopped:  # the parser refuses it
         main(["serve", str(tmp_path / "missing"), "--max-wait-ms", "-1"])
     assert stopped.value.code == 2 and "--max-wait-ms: must be 0 or more" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stopped:
+        main(["serve", str(tmp_path / "missing"), "--port", "99999"])
+    assert stopped.value.code == 2 and "--port: a TCP port is 1-65535, got 99999" in capsys.readouterr().err
     assert main(["serve", str(tmp_path / "missing")]) == 2
     assert "not found" in capsys.readouterr().err
 

@@ -133,7 +133,12 @@ def test_parse_cache_and_its_errors():
     bad_ones = [
         *("firstblock", "deepcache:interval=0", "deepcache:every=3", "deepcache:interval=x", "deepcache:threshold=1"),
         *("deepcache:center=0", "deepcache:center=2,pow=1", "deepcache:pow=x", "deepcache:pow=1.4"),
-        *("first-block:threshold=-1", "first-block:threshold=nan", "first-block:threshold=x"),
+        *(
+            "first-block:threshold=-1",
+            "first-block:threshold=nan",
+            "first-block:threshold=inf",
+            "first-block:threshold=x",
+        ),
         *("first-block:interval=0", "first-block:branch=1", "first-block:threshold=0.1,interval=2"),
     ]
     for bad in bad_ones:
