@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 # The pages' tests drive Chromium and its driver from Debian's packages: installed here where this
 # user may (root with apt-get); elsewhere those tests skip, saying what to install.
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[test,lint,onnx,openvino,coreml,bench,tensorrt-tools,serve]'
+	$(BIN)/python -m pip install --quiet -e '.[test,lint,onnx,openvino,coreml,bench,tensorrt-tools,serve,ray]'
 	@if ! command -v chromedriver >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  echo "installing chromium and chromium-driver (Debian packages) for the page tests"; \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } \

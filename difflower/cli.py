@@ -131,19 +131,13 @@ def _open_image(path: Path | None, flag: str):
 
 def _write_image(image: Any, path: Path, overwrite: bool, metadata: dict[str, str]) -> None:
     """Save one image through a temporary file, with the generation settings in its PNG text."""
-    import PIL.PngImagePlugin
-
     from difflower.atomic import atomic_file
+    from difflower.bulk import encode_image
 
     kind = {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(path.suffix.lower(), "PNG")
-    options: dict[str, Any] = {}
-    if kind == "PNG":
-        info = PIL.PngImagePlugin.PngInfo()
-        for key, value in metadata.items():
-            info.add_text(key, value)
-        options["pnginfo"] = info
+    data = encode_image(image, kind, metadata)
     with atomic_file(path, overwrite=overwrite, argument="-o") as tmp:
-        image.save(tmp, format=kind, **options)
+        tmp.write_bytes(data)
 
 
 # -- the commands ---------------------------------------------------------------------------------
@@ -179,7 +173,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     # 1. everything that can be checked before a model is loaded
-    paths = _output_paths(args.output, args.num_images)
+    bulk = args.prompts is not None
+    _check_generate_mode(args, bulk)
+    paths = [] if bulk else _output_paths(args.output, args.num_images)
     for path in paths:
         _check_output(path, args.overwrite, "-o", IMAGE_SUFFIXES)
     image, mask = _open_image(args.image, "--image"), _open_image(args.mask, "--mask")
@@ -188,12 +184,21 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise ArgumentError("--strength", "applies to img2img and inpainting: pass --image as well")
     if mask is not None and image is None:
         raise ArgumentError("--mask", "needs the image to inpaint: pass --image as well")
-
-    # 2. load, then run
-    import difflower
-
-    pipe = difflower.load(
-        args.model,
+    call = dict(
+        negative_prompt=args.negative_prompt,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        height=args.height,
+        width=args.width,
+        num_images_per_prompt=args.num_images,
+        image=image,
+        mask_image=mask,
+        strength=args.strength,
+        check_memory=not args.no_memory_check,
+        cache=args.cache,
+        **_control_arguments(args, controls),
+    )
+    load_options = dict(
         dtype=args.dtype,
         device=args.device,
         variant=args.variant,
@@ -205,37 +210,24 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         compile=args.compile,
         **_engine_options(args),
     )
+    model = str(args.model) if is_repo_id(args.model) else str(Path(args.model).absolute())
+    if bulk:
+        return _generate_bulk(args, model, load_options, call)
+
+    # 2. load, then run
+    import difflower
+    from difflower.bulk import image_metadata
+
+    pipe = difflower.load(args.model, **load_options)
     start = time.perf_counter()
-    result = pipe(
-        prompt=args.prompt,
-        negative_prompt=args.negative_prompt,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-        seed=args.seed,
-        height=args.height,
-        width=args.width,
-        num_images_per_prompt=args.num_images,
-        image=image,
-        mask_image=mask,
-        strength=args.strength,
-        output_type="pil",
-        check_memory=not args.no_memory_check,
-        cache=args.cache,
-        **_control_arguments(args, controls),
-    )
+    result = pipe(prompt=args.prompt, seed=args.seed, output_type="pil", **call)
     elapsed = time.perf_counter() - start
 
     # 3. save
-    metadata = {
-        "difflower": difflower.__version__,
-        "model": str(args.model) if is_repo_id(args.model) else str(Path(args.model).absolute()),
-        "prompt": args.prompt,
-        "negative_prompt": args.negative_prompt or "",
-        "seed": str(args.seed),
-        "steps": str(len(result.timesteps)),
-        "guidance": "default" if args.guidance is None else str(args.guidance),
-        "scheduler": type(pipe.scheduler).__name__,
-    }
+    scheduler = type(pipe.scheduler).__name__
+    metadata = image_metadata(
+        model, args.prompt, args.negative_prompt, args.seed, args.guidance, len(result.timesteps), scheduler
+    )
     replaced = [p for p in paths if p.exists()]
     for picture, path in zip(result.images, paths, strict=True):
         _write_image(picture, path, args.overwrite, metadata)
@@ -247,6 +239,55 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         cached = f", {sum(result.full_steps)} of them with the whole {denoiser} ({args.cache})"
     print(f"wrote {', '.join(map(str, paths))} ({size}, {len(result.timesteps)} steps{cached}, {elapsed:.1f} s{note})")
     return 0
+
+
+def _check_generate_mode(args: argparse.Namespace, bulk: bool) -> None:
+    """One prompt to -o, or a prompt file to --out-dir: each mode's flags, and not the other's."""
+    if bulk:
+        for given, flag in ((args.prompt, "--prompt"), (args.output, "-o")):
+            if given is not None:
+                raise ArgumentError(flag, "does not go with --prompts (the prompt file's images go to --out-dir)")
+        if args.out_dir is None:
+            raise ArgumentError("--out-dir", "is required with --prompts: the folder the images go to")
+        if args.overwrite:
+            raise ArgumentError("--overwrite", "a --prompts run never replaces images; use another --out-dir")
+        if args.workers is not None and not args.ray:
+            raise ArgumentError("--workers", "needs --ray")
+        if args.ray:
+            _require_extra("generate --ray", ("ray",), "ray")
+        return
+    for given, flag in ((args.out_dir, "--out-dir"), (args.ray or None, "--ray"), (args.workers, "--workers")):
+        if given is not None:
+            raise ArgumentError(flag, "goes with --prompts FILE (bulk generation)")
+    for given, flag in ((args.prompt, "--prompt"), (args.output, "-o")):
+        if given is None:
+            raise ArgumentError(flag, "is required (or --prompts FILE --out-dir DIR for a prompt file)")
+
+
+def _generate_bulk(args: argparse.Namespace, model: str, load_options: dict, call: dict) -> int:
+    from difflower import bulk
+
+    prompts = bulk.read_prompts(args.prompts)
+    fingerprint = {
+        "model": model,
+        **{k: v for k, v in load_options.items() if k not in ("threads", "device", "engine")},
+        **{k: v for k, v in call.items() if k not in ("image", "mask_image", "control_image", "check_memory")},
+        **{flag: _file_digest(path) for flag, path in (("image", args.image), ("mask", args.mask)) if path},
+        "control_images": [_file_digest(p) for p in args.control_image or []],
+    }
+    tasks = bulk.plan(prompts, args.seed, args.num_images, fingerprint)
+    start = time.perf_counter()
+    written, skipped = bulk.run(tasks, args.out_dir, model, load_options, call, ray=args.ray, workers=args.workers)
+    elapsed = time.perf_counter() - start
+    kept = f"; {skipped} already there" if skipped else ""
+    print(f"wrote the images of {written} prompts to {args.out_dir} ({elapsed:.1f} s{kept})")
+    return 0
+
+
+def _file_digest(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _control_arguments(args: argparse.Namespace, controls: list) -> dict:
@@ -399,21 +440,44 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from difflower.serve import ServeSettings, serve
 
     settings = ServeSettings(args.max_batch, args.max_wait_ms, args.queue_size, args.timeout)
+    options = _engine_options(args)
     _require_serve_extra()
     import difflower
 
-    pipe = difflower.load(args.model, device=args.device, engine=args.engine, threads=args.threads)
+    if args.ray or args.replicas is not None or args.max_replicas is not None:
+        if not args.ray:
+            raise ArgumentError("--replicas" if args.replicas is not None else "--max-replicas", "needs --ray")
+        _require_extra("serve --ray", ("ray",), "ray")
+        from difflower import serve_ray
+
+        application = serve_ray.build(
+            args.model,
+            settings,
+            replicas=args.replicas or 1,
+            max_replicas=args.max_replicas,
+            device=args.device,
+            engine=args.engine,
+            threads=args.threads,
+            engine_options=options,
+        )
+        serve_ray.run(application, args.host, args.port, settings)
+        return 0
+    pipe = difflower.load(args.model, device=args.device, engine=args.engine, threads=args.threads, **options)
     print(f"serving {args.model} on http://{args.host}:{args.port}/ (Ctrl-C drains the queue and stops)", flush=True)
     serve(pipe, args.host, args.port, settings, source=str(args.model))
     return 0
 
 
 def _require_serve_extra() -> None:
+    _require_extra("serve", ("starlette", "uvicorn", "prometheus_client", "multipart"), "serve")
+
+
+def _require_extra(what: str, modules: tuple[str, ...], extra: str) -> None:
     import importlib.util
 
-    missing = [m for m in ("starlette", "uvicorn", "prometheus_client", "multipart") if not importlib.util.find_spec(m)]
+    missing = [m for m in modules if not importlib.util.find_spec(m)]
     if missing:
-        raise DifflowerError(f"serve needs {', '.join(missing)}: pip install 'difflower[serve]'")
+        raise DifflowerError(f"{what} needs {', '.join(missing)}: pip install 'difflower[{extra}]'")
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -532,7 +596,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MODEL",
         help="a diffusers-format checkpoint, a Hub repo id, a single .safetensors file, or an artifact folder",
     )
-    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--prompt", default=None, help="the prompt (or --prompts FILE)")
+    gen.add_argument(
+        "--prompts", type=Path, default=None, metavar="FILE", help="a prompt per line: bulk generation into --out-dir"
+    )
     gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default: the family's)")
     gen.add_argument("--guidance", type=finite_float, default=None, help="classifier-free guidance scale")
@@ -592,8 +659,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-memory-check", action="store_true", help="run a size even when its memory estimate exceeds what is free"
     )
     _add_engine_flags(gen)
-    gen.add_argument("-o", "--output", type=Path, required=True, help="output image (.png, .jpg, .webp)")
+    gen.add_argument("-o", "--output", type=Path, default=None, help="output image (.png, .jpg, .webp)")
     gen.add_argument("--overwrite", action="store_true", help="replace an existing output image")
+    gen.add_argument(
+        "--out-dir", type=Path, default=None, help="with --prompts: the folder (images already there are skipped)"
+    )
+    gen.add_argument("--ray", action="store_true", help="with --prompts: spread the prompts over Ray Data workers")
+    gen.add_argument("--workers", type=positive_int, default=None, help="with --ray: model copies (default: per CPU)")
     gen.set_defaults(handler=_cmd_generate)
 
     exp = commands.add_parser("export", help="export a checkpoint to a backend artifact, checked against the reference")
@@ -694,7 +766,15 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--timeout", type=non_negative_float, default=600.0, help="seconds a request may wait (504)")
     srv.add_argument("--engine", default=None, help="artifact engine override (default: the backend's own)")
     srv.add_argument("--device", default="cpu")
-    srv.add_argument("--threads", type=positive_int, default=None, help="CPU threads for the engines")
+    srv.add_argument("--threads", type=positive_int, default=None, help="CPU threads for the engines (per replica)")
+    srv.add_argument(
+        "--engine-option", action="append", metavar="KEY=VALUE", help="an engine setting, e.g. arena=false (repeatable)"
+    )
+    srv.add_argument("--ray", action="store_true", help="serve on Ray Serve (a local cluster, or RAY_ADDRESS's)")
+    srv.add_argument("--replicas", type=positive_int, default=None, help="with --ray: replicas, each with the engines")
+    srv.add_argument(
+        "--max-replicas", type=positive_int, default=None, help="with --ray: autoscale from --replicas up to this"
+    )
     srv.set_defaults(handler=_cmd_serve)
 
     info = commands.add_parser("info", help="summarise an artifact's manifest")

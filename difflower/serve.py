@@ -28,6 +28,8 @@ import base64
 import concurrent.futures
 import contextlib
 import io
+import os
+import socket
 import threading
 import time
 from collections import deque
@@ -324,8 +326,13 @@ def manifest_summary(pipe: Any, source: str) -> dict[str, Any]:
     }
 
 
-def create_app(pipe: Any, settings: ServeSettings | None = None, source: str = "") -> Any:
-    """The Starlette application serving `pipe` (a loaded artifact or checkpoint pipeline)."""
+def create_app(pipe: Any, settings: ServeSettings | None = None, source: str = "", replica: str | None = None) -> Any:
+    """The Starlette application serving `pipe` (a loaded artifact or checkpoint pipeline).
+
+    `replica` names this copy of the server in the `X-Difflower-Replica` header of generation
+    responses and in `/health` (default: host and process id), so a client behind a load balancer
+    (Ray Serve's router) sees which replica answered.
+    """
     from starlette.applications import Starlette
     from starlette.responses import HTMLResponse, JSONResponse, Response
     from starlette.routing import Route
@@ -334,11 +341,13 @@ def create_app(pipe: Any, settings: ServeSettings | None = None, source: str = "
     metrics = Metrics()
     batcher = Batcher(pipe, settings, metrics)
     summary = manifest_summary(pipe, source)
+    replica = replica or f"{socket.gethostname()}:{os.getpid()}"
+    stamp = {"X-Difflower-Replica": replica}
 
     def error(status: int, message: str, field_name: str | None = None, headers: dict | None = None) -> Response:
         metrics.requests.labels(str(status)).inc()
         body = {"error": {"message": message, **({"field": field_name} if field_name else {})}}
-        return JSONResponse(body, status_code=status, headers=headers)
+        return JSONResponse(body, status_code=status, headers={**stamp, **(headers or {})})
 
     async def generations(request):
         try:
@@ -375,10 +384,10 @@ def create_app(pipe: Any, settings: ServeSettings | None = None, source: str = "
                 return error(500, f"generation failed: {err}")
         metrics.requests.labels("200").inc()
         data = [{"b64_json": _png_base64(image), "seed": job.seed} for image in images]
-        return JSONResponse({"created": int(time.time()), "data": data})
+        return JSONResponse({"created": int(time.time()), "data": data}, headers=stamp)
 
     async def health(_request):
-        return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "ok", "replica": replica, "pid": os.getpid()})
 
     async def ready(_request):
         if batcher.accepting:
