@@ -284,3 +284,20 @@ def test_components_carry_their_config_in_optimums_layout(tiny_dirs, onnx_dirs):
         assert f"{name}/config.json" in record.files
         origin = "vae" if name.startswith("vae_") else name
         assert (artifact / name / "config.json").read_bytes() == (source / origin / "config.json").read_bytes()
+
+
+def test_arena_settings_keep_the_images(sd_onnx):
+    """`arena=shrink` / `arena=false` change where activations live, never the numbers."""
+    import numpy as np
+
+    import difflower
+
+    def image(**options):
+        pipe = difflower.load(sd_onnx, threads=1, **options)
+        return pipe("a red castle", num_inference_steps=2, seed=3, output_type="np", progress=False).images
+
+    expected = image()
+    for value in ("shrink", "false"):  # as --engine-option arena=... passes them
+        np.testing.assert_array_equal(image(arena=value), expected)
+    with pytest.raises(ArgumentError, match="--engine-option arena: expected true, false or shrink, got 'maybe'"):
+        difflower.load(sd_onnx, arena="maybe")
