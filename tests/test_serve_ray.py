@@ -158,3 +158,19 @@ def test_ray_arguments_are_one_line(sd_onnx, tmp_path, capsys):
         with pytest.raises(ArgumentError) as raised:
             app(args)
         assert words in str(raised.value), (args, raised.value)
+
+
+def test_replica_resources_and_autoscaling_follow_the_flags(sd_onnx):
+    from difflower.serve import ServeSettings
+    from difflower.serve_ray import build
+
+    settings = ServeSettings(max_batch=2, queue_size=8)
+    fixed = build(sd_onnx, settings, replicas=2, threads=1)._bound_deployment
+    assert fixed.num_replicas == 2 and fixed.ray_actor_options == {"num_cpus": 1}
+    assert fixed.max_ongoing_requests == 10  # the replica's queue and a batch; beyond, its own 429
+    scaled = build(sd_onnx, settings, replicas=1, max_replicas=3)._bound_deployment
+    autoscaling = scaled._deployment_config.autoscaling_config
+    assert (autoscaling.min_replicas, autoscaling.max_replicas, autoscaling.target_ongoing_requests) == (1, 3, 2)
+    gpu = build(sd_onnx, settings, replicas=2, device="cuda")._bound_deployment
+    assert gpu.ray_actor_options == {"num_gpus": 1, "num_cpus": 1}  # one replica per GPU
+    assert gpu.init_args[2] == {"device": "cuda", "engine": None, "threads": None}
