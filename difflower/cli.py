@@ -235,7 +235,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     note = f"; replaced {', '.join(map(str, replaced))}" if replaced else ""
     cached = ""
     if result.full_steps is not None:
-        denoiser = "transformer" if pipe.spec.family == "sd3" else "UNet"
+        denoiser = "transformer" if pipe.spec.is_transformer else "UNet"
         cached = f", {sum(result.full_steps)} of them with the whole {denoiser} ({args.cache})"
     print(f"wrote {', '.join(map(str, paths))} ({size}, {len(result.timesteps)} steps{cached}, {elapsed:.1f} s{note})")
     return 0
@@ -560,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = commands.add_parser("tiny", help="write a tiny random checkpoint in diffusers format")
     tiny.add_argument("dir", type=Path, metavar="DIR", help="output folder")
-    tiny.add_argument("--family", choices=("sd", "sdxl", "sd3"), default="sd")
+    tiny.add_argument("--family", choices=("sd", "sdxl", "sd3", "flux", "flux-schnell"), default="sd")
     tiny.add_argument("--seed", type=non_negative_int, default=0)
     tiny.add_argument(
         "--controlnet-for",

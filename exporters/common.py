@@ -196,6 +196,12 @@ class ExportPlan:
 def plan_export(backend: BackendExporter, model: Path | str, options: ExportOptions) -> ExportPlan:
     """Read checkpoint `model`, settle the shapes and check every option for `backend`."""
     index = read_model_index(model)
+    if index.family == "flux":
+        raise ArgumentError(
+            "MODEL",
+            f"{index.root} is a FLUX.1 checkpoint: its export is not built yet (generate and validate's "
+            "reference run it eagerly)",
+        )
     pipeline = spec_from_configs(index)
     controlnets = tuple(resolve_controlnet(source, index) for source in options.controlnets)
     if controlnets:

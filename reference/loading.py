@@ -44,6 +44,12 @@ from difflower.reference.controlnet import (
     ControlNetModel,
     controlnet_mismatch,
 )
+from difflower.reference.transformer_flux import (
+    FLUX_CLASS_NAMES,
+    FLUX_IGNORED_FIELDS,
+    FluxConfig,
+    FluxTransformer2DModel,
+)
 from difflower.reference.transformer_sd3 import SD3_CLASS_NAMES, SD3_IGNORED_FIELDS, SD3Config, SD3Transformer2DModel
 from difflower.reference.unet_2d_condition import (
     UNET_CLASS_NAMES,
@@ -55,8 +61,10 @@ from difflower.reference.unet_2d_condition import (
 
 logger = logging.getLogger(__name__)
 
-Family = Literal["sd", "sdxl", "sd3"]
-FAMILIES: tuple[Family, ...] = ("sd", "sdxl", "sd3")
+Family = Literal["sd", "sdxl", "sd3", "flux"]
+FAMILIES: tuple[Family, ...] = ("sd", "sdxl", "sd3", "flux")
+# The families whose denoiser is a transformer (the others': a UNet).
+TRANSFORMER_FAMILIES: tuple[Family, ...] = ("sd3", "flux")
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
 M = TypeVar("M", bound=nn.Module)
@@ -73,6 +81,9 @@ _PIPELINE_FAMILIES: dict[str, Family] = {
     "StableDiffusion3Pipeline": "sd3",
     "StableDiffusion3Img2ImgPipeline": "sd3",
     "StableDiffusion3InpaintPipeline": "sd3",
+    "FluxPipeline": "flux",
+    "FluxImg2ImgPipeline": "flux",
+    "FluxInpaintPipeline": "flux",
 }
 
 
@@ -113,8 +124,8 @@ def read_model_index(root: Path | str) -> ModelIndex:
         if family is None:
             raise CheckpointError(
                 path,
-                f"field '_class_name' is {pipeline_class!r}, which is not a Stable Diffusion 1.x/2.x, XL or 3 "
-                "pipeline; difflower reads those families",
+                f"field '_class_name' is {pipeline_class!r}, which is not a Stable Diffusion 1.x/2.x, XL, 3 "
+                "or FLUX.1 pipeline; difflower reads those families",
             )
     for required in _required_components(family):
         if required not in components:
@@ -153,6 +164,8 @@ def confined(root: Path, relative: str, source: Path) -> Path:
 def _family_from_components(components: dict[str, tuple[str, str]]) -> Family | None:
     if "transformer" in components and "text_encoder_3" in components:
         return "sd3"
+    if components.get("transformer", ("", ""))[1] in FLUX_CLASS_NAMES:
+        return "flux"
     if "unet" in components and "text_encoder_2" in components:
         return "sdxl"
     if "unet" in components and "text_encoder" in components:
@@ -165,6 +178,8 @@ def _required_components(family: Family) -> tuple[str, ...]:
         return ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
     if family == "sdxl":
         return ("unet", "vae", "text_encoder_2", "tokenizer_2", "scheduler")
+    if family == "flux":
+        return ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
     return ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 
 
@@ -294,6 +309,10 @@ def read_sd3_config(folder: Path) -> SD3Config:
     return load_config(SD3Config, folder / "config.json", class_names=SD3_CLASS_NAMES, ignored=SD3_IGNORED_FIELDS)
 
 
+def read_flux_config(folder: Path) -> FluxConfig:
+    return load_config(FluxConfig, folder / "config.json", class_names=FLUX_CLASS_NAMES, ignored=FLUX_IGNORED_FIELDS)
+
+
 def load_unet(folder: Path | str, dtype: torch.dtype | None = None, variant: str | None = None) -> UNet2DConditionModel:
     """Our UNet2DConditionModel from a diffusers `unet/` folder."""
     folder = Path(folder)
@@ -334,8 +353,10 @@ def resolve_controlnet(source: Path | str, index: ModelIndex) -> ControlNetSourc
     if not (folder / "config.json").is_file():
         raise CheckpointError(folder, "is not a ControlNet folder (no config.json); pass a diffusers ControlNet folder")
     config = read_controlnet_config(folder)
-    if index.family == "sd3":
-        raise CheckpointError(folder, f"ControlNets drive SD and SDXL UNets; {index.root} is an SD3 checkpoint")
+    if index.family in TRANSFORMER_FAMILIES:
+        raise CheckpointError(
+            folder, f"ControlNets drive SD and SDXL UNets; {index.root} is an {index.family.upper()} checkpoint"
+        )
     unet = read_unet_config(index.root / "unet")
     latent_channels = read_vae_config(index.root / "vae").latent_channels
     why = controlnet_mismatch(unet, config, latent_channels)
@@ -350,6 +371,14 @@ def load_sd3_transformer(
     """Our SD3Transformer2DModel from a diffusers `transformer/` folder."""
     folder = Path(folder)
     return _build(SD3Transformer2DModel, read_sd3_config(folder), folder, dtype, variant)
+
+
+def load_flux_transformer(
+    folder: Path | str, dtype: torch.dtype | None = None, variant: str | None = None
+) -> FluxTransformer2DModel:
+    """Our FluxTransformer2DModel from a diffusers `transformer/` folder."""
+    folder = Path(folder)
+    return _build(FluxTransformer2DModel, read_flux_config(folder), folder, dtype, variant)
 
 
 def load_vae(
@@ -382,7 +411,7 @@ _TOKENIZER_CLASSES = {
 # What each kind of model_index.json entry may name (by its name without the _2/_3 suffix).
 _READABLE_CLASSES: dict[str, tuple[str, ...]] = {
     "unet": UNET_CLASS_NAMES,
-    "transformer": SD3_CLASS_NAMES,
+    "transformer": SD3_CLASS_NAMES + FLUX_CLASS_NAMES,
     "vae": VAE_CLASS_NAMES,
     "text_encoder": _TEXT_ENCODER_CLASSES,
     "tokenizer": tuple(_TOKENIZER_CLASSES),
@@ -547,6 +576,8 @@ def load_components(
             parts[name] = load_unet(folder, dtype, variant)
         elif class_name in SD3_CLASS_NAMES:
             parts[name] = load_sd3_transformer(folder, dtype, variant)
+        elif class_name in FLUX_CLASS_NAMES:
+            parts[name] = load_flux_transformer(folder, dtype, variant)
         elif class_name in VAE_CLASS_NAMES:
             parts[name] = load_vae(folder, dtype, variant)
         elif class_name in _TEXT_ENCODER_CLASSES:

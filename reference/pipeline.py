@@ -39,9 +39,16 @@ from difflower.reference.memory import check_memory as check_request_memory
 from difflower.reference.model_calls import ModelCalls, Residuals
 from difflower.reference.prompts import Conditioning, TextEncoderOutput
 from difflower.reference.request import GenerateRequest, GeneratorArg, build_request
-from difflower.reference.schedulers import Scheduler, calculate_shift, load_scheduler, scheduler_by_name
+from difflower.reference.schedulers import (
+    FlowMatchEulerScheduler,
+    Scheduler,
+    calculate_shift,
+    load_scheduler,
+    scheduler_by_name,
+)
 from difflower.reference.spec import PipelineSpec, spec_from_configs
 from difflower.reference.step_cache import CachePolicy, DeepCache
+from difflower.reference.transformer_flux import image_ids, pack_latents, text_ids, unpack_latents
 
 
 class TorchModelCalls:
@@ -74,6 +81,7 @@ class TorchModelCalls:
             last_hidden_state=out.last_hidden_state,
             penultimate_hidden_state=hidden_states[-2] if hidden_states is not None else None,
             text_embeds=getattr(out, "text_embeds", None),
+            pooler_output=getattr(out, "pooler_output", None),
         )
 
     @torch.no_grad()
@@ -82,6 +90,8 @@ class TorchModelCalls:
     ) -> torch.Tensor:
         if self.family == "sd3":
             return self.components["transformer"](*self._transformer_inputs(sample, timestep, cond))[0]
+        if self.family == "flux":
+            return self._flux(sample, timestep, cond)
         added = _text_time(cond)
         unet = self.components["unet"]
         context = cond.encoder_hidden_states
@@ -134,6 +144,20 @@ class TorchModelCalls:
         return self.components["transformer"].forward_from_cache(
             first, tail_residual, cond.pooled_projections, timestep
         )
+
+    def _flux(self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The Flux transformer on the loop's (B, C, h, w) latents: packed in, unpacked out."""
+        height, width = sample.shape[-2:]
+        out = self.components["transformer"](
+            hidden_states=pack_latents(sample),
+            encoder_hidden_states=cond.encoder_hidden_states,
+            pooled_projections=cond.pooled_projections,
+            timestep=timestep / 1000,  # FluxPipeline passes t in [0, 1]; the model scales it back
+            img_ids=image_ids(height, width, sample.device),
+            txt_ids=text_ids(cond.encoder_hidden_states.shape[1], sample.device),
+            guidance=cond.guidance,
+        )[0]
+        return unpack_latents(out, height, width)
 
     @staticmethod
     def _transformer_inputs(sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning):
@@ -307,7 +331,7 @@ class DiffusionPipeline:
         self.calls.prepare_run(request)
         if check_memory:
             check_request_memory(spec, request)
-        run = self.scheduler.set_timesteps(request.steps, device=self.device, mu=self._mu(request))
+        run = self._set_timesteps(request)
         skipped = 0 if request.task == "txt2img" else self._start_index(request)
         if request.steps - skipped < 1:
             raise ArgumentError(
@@ -324,6 +348,8 @@ class DiffusionPipeline:
             w = torch.full((request.batch,), request.guidance_scale - 1)
             w_embedding = guidance_scale_embedding(w, spec.time_cond_proj_dim)
             cond = replace(cond, timestep_cond=w_embedding.to(self.device, dtype))
+        if spec.guidance_embeds:  # FLUX.1-dev: the guidance scale is an input of the transformer
+            cond = replace(cond, guidance=torch.full((request.batch,), request.guidance_scale, dtype=torch.float32))
 
         # 3. the control images, the starting latents (drawing the generator in diffusers'
         #    order), then the loop
@@ -363,6 +389,14 @@ class DiffusionPipeline:
         if self.spec.family == "sd3":
             return int(max(steps - min(steps * strength, steps), 0))
         return max(steps - min(int(steps * strength), steps), 0)
+
+    def _set_timesteps(self, request: GenerateRequest) -> Any:
+        """The scheduler's run; FluxPipeline gives flow-matching Euler its own sigmas, 1 down to 1/steps."""
+        mu = self._mu(request)
+        if self.spec.family == "flux" and isinstance(self.scheduler, FlowMatchEulerScheduler):
+            sigmas = np.linspace(1.0, 1 / request.steps, request.steps)
+            return self.scheduler.set_timesteps(request.steps, device=self.device, mu=mu, sigmas=sigmas)
+        return self.scheduler.set_timesteps(request.steps, device=self.device, mu=mu)
 
     def _mu(self, request: GenerateRequest) -> float | None:
         """The flow-matching time shift for this image size, when the scheduler shifts dynamically."""

@@ -11,6 +11,7 @@ serves the eager reference and every exported backend.
   the checkpoint says `force_zeros_for_empty_prompt`.
 - SD3: both CLIPs' penultimate states side by side, zero-padded to the T5 width and followed by
   the T5 states (zeros when T5 is skipped); both CLIPs' projected pooled outputs side by side.
+- Flux: the T5 states (`prompt_2`, `max_sequence_length` tokens) and CLIP's pooled output.
 
 A prompt longer than its tokenizer's window is cut, as diffusers cuts it, with a warning that
 quotes the part that was dropped.
@@ -38,6 +39,7 @@ class TextEncoderOutput:
     last_hidden_state: torch.Tensor
     penultimate_hidden_state: torch.Tensor | None = None
     text_embeds: torch.Tensor | None = None
+    pooler_output: torch.Tensor | None = None  # CLIPTextModel's pooled output (Flux reads it)
 
 
 # (component name such as "text_encoder_2", input_ids (B, T) int64) -> outputs
@@ -51,8 +53,9 @@ class Conditioning:
     encoder_hidden_states: torch.Tensor
     text_embeds: torch.Tensor | None = None  # SDXL pooled projection
     time_ids: torch.Tensor | None = None  # SDXL micro-conditioning
-    pooled_projections: torch.Tensor | None = None  # SD3 pooled projection
+    pooled_projections: torch.Tensor | None = None  # SD3 / Flux pooled projection
     timestep_cond: torch.Tensor | None = None  # guidance-distilled UNets: the guidance scale's embedding
+    guidance: torch.Tensor | None = None  # FLUX.1-dev: the guidance scale per image (B,)
 
     @staticmethod
     def for_guidance(negative: Conditioning, positive: Conditioning) -> Conditioning:
@@ -67,6 +70,7 @@ class Conditioning:
             cat(negative.time_ids, positive.time_ids),
             cat(negative.pooled_projections, positive.pooled_projections),
             cat(negative.timestep_cond, positive.timestep_cond),
+            cat(negative.guidance, positive.guidance),
         )
 
     def positive_half(self) -> Conditioning:
@@ -81,6 +85,7 @@ class Conditioning:
             half(self.time_ids),
             half(self.pooled_projections),
             half(self.timestep_cond),
+            half(self.guidance),
         )
 
 
@@ -396,3 +401,42 @@ class SD3Prompts:
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))  # (B, 77, joint_dim)
         # (B, 77 + L, joint_dim), (B, P1 + P2)
         return torch.cat([clip, t5], dim=-2), torch.cat(clip_pooled, dim=-1)
+
+
+# -- Flux --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FluxPrompts:
+    """FLUX.1: prompts for CLIP (pooled) and T5 (the sequence); guidance is distilled, so no negatives."""
+
+    prompts: tuple[list[str], list[str]]
+    max_sequence_length: int
+
+    @staticmethod
+    def build(
+        prompts: list[str],
+        do_cfg: bool,
+        *,
+        prompt_2: str | list[str] | None = None,
+        max_sequence_length: int = 512,
+    ) -> FluxPrompts:
+        assert not do_cfg  # Flux's guidance is an input of the transformer (true CFG is not supported yet)
+        if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int):
+            raise ArgumentError("max_sequence_length", f"must be an int, got {max_sequence_length!r}")
+        if not 1 <= max_sequence_length <= 512:
+            raise ArgumentError("max_sequence_length", f"must be in 1..512 (T5's window), got {max_sequence_length}")
+        prompts_2 = as_negative_list(prompt_2, len(prompts), "prompt_2") if prompt_2 is not None else prompts
+        return FluxPrompts((prompts, prompts_2), max_sequence_length)
+
+    def encode(
+        self, text: TextEncoderCall, tokenizers: dict[str, Any], images_per_prompt: int
+    ) -> tuple[Conditioning, Conditioning | None]:
+        clip_tokenizer = tokenizers["text_encoder"]
+        clip = text("text_encoder", tokenize(clip_tokenizer, self.prompts[0], clip_tokenizer.model_max_length))
+        if clip.pooler_output is None:
+            raise ArgumentError("text_encoder", "must return its pooled output (Flux reads CLIP's pooler_output)")
+        ids = tokenize(tokenizers["text_encoder_2"], self.prompts[1], self.max_sequence_length)
+        t5 = text("text_encoder_2", ids).last_hidden_state  # (B, L, joint_dim)
+        pooled = clip.pooler_output.to(t5.device, t5.dtype)
+        return Conditioning(_repeat(t5, images_per_prompt), pooled_projections=_repeat(pooled, images_per_prompt)), None

@@ -19,7 +19,15 @@ import torch
 from difflower.errors import ArgumentError
 from difflower.reference.control import ControlInputs
 from difflower.reference.images import OUTPUT_TYPES, ImageInput, OutputType, default_size, image_size
-from difflower.reference.prompts import PromptInputs, SD3Prompts, SDPrompts, SDXLPrompts, as_prompt_list, finite
+from difflower.reference.prompts import (
+    FluxPrompts,
+    PromptInputs,
+    SD3Prompts,
+    SDPrompts,
+    SDXLPrompts,
+    as_prompt_list,
+    finite,
+)
 from difflower.reference.spec import PipelineSpec
 from difflower.reference.step_cache import CachePolicy, DeepCache, parse_cache
 
@@ -47,6 +55,7 @@ DEFAULTS: dict[tuple[str, Task], TaskDefaults] = {
     ("sd3", "txt2img"): TaskDefaults(28, 7.0),
     ("sd3", "img2img"): TaskDefaults(50, 7.0, 0.6),
     ("sd3", "inpaint"): TaskDefaults(50, 7.0, 0.6),
+    ("flux", "txt2img"): TaskDefaults(28, 3.5),
 }
 # Pipelines whose own defaults differ from their family's (diffusers' LatentConsistencyModel*Pipeline).
 PIPELINE_DEFAULTS: dict[tuple[str, Task], TaskDefaults] = {
@@ -134,6 +143,8 @@ def build_request(
     if mask_image is not None and image is None:
         raise ArgumentError("mask_image", "needs an image to inpaint; pass image= as well")
     task: Task = "txt2img" if image is None else ("inpaint" if mask_image is not None else "img2img")
+    if spec.family == "flux" and task != "txt2img":
+        raise ArgumentError("image", "Flux runs txt2img so far; img2img and inpainting are not supported yet")
     defaults = PIPELINE_DEFAULTS.get((spec.pipeline_class or "", task)) or DEFAULTS[(spec.family, task)]
     if spec.controlnets:
         defaults = CONTROL_DEFAULTS.get((spec.family, task), defaults)
@@ -189,7 +200,9 @@ def build_request(
     # 5. step caching: DeepCache splits a UNet (and not one driven by ControlNets' residuals), the
     # first-block cache a transformer
     policy = parse_cache(cache)
-    unet = spec.family != "sd3"
+    unet = not spec.is_transformer
+    if spec.family == "flux" and policy is not None:
+        raise ArgumentError("cache", "step caching of Flux is not supported yet")
     if isinstance(policy, DeepCache) and not unet:
         raise ArgumentError("cache", "deepcache splits a UNet; SD3 is a transformer: use first-block")
     if isinstance(policy, DeepCache) and control is not None:
@@ -199,8 +212,9 @@ def build_request(
     if isinstance(policy, DeepCache):
         policy.refresh_steps(steps)  # a non-uniform schedule this run cannot have: refused before any work
 
-    # A guidance-distilled UNet takes the guidance scale as an input instead: no doubled batch.
-    cfg = guidance > 1.0 and spec.time_cond_proj_dim is None
+    # A guidance-distilled UNet takes the guidance scale as an input instead: no doubled batch. So does
+    # FLUX.1-dev (schnell has no guidance at all).
+    cfg = guidance > 1.0 and spec.time_cond_proj_dim is None and spec.family != "flux"
     return GenerateRequest(
         task=task,
         cfg=cfg,
@@ -239,7 +253,7 @@ def _positive_int(value: Any, argument: str) -> int:
 def _size(spec: PipelineSpec, task: Task, image: ImageInput | None, height: int | None, width: int | None):
     """diffusers' default size: the denoiser's sample size, or the input image's for SD/SDXL img2img."""
     multiple = spec.size_multiple
-    if task == "img2img" and spec.family != "sd3" and height is None and width is None:
+    if task == "img2img" and not spec.is_transformer and height is None and width is None:
         assert image is not None
         image_h, image_w = image_size(image)
         if image_h < multiple or image_w < multiple:
@@ -268,6 +282,7 @@ def _prompt_inputs(
         "sd": SDPrompts.build,
         "sdxl": SDXLPrompts.build,
         "sd3": SD3Prompts.build,
+        "flux": FluxPrompts.build,
     }
     parameters = inspect.signature(builders[spec.family]).parameters.values()
     accepted = {p.name for p in parameters if p.kind == p.KEYWORD_ONLY}
@@ -286,5 +301,11 @@ def _prompt_inputs(
             requires_aesthetics_score=spec.requires_aesthetics_score,
             **options,
         )
+    if spec.family == "flux":
+        if options.pop("negative_prompt") is not None:
+            raise ArgumentError(
+                "negative_prompt", "Flux's guidance is distilled, so it reads no negative prompt (true CFG: not yet)"
+            )
+        return FluxPrompts.build(prompts, do_cfg, **options)
     assert spec.joint_attention_dim is not None  # every SD3 spec has one
     return SD3Prompts.build(prompts, do_cfg, joint_attention_dim=spec.joint_attention_dim, has_t5=has_t5, **options)

@@ -12,7 +12,18 @@ from typing import Any
 import torch
 
 from difflower.reference.config import read_json
-from difflower.reference.loading import Family, ModelIndex, read_sd3_config, read_unet_config, read_vae_config
+from difflower.reference.loading import (
+    TRANSFORMER_FAMILIES,
+    Family,
+    ModelIndex,
+    read_flux_config,
+    read_sd3_config,
+    read_unet_config,
+    read_vae_config,
+)
+
+# FluxPipeline's default_sample_size: 128 latent pixels, 1024 image pixels (the transformer has no sample_size).
+FLUX_SAMPLE_SIZE = 128
 
 
 @dataclass(frozen=True)
@@ -45,11 +56,18 @@ class PipelineSpec:
     # pool the conditions (`global_pool_conditions`) guess mode is always on, as in diffusers.
     controlnets: int = 0
     controlnet_pools_conditions: bool = False
+    # FLUX.1-dev: the (distilled) guidance scale is an input of the transformer, not a doubled batch.
+    guidance_embeds: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vae_scale_factor", "latent_channels", "denoiser_in_channels", "sample_size", "patch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"field '{name}' must be at least 1, got {getattr(self, name)}")
+
+    @property
+    def is_transformer(self) -> bool:
+        """The denoiser is a transformer (SD3, Flux), not a UNet."""
+        return self.family in TRANSFORMER_FAMILIES
 
     @property
     def size_multiple(self) -> int:
@@ -100,6 +118,16 @@ def spec_from_configs(index: ModelIndex) -> PipelineSpec:
             denoiser_in_channels=denoiser.in_channels,
             sample_size=denoiser.sample_size,
             denoiser_channels=denoiser.num_attention_heads * denoiser.attention_head_dim,
+        )
+    elif index.family == "flux":
+        flux = read_flux_config(root / "transformer")
+        extra = dict(
+            patch_size=2,  # the pipeline packs 2x2 latent patches into one token
+            joint_attention_dim=flux.joint_attention_dim,
+            denoiser_in_channels=flux.in_channels // 4,  # the loop's latents are unpacked
+            sample_size=FLUX_SAMPLE_SIZE,
+            denoiser_channels=flux.inner_dim,
+            guidance_embeds=flux.guidance_embeds,
         )
     else:
         unet = read_unet_config(root / "unet")

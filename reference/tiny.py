@@ -41,6 +41,7 @@ from difflower.reference.loading import (
     read_unet_config,
     read_vae_config,
 )
+from difflower.reference.transformer_flux import FluxConfig, FluxTransformer2DModel
 from difflower.reference.transformer_sd3 import SD3Config, SD3Transformer2DModel
 from difflower.reference.unet_2d_condition import UNet2DConditionModel, UNetConfig
 
@@ -82,7 +83,7 @@ class TinySpec:
     scheduler: dict[str, Any]
     vae: VAEConfig
     unet: UNetConfig | None = None
-    transformer: SD3Config | None = None
+    transformer: SD3Config | FluxConfig | None = None
     clips: tuple[TinyCLIP, ...] = ()
     t5_d_model: int | None = None
     extra_index: dict[str, Any] = field(default_factory=dict)
@@ -116,6 +117,18 @@ _SDXL_SCHEDULER = {
     "use_karras_sigmas": False,
 }
 _SD3_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+# FLUX.1-dev's scheduler_config.json (schnell: no dynamic shifting, shift 1).
+_FLUX_SCHEDULER = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+_FLUX_SCHNELL_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0}
 
 _VAE4 = VAEConfig(
     block_out_channels=(16, 32, 32, 32),
@@ -128,7 +141,11 @@ _VAE4 = VAEConfig(
 )
 
 
-def tiny_spec(family: Family) -> TinySpec:
+# `difflower tiny --family`: the families, and FLUX.1-schnell beside dev (no guidance embedding).
+TINY_FAMILIES = (*FAMILIES, "flux-schnell")
+
+
+def tiny_spec(family: str) -> TinySpec:
     """The tiny checkpoint definition of a family."""
     if family == "sd":
         return TinySpec(
@@ -216,11 +233,39 @@ def tiny_spec(family: Family) -> TinySpec:
             t5_d_model=t5_d_model,
             extra_index={"feature_extractor": [None, None], "image_encoder": [None, None]},
         )
-    raise ArgumentError("--family", f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    if family in ("flux", "flux-schnell"):
+        dev = family == "flux"
+        return TinySpec(
+            family="flux",
+            pipeline_class="FluxPipeline",
+            scheduler=_FLUX_SCHEDULER if dev else _FLUX_SCHNELL_SCHEDULER,
+            vae=replace(
+                _VAE4,
+                latent_channels=16,
+                scaling_factor=0.3611,
+                shift_factor=0.1159,
+                use_quant_conv=False,
+                use_post_quant_conv=False,
+            ),
+            transformer=FluxConfig(
+                in_channels=64,
+                num_layers=2,
+                num_single_layers=2,
+                attention_head_dim=16,
+                num_attention_heads=2,
+                joint_attention_dim=32,
+                pooled_projection_dim=TinyCLIP().hidden_size,
+                guidance_embeds=dev,
+                axes_dims_rope=(4, 6, 6),
+            ),
+            clips=(TinyCLIP(),),
+            t5_d_model=32,
+        )
+    raise ArgumentError("--family", f"unknown family {family!r}; choose one of {', '.join(TINY_FAMILIES)}")
 
 
 def make_tiny_checkpoint(
-    out: Path | str, family: Family = "sd", seed: int = 0, overwrite: bool = False, spec: TinySpec | None = None
+    out: Path | str, family: str = "sd", seed: int = 0, overwrite: bool = False, spec: TinySpec | None = None
 ) -> Path:
     """Write a tiny random checkpoint of `family` to `out` (atomically) and return its path.
 
@@ -314,7 +359,10 @@ def _write_checkpoint(root: Path, spec: TinySpec, seed: int) -> None:
     if spec.unet is not None:
         _save_model(root / "unet", UNet2DConditionModel, spec.unet, "UNet2DConditionModel", seed)
         index["unet"] = ["diffusers", "UNet2DConditionModel"]
-    if spec.transformer is not None:
+    if isinstance(spec.transformer, FluxConfig):
+        _save_model(root / "transformer", FluxTransformer2DModel, spec.transformer, "FluxTransformer2DModel", seed)
+        index["transformer"] = ["diffusers", "FluxTransformer2DModel"]
+    elif spec.transformer is not None:
         _save_model(root / "transformer", SD3Transformer2DModel, spec.transformer, "SD3Transformer2DModel", seed)
         index["transformer"] = ["diffusers", "SD3Transformer2DModel"]
     _save_model(root / "vae", AutoencoderKL, spec.vae, "AutoencoderKL", seed + 1)

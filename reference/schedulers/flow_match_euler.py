@@ -77,6 +77,7 @@ class FlowMatchEulerScheduler(SchedulerBase[FlowMatchEulerConfig]):
 
     def __init__(self, config: FlowMatchEulerConfig):
         super().__init__(config)
+        self._sigmas: np.ndarray | None = None  # a caller's schedule, for the one set_timesteps call
         # The training sigmas' ends, which set_timesteps spaces between. With a static shift they
         # are already shifted here and get shifted again in set_timesteps: diffusers does this
         # (sigma_min grows slightly), so it is kept for parity.
@@ -86,6 +87,23 @@ class FlowMatchEulerScheduler(SchedulerBase[FlowMatchEulerConfig]):
             sigmas = config.shift * sigmas / (1 + (config.shift - 1) * sigmas)
         self._sigma_max = sigmas[0].item()
         self._sigma_min = sigmas[-1].item()
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int,
+        device: torch.device | str | None = None,
+        mu: float | None = None,
+        sigmas: np.ndarray | None = None,
+    ) -> FlowMatchEulerRun:
+        """A new run; `sigmas` (one per step, before the shift) replaces the evenly spaced ones, as
+        diffusers' `set_timesteps(sigmas=...)` (FluxPipeline passes 1 down to 1/steps)."""
+        self._sigmas = None if sigmas is None else np.asarray(sigmas).astype(np.float32)
+        if self._sigmas is not None and len(self._sigmas) != num_inference_steps:
+            raise ArgumentError("sigmas", f"has {len(self._sigmas)} entries for {num_inference_steps} steps")
+        try:
+            return super().set_timesteps(num_inference_steps, device, mu)
+        finally:
+            self._sigmas = None
 
     def _run(self, num_inference_steps: int, device: torch.device, mu: float | None) -> FlowMatchEulerRun:
         """A new run: n float32 timesteps (= sigma * T) and n + 1 sigmas ending in 0.
@@ -104,9 +122,12 @@ class FlowMatchEulerScheduler(SchedulerBase[FlowMatchEulerConfig]):
             raise ArgumentError("num_inference_steps", "shift_terminal needs at least 2 steps")
         T = config.num_train_timesteps
 
-        # 1. evenly spaced timesteps between the training ends, as float64
-        timesteps = np.linspace(self._sigma_max * T, self._sigma_min * T, num_inference_steps)
-        sigmas = timesteps / T
+        # 1. evenly spaced timesteps between the training ends, as float64 (or the caller's, float32)
+        if self._sigmas is not None:
+            sigmas = self._sigmas
+        else:
+            timesteps = np.linspace(self._sigma_max * T, self._sigma_min * T, num_inference_steps)
+            sigmas = timesteps / T
 
         # 2. shift towards high noise: static shift s maps sigma -> s sigma / (1 + (s - 1) sigma)
         if config.use_dynamic_shifting:

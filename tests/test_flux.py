@@ -1,0 +1,168 @@
+"""FLUX.1 (dev and schnell) on the eager reference, against diffusers on the same weights.
+
+Our FluxTransformer2DModel against diffusers' module (written by diffusers, loaded by us), and
+our pipeline against diffusers' FluxPipeline on tiny checkpoints `difflower tiny --family flux`
+and `flux-schnell` write: latents after every step and the image.
+"""
+
+from __future__ import annotations
+
+import diffusers  # the oracle: missing it fails the suite, never skips it
+import numpy as np
+import pytest
+import torch
+
+from difflower.cli import main
+from difflower.errors import ArgumentError
+from difflower.reference.loading import load_flux_transformer
+from difflower.reference.pipeline import load_pipeline
+from difflower.reference.tiny import make_tiny_checkpoint
+from difflower.reference.transformer_flux import image_ids, pack_latents, text_ids, unpack_latents
+
+TINY = dict(
+    patch_size=1,
+    in_channels=16,
+    num_layers=2,
+    num_single_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    pooled_projection_dim=24,
+    axes_dims_rope=(4, 6, 6),
+)
+
+
+def _inputs(config: dict, grid: tuple[int, int], text_tokens: int, guidance: bool, seed: int = 2) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    height, width = 2 * grid[0], 2 * grid[1]  # the latent size whose packed tokens form `grid`
+    return dict(
+        hidden_states=torch.randn(2, grid[0] * grid[1], config["in_channels"], generator=gen),
+        encoder_hidden_states=torch.randn(2, text_tokens, config["joint_attention_dim"], generator=gen),
+        pooled_projections=torch.randn(2, config["pooled_projection_dim"], generator=gen),
+        timestep=torch.tensor([0.0325, 0.87]),
+        img_ids=image_ids(height, width),
+        txt_ids=text_ids(text_tokens),
+        guidance=torch.tensor([3.5, 1.0]) if guidance else None,
+    )
+
+
+def _compare(config: dict, tmp_path, grid: tuple[int, int], text_tokens: int, atol: float) -> None:
+    torch.manual_seed(0)
+    theirs = diffusers.FluxTransformer2DModel(**config).eval()
+    with torch.no_grad():  # diffusers zero-initialises nothing we could hide behind; widen the weights anyway
+        for parameter in theirs.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    theirs.save_pretrained(tmp_path)
+    ours = load_flux_transformer(tmp_path)
+    inputs = _inputs(config, grid, text_tokens, config.get("guidance_embeds", False))
+    with torch.no_grad():
+        expected = theirs(**inputs).sample
+        actual = ours(**inputs).sample
+    assert actual.shape == expected.shape == inputs["hidden_states"].shape[:2] + (config["in_channels"],)
+    assert expected.abs().max() > 0.1  # a real signal, not an all-zero output
+    assert (actual - expected).abs().max().item() <= atol
+
+
+@pytest.mark.parametrize("guidance_embeds", [False, True], ids=["schnell", "dev"])
+@pytest.mark.parametrize("grid", [(4, 4), (3, 5)])
+def test_flux_transformer_matches_diffusers(tmp_path, guidance_embeds, grid):
+    _compare(dict(TINY, guidance_embeds=guidance_embeds), tmp_path, grid, text_tokens=7, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_flux_transformer_at_real_width_matches_diffusers(tmp_path):
+    """The FLUX.1-dev config (width 3072, 24 heads of 128, T5 and CLIP-L widths) at depth 1 + 1."""
+    config = dict(
+        patch_size=1,
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=128,
+        num_attention_heads=24,
+        joint_attention_dim=4096,
+        pooled_projection_dim=768,
+        guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56),
+    )
+    _compare(config, tmp_path, grid=(8, 8), text_tokens=16, atol=1e-4)
+
+
+def test_packing_round_trips_and_matches_diffusers():
+    latents = torch.randn(2, 16, 6, 10)
+    packed = pack_latents(latents)
+    assert packed.shape == (2, 15, 64)
+    torch.testing.assert_close(packed, diffusers.FluxPipeline._pack_latents(latents, 2, 16, 6, 10), rtol=0, atol=0)
+    assert torch.equal(unpack_latents(packed, 6, 10), latents)
+    expected_ids = diffusers.FluxPipeline._prepare_latent_image_ids(2, 3, 5, "cpu", torch.float32)
+    assert torch.equal(image_ids(6, 10), expected_ids)
+
+
+@pytest.fixture(scope="module")
+def flux_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flux")
+    return {family: make_tiny_checkpoint(root / family, family, seed=0) for family in ("flux", "flux-schnell")}
+
+
+@pytest.mark.parametrize(
+    "family, options",
+    [
+        ("flux", dict(num_inference_steps=4, height=64, width=48)),  # dev: guidance 3.5, dynamic shift
+        ("flux", dict(num_inference_steps=3, height=32, width=64, guidance_scale=5.0, num_images_per_prompt=2)),
+        ("flux", dict(num_inference_steps=2, height=32, width=32, max_sequence_length=16, prompt_2="a blue lake")),
+        ("flux-schnell", dict(num_inference_steps=2, height=48, width=32, guidance_scale=0.0)),
+    ],
+)
+def test_flux_pipeline_matches_diffusers(flux_dirs, family, options):
+    theirs = diffusers.FluxPipeline.from_pretrained(flux_dirs[family])
+    theirs.set_progress_bar_config(disable=True)
+    seen: list[torch.Tensor] = []
+
+    def keep(_pipe, _step, _t, tensors):
+        seen.append(tensors["latents"].clone())
+        return tensors
+
+    prompts = ["a red castle", "a watercolor lighthouse"]
+    expected = theirs(
+        prompts, generator=torch.Generator().manual_seed(3), output_type="np", callback_on_step_end=keep, **options
+    ).images
+    ours = load_pipeline(flux_dirs[family])
+    result = ours(prompts, seed=3, output_type="np", return_trajectory=True, progress=False, **options)
+    assert len(result.trajectory) == len(seen) == options["num_inference_steps"]
+    for step, (theirs_latents, our_latents) in enumerate(zip(seen, result.trajectory, strict=True)):
+        assert (pack_latents(our_latents) - theirs_latents).abs().max().item() <= 1e-4, step
+    assert result.images.shape == expected.shape
+    assert np.abs(result.images - expected).max() <= 1e-3
+    assert expected.std() > 0.01  # an image, not a flat field
+
+
+def test_flux_refuses_what_it_does_not_run_yet(flux_dirs, tmp_path, capsys):
+    pipe = load_pipeline(flux_dirs["flux"])
+    cases = [
+        (dict(negative_prompt="blurry"), "negative_prompt"),
+        (dict(image=np.zeros((32, 32, 3), np.uint8)), "image"),
+        (dict(cache="first-block:interval=2"), "cache"),
+        (dict(max_sequence_length=600), "max_sequence_length"),
+        (dict(height=40), "height"),  # Flux sizes are multiples of 16 (8 for the VAE, 2 for the packing)
+    ]
+    for options, argument in cases:
+        with pytest.raises(ArgumentError) as refused:
+            pipe("a red castle", num_inference_steps=1, progress=False, **options)
+        assert refused.value.name == argument, refused.value
+    out = tmp_path / "art"
+    assert main(["export", str(flux_dirs["flux"]), "--backend", "onnx", "--out", str(out)]) == 2
+    assert "FLUX.1 checkpoint: its export is not built yet" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_generate_and_tiny_commands_run_flux(flux_dirs, tmp_path, capsys):
+    out = tmp_path / "flux.png"
+    argv = ["generate", str(flux_dirs["flux"]), "--prompt", "a red castle", "--steps", "2", "--seed", "5"]
+    threads = str(torch.get_num_threads())  # float sums depend on how the work is split
+    assert main([*argv, "--height", "32", "--width", "48", "--threads", threads, "-o", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    import PIL.Image
+
+    expected = load_pipeline(flux_dirs["flux"])(
+        "a red castle", num_inference_steps=2, seed=5, height=32, width=48, progress=False
+    ).images[0]
+    assert np.array_equal(np.asarray(PIL.Image.open(out)), np.asarray(expected))
