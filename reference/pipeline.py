@@ -386,7 +386,7 @@ class DiffusionPipeline:
     def _start_index(self, request: GenerateRequest) -> int:
         """How many scheduled steps img2img/inpainting skip (SD3 rounds differently from SD/SDXL)."""
         steps, strength = request.steps, request.strength
-        if self.spec.family == "sd3":
+        if self.spec.is_transformer:
             return int(max(steps - min(steps * strength, steps), 0))
         return max(steps - min(int(steps * strength), steps), 0)
 

@@ -56,6 +56,8 @@ DEFAULTS: dict[tuple[str, Task], TaskDefaults] = {
     ("sd3", "img2img"): TaskDefaults(50, 7.0, 0.6),
     ("sd3", "inpaint"): TaskDefaults(50, 7.0, 0.6),
     ("flux", "txt2img"): TaskDefaults(28, 3.5),
+    ("flux", "img2img"): TaskDefaults(28, 7.0, 0.6),
+    ("flux", "inpaint"): TaskDefaults(28, 7.0, 0.6),
 }
 # Pipelines whose own defaults differ from their family's (diffusers' LatentConsistencyModel*Pipeline).
 PIPELINE_DEFAULTS: dict[tuple[str, Task], TaskDefaults] = {
@@ -143,8 +145,6 @@ def build_request(
     if mask_image is not None and image is None:
         raise ArgumentError("mask_image", "needs an image to inpaint; pass image= as well")
     task: Task = "txt2img" if image is None else ("inpaint" if mask_image is not None else "img2img")
-    if spec.family == "flux" and task != "txt2img":
-        raise ArgumentError("image", "Flux runs txt2img so far; img2img and inpainting are not supported yet")
     defaults = PIPELINE_DEFAULTS.get((spec.pipeline_class or "", task)) or DEFAULTS[(spec.family, task)]
     if spec.controlnets:
         defaults = CONTROL_DEFAULTS.get((spec.family, task), defaults)
