@@ -26,16 +26,19 @@ from difflower.reference.loading import (
     ControlNetSource,
     ModelIndex,
     load_controlnet,
+    load_flux_transformer,
     load_sd3_transformer,
     load_text_encoder,
     load_unet,
     load_vae,
+    read_flux_config,
     read_sd3_config,
     read_unet_config,
     read_vae_config,
 )
 from difflower.reference.lora import Lora, fuse_loras
 from difflower.reference.step_cache import CacheGraphs
+from difflower.reference.transformer_flux import image_ids, text_ids
 from difflower.reference.unet_2d_condition import UNetConfig, skip_shapes
 
 ComponentKind = Literal[
@@ -96,6 +99,7 @@ class ShapePlan:
             "t5_sequence": self.t5_sequence_length,
             "context_sequence": clip_length,
             "joint_sequence": clip_length + self.t5_sequence_length,
+            "image_tokens": (latent_h // 2) * (latent_w // 2),  # Flux: 2x2 latent patches
         }
 
     def parity_bucket(self, native_size: int) -> Bucket:
@@ -155,9 +159,12 @@ def component_specs(
     for suffix in ("", "_2", "_3"):
         name = "text_encoder" + suffix
         if name in index.components:
-            specs.append(_text_encoder_spec(name, index.components[name][1], root / name))
+            pooled = index.family == "flux"  # Flux reads CLIP's pooled output
+            specs.append(_text_encoder_spec(name, index.components[name][1], root / name, pooled))
     deepcache_branch = cache_graphs.branch if cache_graphs is not None and cache_graphs.kind == "deepcache" else None
-    if index.family == "sd3":
+    if index.family == "flux":
+        specs.append(_flux_transformer_spec(root / "transformer"))
+    elif index.family == "sd3":
         first_block = cache_graphs is not None and cache_graphs.kind == "first-block"
         specs += _transformer_specs(root / "transformer", first_block)
     else:
@@ -195,7 +202,7 @@ def component_specs(
     return specs
 
 
-def _text_encoder_spec(name: str, class_name: str, folder: Path) -> ComponentSpec:
+def _text_encoder_spec(name: str, class_name: str, folder: Path, pooled: bool = False) -> ComponentSpec:
     config = read_json(folder / "config.json")
     if class_name == "T5EncoderModel":
         facts = {"vocab_size": config.get("vocab_size", 32128), "eos_token_id": config.get("eos_token_id", 1)}
@@ -217,11 +224,14 @@ def _text_encoder_spec(name: str, class_name: str, folder: Path) -> ComponentSpe
     ]
     if class_name == "CLIPTextModelWithProjection":
         outputs.append(_t("text_embeds", "float32", "batch", config.get("projection_dim")))
+    elif pooled:
+        outputs.append(_t("pooler_output", "float32", "batch", hidden))
     facts = {
         "vocab_size": config.get("vocab_size"),
         "eos_token_id": config.get("eos_token_id"),
         "num_hidden_layers": layers,
         "with_projection": class_name == "CLIPTextModelWithProjection",
+        **({"pooled_output": True} if pooled and class_name == "CLIPTextModel" else {}),
     }
     return ComponentSpec(
         name,
@@ -383,6 +393,26 @@ def _transformer_specs(folder: Path, first_block: bool = False) -> list[Componen
     ]
 
 
+def _flux_transformer_spec(folder: Path) -> ComponentSpec:
+    """The Flux transformer on packed latents: (B, image_tokens, 64) tokens with their position ids."""
+    config = read_flux_config(folder)
+    inputs = [
+        _t("hidden_states", "float32", "denoiser_batch", "image_tokens", config.in_channels),
+        _t("encoder_hidden_states", "float32", "denoiser_batch", "t5_sequence", config.joint_attention_dim),
+        _t("pooled_projections", "float32", "denoiser_batch", config.pooled_projection_dim),
+        _t("timestep", "float32", "denoiser_batch"),
+        _t("img_ids", "float32", "image_tokens", 3),
+        _t("txt_ids", "float32", "t5_sequence", 3),
+    ]
+    if config.guidance_embeds:
+        inputs.append(_t("guidance", "float32", "denoiser_batch"))
+    out = _t("out_hidden_states", "float32", "denoiser_batch", "image_tokens", config.channels_out)
+    facts = {"in_channels": config.in_channels, "guidance_embeds": config.guidance_embeds}
+    return ComponentSpec(
+        "transformer", "transformer", "transformer", "FluxTransformer2DModel", tuple(inputs), (out,), facts
+    )
+
+
 def concrete(spec: TensorSpec, dims: dict[str, int]) -> TensorSpec:
     """`spec` with every symbolic dim replaced by its value in `dims`."""
     return TensorSpec(spec.name, spec.dtype, tuple(dims[d] if isinstance(d, str) else d for d in spec.shape))
@@ -392,13 +422,15 @@ def concrete(spec: TensorSpec, dims: dict[str, int]) -> TensorSpec:
 
 
 class TextEncoderExport(nn.Module):
-    """input_ids -> (last_hidden_state, hidden_states[-2][, text_embeds]) or T5's last_hidden_state."""
+    """input_ids -> (last_hidden_state, hidden_states[-2][, text_embeds | pooler_output]) or T5's
+    last_hidden_state."""
 
-    def __init__(self, model: nn.Module, is_t5: bool, with_projection: bool):
+    def __init__(self, model: nn.Module, is_t5: bool, with_projection: bool, pooled_output: bool = False):
         super().__init__()
         self.model = model
         self.is_t5 = is_t5
         self.with_projection = with_projection
+        self.pooled_output = pooled_output
 
     def forward(self, input_ids: torch.Tensor):
         if self.is_t5:
@@ -406,6 +438,8 @@ class TextEncoderExport(nn.Module):
         out = self.model(input_ids, output_hidden_states=True)
         if self.with_projection:
             return out.last_hidden_state, out.hidden_states[-2], out.text_embeds
+        if self.pooled_output:
+            return out.last_hidden_state, out.hidden_states[-2], out.pooler_output
         return out.last_hidden_state, out.hidden_states[-2]
 
 
@@ -513,6 +547,22 @@ class TransformerExport(nn.Module):
         return (self.transformer(hidden_states, encoder_hidden_states, pooled_projections, timestep)[0],)
 
 
+class FluxExport(nn.Module):
+    """hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids[, guidance]
+    -> (out_hidden_states,): the Flux transformer on packed latents."""
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
+                guidance=None):  # fmt: skip
+        out = self.transformer(
+            hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance
+        )
+        return (out[0],)
+
+
 class TransformerFirstExport(nn.Module):
     """The transformer's inputs -> (first_block_hidden, first_block_residual): its first block alone."""
 
@@ -559,7 +609,10 @@ def wrap_module(spec: ComponentSpec, model: nn.Module) -> nn.Module:
     in eval mode. The wrapper shares the model's weights; it copies nothing."""
     if spec.kind == "text_encoder":
         module: nn.Module = TextEncoderExport(
-            model, spec.class_name == "T5EncoderModel", bool(spec.facts.get("with_projection"))
+            model,
+            spec.class_name == "T5EncoderModel",
+            bool(spec.facts.get("with_projection")),
+            bool(spec.facts.get("pooled_output")),
         )
     elif spec.kind == "unet":
         module = UNetExport(
@@ -575,6 +628,8 @@ def wrap_module(spec: ComponentSpec, model: nn.Module) -> nn.Module:
         )
     elif spec.kind == "controlnet":
         module = ControlNetExport(model, spec.facts["text_time"])
+    elif spec.kind == "transformer" and spec.class_name == "FluxTransformer2DModel":
+        module = FluxExport(model)
     elif spec.kind == "transformer":
         module = TransformerExport(model, bool(spec.facts.get("first_block_cache")))
     elif spec.kind == "transformer_first":
@@ -597,6 +652,8 @@ def load_export_module(spec: ComponentSpec, root: Path, loras: Sequence[Lora] = 
         model = load_text_encoder(folder, spec.class_name, torch.float32)
     elif spec.kind in ("unet", "unet_shallow"):
         model = load_unet(folder, torch.float32)
+    elif spec.class_name == "FluxTransformer2DModel":
+        model = load_flux_transformer(folder, torch.float32)
     elif spec.kind in ("transformer", "transformer_first", "transformer_tail"):
         model = load_sd3_transformer(folder, torch.float32)
     elif spec.kind == "controlnet":
@@ -628,8 +685,16 @@ def example_inputs(spec: ComponentSpec, dims: dict[str, int], seed: int = 0) -> 
             if eos is not None:
                 ids[:, shape[1] // 2 :] = int(eos)  # a prompt, then end-of-text padding as the tokenizer pads
             out[tensor.name] = ids
+        elif tensor.name == "timestep" and spec.class_name == "FluxTransformer2DModel":
+            out[tensor.name] = torch.full(shape, 0.6375)  # FluxPipeline passes t / 1000
         elif tensor.name == "timestep":
             out[tensor.name] = torch.full(shape, 637.5)
+        elif tensor.name == "img_ids":  # the packed tokens' (row, column) positions
+            out[tensor.name] = image_ids(dims["latent_height"], dims["latent_width"])
+        elif tensor.name == "txt_ids":
+            out[tensor.name] = text_ids(shape[0])
+        elif tensor.name == "guidance":  # FLUX.1-dev's distilled guidance scale
+            out[tensor.name] = torch.full(shape, 3.5)
         elif tensor.name == "timestep_cond":  # the embedding of a guidance scale of 7.5 (w - 1 = 6.5)
             out[tensor.name] = guidance_scale_embedding(torch.full((shape[0],), 6.5), shape[1])
         elif tensor.name == "conditioning_scales":  # guess mode's ramp at a scale of 0.8

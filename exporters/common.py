@@ -78,6 +78,7 @@ class ExportOptions:
     attention: str = "sdpa"
     fuse_qkv: bool = False  # the fuse_qkv module pass on the denoiser
     cfg: bool = True
+    t5_sequence_length: int = 256  # the T5 window the shapes are planned for (SD3's default; Flux: 512)
     allow_mismatch: bool = False
     overwrite: bool = False
     progress: bool = True
@@ -92,7 +93,7 @@ class ExportOptions:
 
     @property
     def plan(self) -> ShapePlan:
-        return ShapePlan(self.buckets, cfg=self.cfg)
+        return ShapePlan(self.buckets, cfg=self.cfg, t5_sequence_length=self.t5_sequence_length)
 
     def refuse_unknown(self, backend: str, allowed: set[str] | frozenset[str] | tuple[str, ...]) -> None:
         """ArgumentError naming the first backend option that `backend` does not take."""
@@ -196,13 +197,11 @@ class ExportPlan:
 def plan_export(backend: BackendExporter, model: Path | str, options: ExportOptions) -> ExportPlan:
     """Read checkpoint `model`, settle the shapes and check every option for `backend`."""
     index = read_model_index(model)
-    if index.family == "flux":
-        raise ArgumentError(
-            "MODEL",
-            f"{index.root} is a FLUX.1 checkpoint: its export is not built yet (generate and validate's "
-            "reference run it eagerly)",
-        )
     pipeline = spec_from_configs(index)
+    if index.family == "flux":  # distilled guidance: no doubled batch; FluxPipeline's T5 window
+        if options.cache_graphs is not None:
+            raise ArgumentError("--cache-graphs", "step caching of Flux is not supported yet")
+        options = replace(options, cfg=False, t5_sequence_length=512)
     controlnets = tuple(resolve_controlnet(source, index) for source in options.controlnets)
     if controlnets:
         pipeline = replace(

@@ -2,8 +2,8 @@
 
 - UNet self-attention: `to_q`, `to_k`, `to_v` -> `to_qkv` (one (3*inner, dim) projection);
 - UNet cross-attention: `to_k`, `to_v` -> `to_kv` (the context is projected once);
-- MMDiT joint attention: `to_q/k/v` -> `to_qkv` and the context stream's `add_q/k/v_proj`
-  -> `add_qkv`.
+- MMDiT joint attention (SD3, and Flux's double- and single-stream blocks): `to_q/k/v` -> `to_qkv`
+  and the context stream's `add_q/k/v_proj` -> `add_qkv`.
 
 The outputs are the same function (the fused weight is the concatenation; only the summation
 order inside a matmul can differ). A fused module still loads diffusers' keys: a load-state-dict
@@ -21,6 +21,7 @@ from torch import nn
 
 from difflower.graph_passes.base import PassDidNotFire, PassResult
 from difflower.reference.attention import Attention
+from difflower.reference.transformer_flux import FluxAttention
 from difflower.reference.transformer_sd3 import JointAttention
 
 PARAMS = ("weight", "bias")
@@ -73,7 +74,7 @@ def fuse_qkv(model: nn.Module, where: str = "model") -> PassResult:
             else:
                 _fuse(module, "to_qkv", ("to_q", "to_k", "to_v"))
                 counts["self-attention q|k|v"] += 1
-        elif isinstance(module, JointAttention):
+        elif isinstance(module, (JointAttention, FluxAttention)):  # Flux's: the same projection names
             attention_modules += 1
             if module.to_qkv is not None:
                 continue

@@ -29,6 +29,7 @@ from difflower.reference.request import GenerateRequest
 from difflower.reference.schedulers import load_scheduler
 from difflower.reference.spec import PipelineSpec
 from difflower.reference.step_cache import CacheGraphs, CachePolicy, DeepCache
+from difflower.reference.transformer_flux import image_ids, pack_latents, text_ids, unpack_latents
 from difflower.runtimes import ENGINES
 from difflower.runtimes.engine import Array, Engine, EngineInputError
 
@@ -47,6 +48,8 @@ class EngineModelCalls:
         self.engines = engines
         self.manifest = manifest
         self.denoiser = self._unet if "unet" in engines else self._transformer
+        if "transformer" in engines and any(t.name == "img_ids" for t in engines["transformer"].inputs):
+            self.denoiser = self._flux
         unet_inputs = engines["unet"].inputs if "unet" in engines else []
         self._residual_specs = [t for t in unet_inputs if t.name.startswith(RESIDUAL_PREFIXES)]
 
@@ -100,7 +103,9 @@ class EngineModelCalls:
         out = self._run(name, {"input_ids": input_ids.to(torch.int64)})
         names = [t.name for t in engine.outputs]
         penultimate = next((out[n] for n in names if n.startswith("hidden_states.")), None)
-        return TextEncoderOutput(out["last_hidden_state"], penultimate, out.get("text_embeds"))
+        return TextEncoderOutput(
+            out["last_hidden_state"], penultimate, out.get("text_embeds"), out.get("pooler_output")
+        )
 
     def _unet(
         self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning, residuals: Residuals | None = None
@@ -214,6 +219,23 @@ class EngineModelCalls:
         self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning, residuals: Residuals | None = None
     ) -> torch.Tensor:
         return self._run("transformer", self._transformer_inputs(sample, timestep, cond))["out_hidden_states"]
+
+    def _flux(
+        self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning, residuals: Residuals | None = None
+    ) -> torch.Tensor:
+        """The Flux transformer on the loop's (B, C, h, w) latents: packed in, unpacked out."""
+        height, width = sample.shape[-2:]
+        inputs = {
+            "hidden_states": pack_latents(sample).float(),
+            "encoder_hidden_states": cond.encoder_hidden_states.float(),
+            "pooled_projections": cond.pooled_projections.float(),
+            "timestep": (timestep / 1000).float(),  # FluxPipeline passes t in [0, 1]
+            "img_ids": image_ids(height, width),
+            "txt_ids": text_ids(cond.encoder_hidden_states.shape[1]),
+        }
+        if cond.guidance is not None:
+            inputs["guidance"] = cond.guidance.float()
+        return unpack_latents(self._run("transformer", inputs)["out_hidden_states"], height, width)
 
     def first_block(
         self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning

@@ -195,3 +195,57 @@ def test_generate_and_tiny_commands_run_flux(flux_dirs, tmp_path, capsys):
         "a red castle", num_inference_steps=2, seed=5, height=32, width=48, progress=False
     ).images[0]
     assert np.array_equal(np.asarray(PIL.Image.open(out)), np.asarray(expected))
+
+
+# -- export: every component through the backend, parity checked, and the one loop on the engines
+
+
+@pytest.mark.parametrize(
+    "backend, options",
+    [
+        ("onnx", dict(fuse_qkv=True)),
+        ("openvino", {}),
+        pytest.param("torchscript", {}, marks=pytest.mark.slow),
+    ],
+)
+def test_flux_exports_and_validates(flux_dirs, tmp_path, backend, options):
+    import difflower
+    from difflower.driver import export
+
+    out = tmp_path / backend
+    manifest = export(flux_dirs["flux"], backend, out, static=["1x64x64"], progress=False, **options)
+    assert manifest.shapes["cfg_doubles_denoiser_batch"] is False  # distilled guidance: no doubled batch
+    assert manifest.shapes["t5_sequence_length"] == 512  # FluxPipeline's window
+    names = [t.name for t in manifest.components["transformer"].inputs]
+    assert names == [
+        "hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids", "guidance"
+    ]  # fmt: skip
+    assert "pooler_output" in [t.name for t in manifest.components["text_encoder"].outputs]
+    if options.get("fuse_qkv"):  # 2 double-stream blocks (both streams) and 2 single-stream blocks
+        fused = next(p for p in manifest.passes if p["name"] == "fuse_qkv")
+        assert fused["rewrites"] == {"joint image q|k|v": 4, "joint context q|k|v": 2}
+        assert fused["parity"]["max_abs_vs_unfused"] <= 1e-5
+    report = difflower.validate(out, flux_dirs["flux"], steps=4)
+    assert report.passed, report
+
+
+def test_flux_dynamic_onnx_serves_several_sizes_and_img2img(flux_dirs, tmp_path):
+    import difflower
+    from difflower.driver import export
+
+    out = tmp_path / "dynamic"
+    export(
+        flux_dirs["flux"], "onnx", out, static=["1x64x64", "1x32x48", "1x48x32"], progress=False
+    )  # one dynamic graph
+    artifact, eager = difflower.load(out), load_pipeline(flux_dirs["flux"])
+    rng = np.random.default_rng(1)
+    init = rng.integers(0, 255, (48, 32, 3), dtype=np.uint8)
+    for options in (
+        dict(height=32, width=48),
+        dict(height=64, width=64),
+        dict(image=init, strength=0.8, height=48, width=32),
+    ):
+        run = dict(num_inference_steps=3, seed=4, output_type="np", progress=False, **options)
+        expected = eager("a red castle", **run).images
+        actual = artifact("a red castle", **run).images
+        assert actual.shape == expected.shape and np.abs(actual - expected).max() <= 1e-3, options
