@@ -197,6 +197,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         check_memory=not args.no_memory_check,
         cache=args.cache,
         **_control_arguments(args, controls),
+        **({"true_cfg_scale": args.true_cfg_scale} if args.true_cfg_scale is not None else {}),
     )
     load_options = dict(
         dtype=args.dtype,
@@ -603,6 +604,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default: the family's)")
     gen.add_argument("--guidance", type=finite_float, default=None, help="classifier-free guidance scale")
+    gen.add_argument(
+        "--true-cfg-scale", type=finite_float, default=None, help="Flux: true CFG with --negative-prompt (> 1)"
+    )
     gen.add_argument("--scheduler", default=None, help="swap the scheduler: euler, euler-a, ddim, pndm, dpm++2m, ...")
     gen.add_argument("--seed", type=non_negative_int, default=0)
     gen.add_argument("--height", type=positive_int, default=None)

@@ -130,7 +130,7 @@ def denoise(
             prediction = cached(calls, i - start, model_input, timestep, cond)
         if request.do_cfg:
             uncond, text = prediction.chunk(2)  # (B, C, h, w) each: negatives first
-            prediction = uncond + request.guidance_scale * (text - uncond)
+            prediction = uncond + request.cfg_scale * (text - uncond)
         latents = run.step(prediction, i, latents, generator=request.generator)
         if blend:
             latents = _blend(latents, state, run, i, request.do_cfg)

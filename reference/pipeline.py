@@ -349,7 +349,8 @@ class DiffusionPipeline:
             w_embedding = guidance_scale_embedding(w, spec.time_cond_proj_dim)
             cond = replace(cond, timestep_cond=w_embedding.to(self.device, dtype))
         if spec.guidance_embeds:  # FLUX.1-dev: the guidance scale is an input of the transformer
-            cond = replace(cond, guidance=torch.full((request.batch,), request.guidance_scale, dtype=torch.float32))
+            batch = cond.encoder_hidden_states.shape[0]  # both halves under true CFG
+            cond = replace(cond, guidance=torch.full((batch,), request.guidance_scale, dtype=torch.float32))
 
         # 3. the control images, the starting latents (drawing the generator in diffusers'
         #    order), then the loop

@@ -408,9 +408,10 @@ class SD3Prompts:
 
 @dataclass(frozen=True)
 class FluxPrompts:
-    """FLUX.1: prompts for CLIP (pooled) and T5 (the sequence); guidance is distilled, so no negatives."""
+    """FLUX.1: prompts for CLIP (pooled) and T5 (the sequence); negatives only for true CFG."""
 
     prompts: tuple[list[str], list[str]]
+    negatives: tuple[list[str], list[str]] | None
     max_sequence_length: int
 
     @staticmethod
@@ -418,25 +419,42 @@ class FluxPrompts:
         prompts: list[str],
         do_cfg: bool,
         *,
+        negative_prompt: str | list[str] | None = None,
         prompt_2: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
         max_sequence_length: int = 512,
     ) -> FluxPrompts:
-        assert not do_cfg  # Flux's guidance is an input of the transformer (true CFG is not supported yet)
         if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int):
             raise ArgumentError("max_sequence_length", f"must be an int, got {max_sequence_length!r}")
         if not 1 <= max_sequence_length <= 512:
             raise ArgumentError("max_sequence_length", f"must be in 1..512 (T5's window), got {max_sequence_length}")
-        prompts_2 = as_negative_list(prompt_2, len(prompts), "prompt_2") if prompt_2 is not None else prompts
-        return FluxPrompts((prompts, prompts_2), max_sequence_length)
+        n = len(prompts)
+        prompts_2 = as_negative_list(prompt_2, n, "prompt_2") if prompt_2 is not None else prompts
+        negatives = None
+        if do_cfg:  # true CFG (the request checked that a negative prompt is given)
+            first = as_negative_list(negative_prompt, n)
+            second = as_negative_list(negative_prompt_2, n, "negative_prompt_2") if negative_prompt_2 else first
+            negatives = (first, second)
+        elif negative_prompt_2 is not None:
+            raise ArgumentError("negative_prompt_2", "Flux reads it only with true CFG (true_cfg_scale > 1)")
+        return FluxPrompts((prompts, prompts_2), negatives, max_sequence_length)
 
     def encode(
         self, text: TextEncoderCall, tokenizers: dict[str, Any], images_per_prompt: int
     ) -> tuple[Conditioning, Conditioning | None]:
+        positive = self._encode(text, tokenizers, self.prompts, images_per_prompt)
+        if self.negatives is None:
+            return positive, None
+        return positive, self._encode(text, tokenizers, self.negatives, images_per_prompt)
+
+    def _encode(
+        self, text: TextEncoderCall, tokenizers: dict[str, Any], prompts: tuple[list[str], list[str]], repeat: int
+    ) -> Conditioning:
         clip_tokenizer = tokenizers["text_encoder"]
-        clip = text("text_encoder", tokenize(clip_tokenizer, self.prompts[0], clip_tokenizer.model_max_length))
+        clip = text("text_encoder", tokenize(clip_tokenizer, prompts[0], clip_tokenizer.model_max_length))
         if clip.pooler_output is None:
             raise ArgumentError("text_encoder", "must return its pooled output (Flux reads CLIP's pooler_output)")
-        ids = tokenize(tokenizers["text_encoder_2"], self.prompts[1], self.max_sequence_length)
+        ids = tokenize(tokenizers["text_encoder_2"], prompts[1], self.max_sequence_length)
         t5 = text("text_encoder_2", ids).last_hidden_state  # (B, L, joint_dim)
         pooled = clip.pooler_output.to(t5.device, t5.dtype)
-        return Conditioning(_repeat(t5, images_per_prompt), pooled_projections=_repeat(pooled, images_per_prompt)), None
+        return Conditioning(_repeat(t5, repeat), pooled_projections=_repeat(pooled, repeat))

@@ -97,6 +97,7 @@ class GenerateRequest:
     progress: bool
     control: ControlInputs | None = None  # the ControlNets' images, scales and windows
     cache: CachePolicy | None = None  # a step-caching policy the loop consults each step
+    true_cfg_scale: float | None = None  # Flux's true CFG: the scale mixing the halves (guidance is embedded)
 
     @property
     def batch(self) -> int:
@@ -106,6 +107,11 @@ class GenerateRequest:
     @property
     def do_cfg(self) -> bool:
         return self.cfg
+
+    @property
+    def cfg_scale(self) -> float:
+        """The scale of the guidance mix of the CFG halves: the guidance scale, or Flux's true_cfg_scale."""
+        return self.guidance_scale if self.true_cfg_scale is None else self.true_cfg_scale
 
 
 def build_request(
@@ -213,8 +219,21 @@ def build_request(
         policy.refresh_steps(steps)  # a non-uniform schedule this run cannot have: refused before any work
 
     # A guidance-distilled UNet takes the guidance scale as an input instead: no doubled batch. So does
-    # FLUX.1-dev (schnell has no guidance at all).
+    # FLUX.1-dev (schnell has no guidance at all); Flux doubles it only for true CFG, as FluxPipeline
+    # runs the transformer on the negative prompt when true_cfg_scale > 1 and one is given.
     cfg = guidance > 1.0 and spec.time_cond_proj_dim is None and spec.family != "flux"
+    true_cfg = None
+    if spec.family == "flux":
+        true_cfg = finite(family_options.pop("true_cfg_scale", 1.0), "true_cfg_scale")
+        cfg = true_cfg > 1.0
+        if cfg and negative_prompt is None:
+            raise ArgumentError(
+                "true_cfg_scale", "true CFG needs a negative_prompt (FluxPipeline would run without it)"
+            )
+        if not cfg and negative_prompt is not None:
+            raise ArgumentError(
+                "negative_prompt", "Flux reads a negative prompt only with true_cfg_scale > 1 (true CFG); set it"
+            )
     return GenerateRequest(
         task=task,
         cfg=cfg,
@@ -241,6 +260,7 @@ def build_request(
         progress=progress,
         control=control,
         cache=policy,
+        true_cfg_scale=true_cfg if cfg else None,
     )
 
 
@@ -302,10 +322,6 @@ def _prompt_inputs(
             **options,
         )
     if spec.family == "flux":
-        if options.pop("negative_prompt") is not None:
-            raise ArgumentError(
-                "negative_prompt", "Flux's guidance is distilled, so it reads no negative prompt (true CFG: not yet)"
-            )
         return FluxPrompts.build(prompts, do_cfg, **options)
     assert spec.joint_attention_dim is not None  # every SD3 spec has one
     return SD3Prompts.build(prompts, do_cfg, joint_attention_dim=spec.joint_attention_dim, has_t5=has_t5, **options)

@@ -92,7 +92,7 @@ class EngineModelCalls:
                 + ("with" if cfg else "without")
                 + " classifier-free guidance doubling; use guidance_scale "
                 + ("> 1" if cfg else "<= 1")
-                + " or re-export",
+                + " (Flux: true_cfg_scale with a negative prompt) or re-export",
             )
 
     def _run(self, name: str, inputs: dict[str, Array]) -> dict[str, torch.Tensor]:
