@@ -309,7 +309,8 @@ def test_validate_feeds_the_controlnets_and_passes(dirs, onnx_two):
     assert report.image["passed"]
 
 
-@pytest.mark.parametrize("backend", ["openvino", "torchscript"])
+# TorchScript repeats what OpenVINO's case checks of the static residual inputs: make test-slow
+@pytest.mark.parametrize("backend", ["openvino", pytest.param("torchscript", marks=pytest.mark.slow)])
 def test_static_sdxl_controlnet_artifacts_match_the_reference(dirs, tmp_path, backend):
     """A static bucket: the residual inputs and the ControlNet's outputs at concrete halved sizes."""
     out = tmp_path / backend
@@ -374,7 +375,8 @@ def test_cli_tiny_export_info_and_generate_with_a_controlnet(tmp_path, monkeypat
     assert not (tmp_path / "none.png").exists() and not (tmp_path / "bad").exists()
 
 
-@pytest.mark.parametrize("backend", ["aoti", "coreml"])
+# AOTInductor's compile is the slowest of them (49 s) and test_aoti covers the backend: make test-slow
+@pytest.mark.parametrize("backend", [pytest.param("aoti", marks=pytest.mark.slow), "coreml"])
 def test_unet_and_controlnet_export_to_the_other_backends(dirs, tmp_path, backend):
     """AOTInductor compiles both with the residual inputs and meets the export gates here; Core ML
     converts them (its prediction, and so its parity, needs macOS)."""

@@ -232,7 +232,8 @@ def test_a_client_that_goes_away_never_reaches_the_engines(pipe, monkeypatch):
 def test_health_ready_manifest_and_shutdown_drains(pipe, monkeypatch):
     gate = Gate(pipe, monkeypatch)
     with serving(pipe) as (url, server), ThreadPoolExecutor(1) as pool:
-        assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+        health = httpx.get(f"{url}/health").json()
+        assert health["status"] == "ok" and health["replica"].endswith(f":{health['pid']}")  # who answered
         assert httpx.get(f"{url}/ready").json() == {"status": "ready"}
         manifest = httpx.get(f"{url}/v1/manifest").json()
         assert manifest["backend"] == "onnx" and manifest["precision"] == "fp32" and manifest["family"] == "sd"

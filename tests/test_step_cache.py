@@ -251,7 +251,12 @@ def test_first_block_fixed_interval_reuses_as_diffusers_does(tiny_dirs):
 
 @pytest.mark.parametrize(
     "family,backend,branch,static",
-    [("sd", "onnx", 0, []), ("sdxl", "openvino", 4, ["1x64x64"]), ("sd", "torchscript", 5, [])],
+    [
+        ("sd", "onnx", 0, []),
+        # a repeat of the mechanism on another backend and family (65 s): make test-slow
+        pytest.param("sdxl", "openvino", 4, ["1x64x64"], marks=pytest.mark.slow),
+        ("sd", "torchscript", 5, []),
+    ],
 )
 def test_cached_runs_on_artifacts_equal_the_reference(tiny_dirs, tmp_path, family, backend, branch, static):
     """--cache-graphs: the UNet also returns the feature and unet_shallow takes it; a cached run
