@@ -3,10 +3,10 @@
 Each replica loads the engines once and runs `serve.create_app` (batcher, queue, metrics, page)
 unchanged; Ray Serve's proxy takes the HTTP requests and its router spreads them over the replicas,
 restarts a replica that dies and, with `max_replicas`, adds and removes replicas with the load. So
-the one-machine server's contract holds per replica (429 from a full replica queue, 504, 499, 500
-for an engine error), and Ray adds its own: a replica that dies with requests in flight fails
-them with an error status (the client may retry), and a cluster whose replicas are all full
-answers 503.
+the one-machine server's contract holds per replica (504, 499, 500 for an engine error), and Ray
+adds its own: a replica takes at most its queue and a batch, then up to `queue_size` requests wait
+at the proxy and the next ones get Ray's 503 (where one server answers 429); a replica that dies
+with requests in flight fails them with a 500 from the proxy (the client may retry).
 
 On the command line: `difflower serve ART --ray --replicas 2 [--max-replicas 4]` starts (or, with
 `RAY_ADDRESS`, joins) a Ray cluster. With Ray's own CLI: `serve run difflower.serve_ray:app
@@ -87,7 +87,8 @@ def build(
         }
     deployment = DifflowerReplica.options(
         ray_actor_options=actor,
-        max_ongoing_requests=settings.queue_size + settings.max_batch,  # beyond: the replica's 429
+        max_ongoing_requests=settings.queue_size + settings.max_batch,  # what a replica's queue and batch hold
+        max_queued_requests=settings.queue_size,  # waiting for a replica past that: beyond, Ray's 503
         graceful_shutdown_timeout_s=settings.timeout_s,  # in-flight requests finish on shutdown
         health_check_period_s=5,
         **scaling,

@@ -167,7 +167,8 @@ def test_replica_resources_and_autoscaling_follow_the_flags(sd_onnx):
     settings = ServeSettings(max_batch=2, queue_size=8)
     fixed = build(sd_onnx, settings, replicas=2, threads=1)._bound_deployment
     assert fixed.num_replicas == 2 and fixed.ray_actor_options == {"num_cpus": 1}
-    assert fixed.max_ongoing_requests == 10  # the replica's queue and a batch; beyond, its own 429
+    assert fixed.max_ongoing_requests == 10  # what the replica's queue and a batch hold
+    assert fixed.max_queued_requests == 8  # then requests wait at the proxy, and beyond that get Ray's 503
     scaled = build(sd_onnx, settings, replicas=1, max_replicas=3)._bound_deployment
     autoscaling = scaled._deployment_config.autoscaling_config
     assert (autoscaling.min_replicas, autoscaling.max_replicas, autoscaling.target_ongoing_requests) == (1, 3, 2)
