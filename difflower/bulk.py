@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from difflower.errors import ArgumentError, DifflowerError
+from difflower.errors import ArgumentError, DifflowerError, reason_line
 
 PROMPT_WORDS = 40  # characters of the prompt in a file name
 
@@ -142,10 +142,6 @@ def run(
 
     if out_dir.exists() and not out_dir.is_dir():
         raise ArgumentError("--out-dir", f"{out_dir} is a file, not a folder")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ArgumentError("--out-dir", f"cannot create {out_dir} ({err.strerror})") from None
     todo = [t for t in tasks if not all((out_dir / name).exists() for name in t.names)]
     results = _on_ray(todo, model, load_options, call, workers) if ray else _here(todo, model, load_options, call)
     with tqdm(total=len(todo), disable=not progress, desc="generate", unit="prompt") as bar:
@@ -214,13 +210,7 @@ def _on_ray(todo: list[Task], model: str, load_options: dict[str, Any], call: di
                 task = by_index[int(row["index"])]
                 yield task, [row[f"png_{k}"] for k in range(len(task.names))]
         except ray.exceptions.RayError as err:
-            raise DifflowerError(f"a Ray worker failed: {_reason(err)}") from None
+            raise DifflowerError(f"a Ray worker failed: {reason_line(err)}") from None
     finally:
         if started:
             ray.shutdown()
-
-
-def _reason(err: Exception) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    ours = [line for line in lines if "Error:" in line]
-    return (ours or lines or [type(err).__name__])[-1]

@@ -29,3 +29,11 @@ class ArgumentError(DifflowerError):
         self.name = name
         self.detail = message
         super().__init__(f"argument {name}: {message}")
+
+
+def reason_line(err: BaseException) -> str:
+    """The line of a wrapped failure's text that says why (the last `...Error: ...` line, e.g. of
+    a Ray worker's or replica's traceback), else its last line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    ours = [line for line in lines if "Error:" in line]
+    return (ours or lines or [type(err).__name__])[-1]

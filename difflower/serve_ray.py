@@ -24,7 +24,7 @@ from typing import Any
 
 from ray import serve
 
-from difflower.errors import ArgumentError, DifflowerError
+from difflower.errors import ArgumentError, DifflowerError, reason_line
 from difflower.serve import ServeSettings, create_app
 
 APP_NAME = "difflower"
@@ -152,7 +152,7 @@ def run(application: Any, host: str, port: int, settings: ServeSettings) -> None
         try:
             serve.run(application, name=APP_NAME, route_prefix="/")
         except RuntimeError as err:  # a replica failed to start: Ray's message ends with the reason
-            raise DifflowerError(f"the replicas did not start: {_reason(err)}") from None
+            raise DifflowerError(f"the replicas did not start: {reason_line(err)}") from None
         print(f"serving on http://{host}:{port}/ with Ray Serve (Ctrl-C drains and stops)", flush=True)
         _wait_for_signal()
         serve.delete(APP_NAME)  # replicas finish their in-flight requests (graceful_shutdown_timeout_s)
@@ -175,10 +175,3 @@ def _wait_for_signal() -> None:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-
-
-def _reason(err: Exception) -> str:
-    """The line of a deploy failure that says why (difflower's own error if a replica raised one)."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    ours = [line for line in lines if "difflower.errors." in line or "Error:" in line]
-    return (ours or lines or [type(err).__name__])[-1]

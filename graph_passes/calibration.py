@@ -21,7 +21,7 @@ from difflower.graph_passes.base import PassDidNotFire
 from difflower.reference.control import edge_pattern
 from difflower.reference.pipeline import load_pipeline
 from difflower.reference.step_cache import CachePolicy, DeepCache, FirstBlockCache
-from difflower.reference.transformer_flux import image_ids, pack_latents, text_ids
+from difflower.reference.transformer_flux import packed_inputs
 
 PROMPTS_FILE = Path(__file__).with_name("calibration_prompts.txt")
 # The denoiser graphs int8 quantizes with calibrated activations: all but the first-block cache's
@@ -130,11 +130,8 @@ def _input_values(spec: ComponentSpec, names: list[str], method: str, args: tupl
         return None if feature is None else [*_unet_values(sample, timestep, cond), feature]
     sample, timestep, cond, *rest = args
     if spec.class_name == "FluxTransformer2DModel":  # packed, as the engine call packs them
-        height, width = sample.shape[-2:]
-        context = cond.encoder_hidden_states
-        values = [pack_latents(sample), context, cond.pooled_projections, timestep / 1000]
-        values += [image_ids(height, width), text_ids(context.shape[1])]
-        return values + ([cond.guidance] if cond.guidance is not None else [])
+        inputs = packed_inputs(sample, timestep, cond.encoder_hidden_states, cond.pooled_projections, cond.guidance)
+        return list(inputs.values())
     if spec.kind not in ("unet", "unet_shallow"):  # the transformer, or its first block
         return [sample, cond.encoder_hidden_states, cond.pooled_projections, timestep]
     values = _unet_values(sample, timestep, cond)

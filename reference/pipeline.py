@@ -48,7 +48,7 @@ from difflower.reference.schedulers import (
 )
 from difflower.reference.spec import PipelineSpec, spec_from_configs
 from difflower.reference.step_cache import CachePolicy, DeepCache
-from difflower.reference.transformer_flux import image_ids, pack_latents, text_ids, unpack_latents
+from difflower.reference.transformer_flux import packed_inputs, unpack_latents
 
 
 class TorchModelCalls:
@@ -147,17 +147,9 @@ class TorchModelCalls:
 
     def _flux(self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The Flux transformer on the loop's (B, C, h, w) latents: packed in, unpacked out."""
-        height, width = sample.shape[-2:]
-        out = self.components["transformer"](
-            hidden_states=pack_latents(sample),
-            encoder_hidden_states=cond.encoder_hidden_states,
-            pooled_projections=cond.pooled_projections,
-            timestep=timestep / 1000,  # FluxPipeline passes t in [0, 1]; the model scales it back
-            img_ids=image_ids(height, width, sample.device),
-            txt_ids=text_ids(cond.encoder_hidden_states.shape[1], sample.device),
-            guidance=cond.guidance,
-        )[0]
-        return unpack_latents(out, height, width)
+        assert cond.pooled_projections is not None  # FluxPrompts always sets CLIP's pooled output
+        inputs = packed_inputs(sample, timestep, cond.encoder_hidden_states, cond.pooled_projections, cond.guidance)
+        return unpack_latents(self.components["transformer"](**inputs)[0], *sample.shape[-2:])
 
     @staticmethod
     def _transformer_inputs(sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning):

@@ -331,3 +331,26 @@ def image_ids(height: int, width: int, device: torch.device | None = None) -> to
 def text_ids(tokens: int, device: torch.device | None = None) -> torch.Tensor:
     """The text tokens' positions: all zeros, (T, 3)."""
     return torch.zeros(tokens, 3, device=device)
+
+
+def packed_inputs(
+    sample: torch.Tensor,
+    timestep: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    pooled_projections: torch.Tensor,
+    guidance: torch.Tensor | None,
+) -> dict[str, torch.Tensor]:
+    """The transformer's inputs for the loop's (B, C, h, w) latents, by name and in the exported
+    graph's order: packed tokens, t / 1000 (as FluxPipeline passes it) and the position ids."""
+    height, width = sample.shape[-2:]
+    inputs = {
+        "hidden_states": pack_latents(sample),
+        "encoder_hidden_states": encoder_hidden_states,
+        "pooled_projections": pooled_projections,
+        "timestep": timestep / 1000,
+        "img_ids": image_ids(height, width, sample.device),
+        "txt_ids": text_ids(encoder_hidden_states.shape[1], sample.device),
+    }
+    if guidance is not None:
+        inputs["guidance"] = guidance
+    return inputs

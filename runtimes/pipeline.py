@@ -29,7 +29,7 @@ from difflower.reference.request import GenerateRequest
 from difflower.reference.schedulers import load_scheduler
 from difflower.reference.spec import PipelineSpec
 from difflower.reference.step_cache import CacheGraphs, CachePolicy, DeepCache
-from difflower.reference.transformer_flux import image_ids, pack_latents, text_ids, unpack_latents
+from difflower.reference.transformer_flux import packed_inputs, unpack_latents
 from difflower.runtimes import ENGINES
 from difflower.runtimes.engine import Array, Engine, EngineInputError
 
@@ -224,18 +224,9 @@ class EngineModelCalls:
         self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning, residuals: Residuals | None = None
     ) -> torch.Tensor:
         """The Flux transformer on the loop's (B, C, h, w) latents: packed in, unpacked out."""
-        height, width = sample.shape[-2:]
-        inputs = {
-            "hidden_states": pack_latents(sample).float(),
-            "encoder_hidden_states": cond.encoder_hidden_states.float(),
-            "pooled_projections": cond.pooled_projections.float(),
-            "timestep": (timestep / 1000).float(),  # FluxPipeline passes t in [0, 1]
-            "img_ids": image_ids(height, width),
-            "txt_ids": text_ids(cond.encoder_hidden_states.shape[1]),
-        }
-        if cond.guidance is not None:
-            inputs["guidance"] = cond.guidance.float()
-        return unpack_latents(self._run("transformer", inputs)["out_hidden_states"], height, width)
+        inputs = packed_inputs(sample, timestep, cond.encoder_hidden_states, cond.pooled_projections, cond.guidance)
+        out = self._run("transformer", {name: value.float() for name, value in inputs.items()})
+        return unpack_latents(out["out_hidden_states"], *sample.shape[-2:])
 
     def first_block(
         self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning
