@@ -162,10 +162,10 @@ def component_specs(
             pooled = index.family == "flux"  # Flux reads CLIP's pooled output
             specs.append(_text_encoder_spec(name, index.components[name][1], root / name, pooled))
     deepcache_branch = cache_graphs.branch if cache_graphs is not None and cache_graphs.kind == "deepcache" else None
+    first_block = cache_graphs is not None and cache_graphs.kind == "first-block"
     if index.family == "flux":
-        specs.append(_flux_transformer_spec(root / "transformer"))
+        specs += _flux_transformer_specs(root / "transformer", first_block)
     elif index.family == "sd3":
-        first_block = cache_graphs is not None and cache_graphs.kind == "first-block"
         specs += _transformer_specs(root / "transformer", first_block)
     else:
         specs.append(_unet_spec(root / "unet", residuals=bool(controlnets), deepcache_branch=deepcache_branch))
@@ -393,8 +393,9 @@ def _transformer_specs(folder: Path, first_block: bool = False) -> list[Componen
     ]
 
 
-def _flux_transformer_spec(folder: Path) -> ComponentSpec:
-    """The Flux transformer on packed latents: (B, image_tokens, 64) tokens with their position ids."""
+def _flux_transformer_specs(folder: Path, first_block: bool = False) -> list[ComponentSpec]:
+    """The Flux transformer on packed latents: (B, image_tokens, 64) tokens with their position ids;
+    with `first_block`, also the parts the first-block cache runs, on (B, image_tokens, D) tokens."""
     config = read_flux_config(folder)
     inputs = [
         _t("hidden_states", "float32", "denoiser_batch", "image_tokens", config.in_channels),
@@ -404,13 +405,29 @@ def _flux_transformer_spec(folder: Path) -> ComponentSpec:
         _t("img_ids", "float32", "image_tokens", 3),
         _t("txt_ids", "float32", "t5_sequence", 3),
     ]
+    conditioning = [inputs[2], inputs[3]]
     if config.guidance_embeds:
         inputs.append(_t("guidance", "float32", "denoiser_batch"))
+        conditioning.append(inputs[-1])
     out = _t("out_hidden_states", "float32", "denoiser_batch", "image_tokens", config.channels_out)
     facts = {"in_channels": config.in_channels, "guidance_embeds": config.guidance_embeds}
-    return ComponentSpec(
-        "transformer", "transformer", "transformer", "FluxTransformer2DModel", tuple(inputs), (out,), facts
+    cls = "FluxTransformer2DModel"
+    if not first_block:
+        return [ComponentSpec("transformer", "transformer", "transformer", cls, tuple(inputs), (out,), facts)]
+    tail, first, residual = (
+        _t(n, "float32", "denoiser_batch", "image_tokens", config.inner_dim)
+        for n in ("tail_residual", "first_block_hidden", "first_block_residual")
     )
+    cached = {**facts, "first_block_cache": True}
+    return [
+        ComponentSpec("transformer", "transformer", "transformer", cls, tuple(inputs), (out, tail), cached),
+        ComponentSpec(
+            "transformer_first", "transformer_first", "transformer", cls, tuple(inputs), (first, residual), cached
+        ),
+        ComponentSpec(
+            "transformer_tail", "transformer_tail", "transformer", cls, (first, tail, *conditioning), (out,), cached
+        ),
+    ]
 
 
 def concrete(spec: TensorSpec, dims: dict[str, int]) -> TensorSpec:
@@ -549,7 +566,24 @@ class TransformerExport(nn.Module):
 
 class FluxExport(nn.Module):
     """hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids[, guidance]
-    -> (out_hidden_states,): the Flux transformer on packed latents."""
+    -> (out_hidden_states,): the Flux transformer on packed latents; with `with_tail` also the tail
+    residual the first-block cache keeps."""
+
+    def __init__(self, transformer: nn.Module, with_tail: bool = False):
+        super().__init__()
+        self.transformer = transformer
+        self.with_tail = with_tail
+
+    def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
+                guidance=None):  # fmt: skip
+        inputs = (hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance)
+        if self.with_tail:
+            return self.transformer.forward_with_tail(*inputs)
+        return (self.transformer(*inputs)[0],)
+
+
+class FluxFirstExport(nn.Module):
+    """The Flux transformer's inputs -> (first_block_hidden, first_block_residual): its first block alone."""
 
     def __init__(self, transformer: nn.Module):
         super().__init__()
@@ -557,10 +591,22 @@ class FluxExport(nn.Module):
 
     def forward(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
                 guidance=None):  # fmt: skip
-        out = self.transformer(
+        return self.transformer.first_block(
             hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance
         )
-        return (out[0],)
+
+
+class FluxTailExport(nn.Module):
+    """first_block_hidden, tail_residual, pooled_projections, timestep[, guidance] -> (out_hidden_states,):
+    the packed output with every block after the first skipped."""
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, first_block_hidden, tail_residual, pooled_projections, timestep, guidance=None):
+        return (self.transformer.forward_from_cache(first_block_hidden, tail_residual, pooled_projections, timestep,
+                                                    guidance),)  # fmt: skip
 
 
 class TransformerFirstExport(nn.Module):
@@ -628,8 +674,10 @@ def wrap_module(spec: ComponentSpec, model: nn.Module) -> nn.Module:
         )
     elif spec.kind == "controlnet":
         module = ControlNetExport(model, spec.facts["text_time"])
-    elif spec.kind == "transformer" and spec.class_name == "FluxTransformer2DModel":
-        module = FluxExport(model)
+    elif spec.class_name == "FluxTransformer2DModel" and spec.kind == "transformer":
+        module = FluxExport(model, bool(spec.facts.get("first_block_cache")))
+    elif spec.class_name == "FluxTransformer2DModel":
+        module = (FluxFirstExport if spec.kind == "transformer_first" else FluxTailExport)(model)
     elif spec.kind == "transformer":
         module = TransformerExport(model, bool(spec.facts.get("first_block_cache")))
     elif spec.kind == "transformer_first":

@@ -651,7 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="deepcache[:interval=N,branch=K,center=C,pow=P]|first-block[:threshold=T|:interval=N]",
         help="step caching: DeepCache refreshes the deep UNet feature every N steps (default 3, branch 0), or "
-        "as often on the paper's non-uniform schedule crowding around step C; first-block reruns an SD3 "
+        "as often on the paper's non-uniform schedule crowding around step C; first-block reruns an SD3 or Flux "
         "transformer's later blocks when its first block's residual moves by more than T (default 0.05), "
         "or every N steps",
     )
@@ -718,7 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache-graphs",
         default=None,
         metavar="deepcache[:branch=K]|first-block",
-        help="also write the graphs a step cache needs (DeepCache for UNets, first-block for SD3 transformers)",
+        help="also write the graphs a step cache needs (DeepCache for UNets, first-block for SD3/Flux transformers)",
     )
     exp.add_argument("--no-cfg", action="store_true", help="static denoiser batch without guidance doubling")
     exp.add_argument("--device", default=None, help="torchscript, aoti: trace/compile on cpu (default) or cuda")

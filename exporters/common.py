@@ -53,6 +53,7 @@ from difflower.machine import machine_record
 from difflower.reference.loading import (
     ControlNetSource,
     ModelIndex,
+    read_flux_config,
     read_model_index,
     read_sd3_config,
     resolve_controlnet,
@@ -194,13 +195,22 @@ class ExportPlan:
         )
 
 
+TRANSFORMER_LABELS = {"sd3": "SD3", "flux": "Flux"}
+
+
+def _tail_blocks(index: ModelIndex) -> int:
+    """How many blocks follow the first in this checkpoint's transformer (what the first-block cache skips)."""
+    if index.family == "flux":
+        config = read_flux_config(index.root / "transformer")
+        return config.num_layers - 1 + config.num_single_layers if config.num_layers else 0
+    return read_sd3_config(index.root / "transformer").num_layers - 1
+
+
 def plan_export(backend: BackendExporter, model: Path | str, options: ExportOptions) -> ExportPlan:
     """Read checkpoint `model`, settle the shapes and check every option for `backend`."""
     index = read_model_index(model)
     pipeline = spec_from_configs(index)
     if index.family == "flux":  # distilled guidance: no doubled batch; FluxPipeline's T5 window
-        if options.cache_graphs is not None:
-            raise ArgumentError("--cache-graphs", "step caching of Flux is not supported yet")
         options = replace(options, cfg=False, t5_sequence_length=512)
     controlnets = tuple(resolve_controlnet(source, index) for source in options.controlnets)
     if controlnets:
@@ -218,14 +228,15 @@ def plan_export(backend: BackendExporter, model: Path | str, options: ExportOpti
             raise ArgumentError("--static", f"{bucket}: height and width must be multiples of {multiple}")
     graphs = options.cache_graphs
     if graphs is not None and graphs.kind == "deepcache":
-        if index.family == "sd3":
-            raise ArgumentError("--cache-graphs", "deepcache splits a UNet; SD3 is a transformer: use first-block")
+        if pipeline.is_transformer:
+            label = TRANSFORMER_LABELS[index.family]
+            raise ArgumentError("--cache-graphs", f"deepcache splits a UNet; {label} is a transformer: use first-block")
         if controlnets:
             raise ArgumentError("--cache-graphs", "deepcache with ControlNets is not supported yet; drop one of them")
     if graphs is not None and graphs.kind == "first-block":
-        if index.family != "sd3":
+        if not pipeline.is_transformer:
             raise ArgumentError("--cache-graphs", "first-block caches a transformer's blocks; for a UNet use deepcache")
-        if read_sd3_config(index.root / "transformer").num_layers < 2:
+        if _tail_blocks(index) < 1:
             raise ArgumentError("--cache-graphs", "first-block needs a transformer of two blocks or more")
     try:
         every = component_specs(index, controlnets, graphs)

@@ -21,7 +21,7 @@ from difflower.graph_passes.base import PassDidNotFire
 from difflower.reference.control import edge_pattern
 from difflower.reference.pipeline import load_pipeline
 from difflower.reference.step_cache import CachePolicy, DeepCache, FirstBlockCache
-from difflower.reference.transformer_flux import packed_inputs
+from difflower.reference.transformer_flux import cached_inputs, packed_inputs
 
 PROMPTS_FILE = Path(__file__).with_name("calibration_prompts.txt")
 # The denoiser graphs int8 quantizes with calibrated activations: all but the first-block cache's
@@ -124,6 +124,8 @@ def _input_values(spec: ComponentSpec, names: list[str], method: str, args: tupl
     """`spec`'s inputs, in order, from the arguments of a ModelCalls `method` (None: not this graph's call)."""
     if method == "denoiser_from_cache":
         first, tail, timestep, cond = args
+        if spec.class_name == "FluxTransformer2DModel":
+            return list(cached_inputs(first, tail, timestep, cond.pooled_projections, cond.guidance).values())
         return [first, tail, cond.pooled_projections, timestep]
     if method == "denoiser_deepcache":
         sample, timestep, cond, _branch, feature = args

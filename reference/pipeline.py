@@ -48,7 +48,7 @@ from difflower.reference.schedulers import (
 )
 from difflower.reference.spec import PipelineSpec, spec_from_configs
 from difflower.reference.step_cache import CachePolicy, DeepCache
-from difflower.reference.transformer_flux import packed_inputs, unpack_latents
+from difflower.reference.transformer_flux import cached_inputs, packed_inputs, tokens_to_grid, unpack_latents
 
 
 class TorchModelCalls:
@@ -69,8 +69,11 @@ class TorchModelCalls:
                 self.components["unet"].deepcache_split(request.cache.branch)
             except ValueError as err:
                 raise ArgumentError("cache", str(err)) from None
-        elif request.cache is not None and len(self.components["transformer"].transformer_blocks) < 2:
-            raise ArgumentError("cache", "first-block needs a transformer of two blocks or more")
+        elif request.cache is not None:
+            transformer = self.components["transformer"]
+            double = len(transformer.transformer_blocks)
+            if not double or double + len(getattr(transformer, "single_transformer_blocks", ())) < 2:
+                raise ArgumentError("cache", "first-block needs a transformer of two blocks or more")
 
     @torch.no_grad()
     def text_encoder(self, name: str, input_ids: torch.Tensor) -> TextEncoderOutput:
@@ -129,27 +132,37 @@ class TorchModelCalls:
     def first_block(
         self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.components["transformer"].first_block(*self._transformer_inputs(sample, timestep, cond))
+        transformer = self.components["transformer"]
+        if self.family != "flux":
+            return transformer.first_block(*self._transformer_inputs(sample, timestep, cond))
+        first, residual = transformer.first_block(**_flux_inputs(sample, timestep, cond))
+        return tokens_to_grid(first, *sample.shape[-2:]), tokens_to_grid(residual, *sample.shape[-2:])
 
     @torch.no_grad()
     def denoiser_with_tail(
         self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.components["transformer"].forward_with_tail(*self._transformer_inputs(sample, timestep, cond))
+        transformer = self.components["transformer"]
+        if self.family != "flux":
+            return transformer.forward_with_tail(*self._transformer_inputs(sample, timestep, cond))
+        output, tail = transformer.forward_with_tail(**_flux_inputs(sample, timestep, cond))
+        return unpack_latents(output, *sample.shape[-2:]), tokens_to_grid(tail, *sample.shape[-2:])
 
     @torch.no_grad()
     def denoiser_from_cache(
         self, first: torch.Tensor, tail_residual: torch.Tensor, timestep: torch.Tensor, cond: Conditioning
     ) -> torch.Tensor:
-        return self.components["transformer"].forward_from_cache(
-            first, tail_residual, cond.pooled_projections, timestep
-        )
+        transformer = self.components["transformer"]
+        if self.family != "flux":
+            return transformer.forward_from_cache(first, tail_residual, cond.pooled_projections, timestep)
+        assert cond.pooled_projections is not None  # FluxPrompts always sets CLIP's pooled output
+        inputs = cached_inputs(first, tail_residual, timestep, cond.pooled_projections, cond.guidance)
+        return unpack_latents(transformer.forward_from_cache(**inputs), first.shape[2] * 2, first.shape[3] * 2)
 
     def _flux(self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The Flux transformer on the loop's (B, C, h, w) latents: packed in, unpacked out."""
-        assert cond.pooled_projections is not None  # FluxPrompts always sets CLIP's pooled output
-        inputs = packed_inputs(sample, timestep, cond.encoder_hidden_states, cond.pooled_projections, cond.guidance)
-        return unpack_latents(self.components["transformer"](**inputs)[0], *sample.shape[-2:])
+        return unpack_latents(self.components["transformer"](**_flux_inputs(sample, timestep, cond))[0],
+                              *sample.shape[-2:])  # fmt: skip
 
     @staticmethod
     def _transformer_inputs(sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning):
@@ -188,6 +201,11 @@ class TorchModelCalls:
     def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.components["vae"]
         return vae.decode(latents.to(vae.dtype))[0]
+
+
+def _flux_inputs(sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> dict[str, torch.Tensor]:
+    assert cond.pooled_projections is not None  # FluxPrompts always sets CLIP's pooled output
+    return packed_inputs(sample, timestep, cond.encoder_hidden_states, cond.pooled_projections, cond.guidance)
 
 
 def _text_time(cond: Conditioning) -> dict[str, torch.Tensor] | None:

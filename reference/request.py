@@ -29,7 +29,7 @@ from difflower.reference.prompts import (
     finite,
 )
 from difflower.reference.spec import PipelineSpec
-from difflower.reference.step_cache import CachePolicy, DeepCache, parse_cache
+from difflower.reference.step_cache import CachePolicy, DeepCache, FirstBlockCache, parse_cache
 
 Task = Literal["txt2img", "img2img", "inpaint"]
 GeneratorArg = torch.Generator | Sequence[torch.Generator] | None
@@ -207,10 +207,9 @@ def build_request(
     # first-block cache a transformer
     policy = parse_cache(cache)
     unet = not spec.is_transformer
-    if spec.family == "flux" and policy is not None:
-        raise ArgumentError("cache", "step caching of Flux is not supported yet")
     if isinstance(policy, DeepCache) and not unet:
-        raise ArgumentError("cache", "deepcache splits a UNet; SD3 is a transformer: use first-block")
+        label = "Flux" if spec.family == "flux" else "SD3"
+        raise ArgumentError("cache", f"deepcache splits a UNet; {label} is a transformer: use first-block")
     if isinstance(policy, DeepCache) and control is not None:
         raise ArgumentError("cache", "deepcache with ControlNets is not supported yet; drop one of them")
     if policy is not None and not isinstance(policy, DeepCache) and unet:
@@ -233,6 +232,13 @@ def build_request(
         if not cfg and negative_prompt is not None:
             raise ArgumentError(
                 "negative_prompt", "Flux reads a negative prompt only with true_cfg_scale > 1 (true CFG); set it"
+            )
+        if cfg and isinstance(policy, FirstBlockCache) and policy.threshold is not None:
+            # FluxPipeline's cache keeps one state per half; the loop runs both halves in one call
+            raise ArgumentError(
+                "cache",
+                "true CFG with a first-block threshold would decide for both halves at once, where FluxPipeline "
+                "decides per half: use first-block:interval=N",
             )
     return GenerateRequest(
         task=task,

@@ -283,24 +283,79 @@ class FluxTransformer2DModel(nn.Module):
     ) -> TransformerOutput | tuple[torch.Tensor]:
         """hidden_states (B, N, in_channels), encoder_hidden_states (B, T, joint_dim), pooled (B, P),
         timestep (B,) in [0, 1], img_ids (N, 3), txt_ids (T, 3), guidance (B,) on dev."""
-        tokens = self.x_embedder(hidden_states)
-        timestep = timestep.to(tokens.dtype) * 1000
-        if self.config.guidance_embeds:
-            if guidance is None:
-                raise ValueError("this transformer embeds the guidance scale (guidance_embeds): pass `guidance`")
-            temb = self.time_text_embed(timestep, guidance.to(tokens.dtype) * 1000, pooled_projections)
-        else:
-            temb = self.time_text_embed(timestep, pooled_projections)
-        context = self.context_embedder(encoder_hidden_states)
-        rotary = rotary_tables(torch.cat([txt_ids, img_ids], dim=0), self.config.axes_dims_rope)
+        tokens, context, temb, rotary = self._embed(
+            hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance
+        )
         for block in self.transformer_blocks:
             context, tokens = block(tokens, context, temb, rotary)
+        output = self._project(self._single_blocks(context, tokens, temb, rotary), temb)
+        return TransformerOutput(output) if return_dict else (output,)
+
+    def _embed(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance):
+        """Image tokens (B, N, D), text tokens (B, T, D), the conditioning vector (B, D) and the rotary tables."""
+        tokens = self.x_embedder(hidden_states)
+        temb = self._conditioning(pooled_projections, timestep, guidance, tokens.dtype)
+        context = self.context_embedder(encoder_hidden_states)
+        rotary = rotary_tables(torch.cat([txt_ids, img_ids], dim=0), self.config.axes_dims_rope)
+        return tokens, context, temb, rotary
+
+    def _conditioning(self, pooled_projections, timestep, guidance, dtype: torch.dtype) -> torch.Tensor:
+        """The timestep (+ guidance) + pooled text vector (B, D) every block is modulated by."""
+        timestep = timestep.to(dtype) * 1000
+        if not self.config.guidance_embeds:
+            return self.time_text_embed(timestep, pooled_projections)
+        if guidance is None:
+            raise ValueError("this transformer embeds the guidance scale (guidance_embeds): pass `guidance`")
+        return self.time_text_embed(timestep, guidance.to(dtype) * 1000, pooled_projections)
+
+    def _single_blocks(self, context, tokens, temb, rotary) -> torch.Tensor:
+        """The single-stream blocks over [text ; image] -> the image tokens (B, N, D)."""
         n_text = context.shape[1]
         joint = torch.cat([context, tokens], dim=1)
         for single in self.single_transformer_blocks:
             joint = single(joint, temb, rotary)
-        output = self.proj_out(self.norm_out(joint[:, n_text:], temb))
-        return TransformerOutput(output) if return_dict else (output,)
+        return joint[:, n_text:]
+
+    def _project(self, tokens: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """Final modulation and projection: image tokens (B, N, D) -> packed output (B, N, out_channels)."""
+        return self.proj_out(self.norm_out(tokens, temb))
+
+    # -- first-block caching (diffusers' FirstBlockCache on FluxPipeline): the first double-stream
+    # -- block alone, the full pass with the tail residual, and the output from the first block's
+    # -- image tokens plus a cached tail residual. Tokens stay (B, N, D): N names the image size.
+
+    def first_block(
+        self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (the image tokens after the first block, that block's residual on them), both (B, N, D)."""
+        tokens, context, temb, rotary = self._embed(
+            hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance
+        )
+        _, first = self.transformer_blocks[0](tokens, context, temb, rotary)
+        return first, first - tokens
+
+    def forward_with_tail(
+        self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole transformer -> (its packed prediction, the tail residual (B, N, D): what every
+        block after the first added to the image tokens, the single-stream ones included)."""
+        tokens, context, temb, rotary = self._embed(
+            hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids, guidance
+        )
+        context, tokens = self.transformer_blocks[0](tokens, context, temb, rotary)
+        first = tokens
+        for block in self.transformer_blocks[1:]:
+            context, tokens = block(tokens, context, temb, rotary)
+        tokens = self._single_blocks(context, tokens, temb, rotary)
+        return self._project(tokens, temb), tokens - first
+
+    def forward_from_cache(
+        self, first_block_hidden, tail_residual, pooled_projections, timestep, guidance=None
+    ) -> torch.Tensor:
+        """The packed prediction from the first block's image tokens plus a cached tail residual,
+        every block after the first skipped."""
+        temb = self._conditioning(pooled_projections, timestep, guidance, first_block_hidden.dtype)
+        return self._project(tail_residual + first_block_hidden, temb)
 
 
 # -- the pipeline's side: 2x2 latent patches as tokens, and their positions
@@ -318,6 +373,17 @@ def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tenso
     batch, _, packed = tokens.shape
     patches = tokens.view(batch, height // 2, width // 2, packed // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
     return patches.reshape(batch, packed // 4, height, width)
+
+
+def tokens_to_grid(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, h/2 * w/2, D) image tokens of an (h, w) latent -> (B, D, h/2, w/2): the first-block cache
+    keeps its tensors as grids, so that its last graph's caller knows the image size."""
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], height // 2, width // 2)
+
+
+def grid_to_tokens(grid: torch.Tensor) -> torch.Tensor:
+    """(B, D, h/2, w/2) -> (B, h/2 * w/2, D)."""
+    return grid.flatten(2).transpose(1, 2)
 
 
 def image_ids(height: int, width: int, device: torch.device | None = None) -> torch.Tensor:
@@ -350,6 +416,25 @@ def packed_inputs(
         "timestep": timestep / 1000,
         "img_ids": image_ids(height, width, sample.device),
         "txt_ids": text_ids(encoder_hidden_states.shape[1], sample.device),
+    }
+    if guidance is not None:
+        inputs["guidance"] = guidance
+    return inputs
+
+
+def cached_inputs(
+    first: torch.Tensor,
+    tail_residual: torch.Tensor,
+    timestep: torch.Tensor,
+    pooled_projections: torch.Tensor,
+    guidance: torch.Tensor | None,
+) -> dict[str, torch.Tensor]:
+    """The inputs of `forward_from_cache` (and of its graph, in order) from the loop's grids."""
+    inputs = {
+        "first_block_hidden": grid_to_tokens(first),
+        "tail_residual": grid_to_tokens(tail_residual),
+        "pooled_projections": pooled_projections,
+        "timestep": timestep / 1000,
     }
     if guidance is not None:
         inputs["guidance"] = guidance

@@ -29,7 +29,7 @@ from difflower.reference.request import GenerateRequest
 from difflower.reference.schedulers import load_scheduler
 from difflower.reference.spec import PipelineSpec
 from difflower.reference.step_cache import CacheGraphs, CachePolicy, DeepCache
-from difflower.reference.transformer_flux import packed_inputs, unpack_latents
+from difflower.reference.transformer_flux import cached_inputs, packed_inputs, tokens_to_grid, unpack_latents
 from difflower.runtimes import ENGINES
 from difflower.runtimes.engine import Array, Engine, EngineInputError
 
@@ -47,9 +47,8 @@ class EngineModelCalls:
     def __init__(self, engines: dict[str, Engine], manifest: Manifest):
         self.engines = engines
         self.manifest = manifest
-        self.denoiser = self._unet if "unet" in engines else self._transformer
-        if "transformer" in engines and any(t.name == "img_ids" for t in engines["transformer"].inputs):
-            self.denoiser = self._flux
+        self.flux = "transformer" in engines and any(t.name == "img_ids" for t in engines["transformer"].inputs)
+        self.denoiser = self._flux if self.flux else self._unet if "unet" in engines else self._transformer
         unet_inputs = engines["unet"].inputs if "unet" in engines else []
         self._residual_specs = [t for t in unet_inputs if t.name.startswith(RESIDUAL_PREFIXES)]
 
@@ -224,25 +223,37 @@ class EngineModelCalls:
         self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning, residuals: Residuals | None = None
     ) -> torch.Tensor:
         """The Flux transformer on the loop's (B, C, h, w) latents: packed in, unpacked out."""
-        inputs = packed_inputs(sample, timestep, cond.encoder_hidden_states, cond.pooled_projections, cond.guidance)
-        out = self._run("transformer", {name: value.float() for name, value in inputs.items()})
+        out = self._run("transformer", _flux_inputs(sample, timestep, cond))
         return unpack_latents(out["out_hidden_states"], *sample.shape[-2:])
 
     def first_block(
         self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self._run("transformer_first", self._transformer_inputs(sample, timestep, cond))
-        return out["first_block_hidden"], out["first_block_residual"]
+        if not self.flux:
+            out = self._run("transformer_first", self._transformer_inputs(sample, timestep, cond))
+            return out["first_block_hidden"], out["first_block_residual"]
+        out = self._run("transformer_first", _flux_inputs(sample, timestep, cond))
+        grid = sample.shape[-2:]
+        return tokens_to_grid(out["first_block_hidden"], *grid), tokens_to_grid(out["first_block_residual"], *grid)
 
     def denoiser_with_tail(
         self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self._run("transformer", self._transformer_inputs(sample, timestep, cond))
-        return out["out_hidden_states"], out["tail_residual"]
+        if not self.flux:
+            out = self._run("transformer", self._transformer_inputs(sample, timestep, cond))
+            return out["out_hidden_states"], out["tail_residual"]
+        out = self._run("transformer", _flux_inputs(sample, timestep, cond))
+        grid = sample.shape[-2:]
+        return unpack_latents(out["out_hidden_states"], *grid), tokens_to_grid(out["tail_residual"], *grid)
 
     def denoiser_from_cache(
         self, first: torch.Tensor, tail_residual: torch.Tensor, timestep: torch.Tensor, cond: Conditioning
     ) -> torch.Tensor:
+        assert cond.pooled_projections is not None  # SD3 and Flux prompts always set it
+        if self.flux:
+            inputs = cached_inputs(first, tail_residual, timestep, cond.pooled_projections, cond.guidance)
+            out = self._run("transformer_tail", {name: value.float() for name, value in inputs.items()})
+            return unpack_latents(out["out_hidden_states"], first.shape[2] * 2, first.shape[3] * 2)
         inputs = {
             "first_block_hidden": first.float(),
             "tail_residual": tail_residual.float(),
@@ -384,3 +395,10 @@ def _load_tokenizers(manifest: Manifest, folder: Path) -> dict[str, Any]:
         vocab_size = manifest.components[encoder].config.get("vocab_size")
         check_tokenizer(tokenizers[name], folder / name, vocab_size if isinstance(vocab_size, int) else None, encoder)
     return tokenizers
+
+
+def _flux_inputs(sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> dict[str, torch.Tensor]:
+    """The Flux graphs' inputs, packed as the exported transformer takes them, in fp32."""
+    assert cond.pooled_projections is not None  # FluxPrompts always sets CLIP's pooled output
+    inputs = packed_inputs(sample, timestep, cond.encoder_hidden_states, cond.pooled_projections, cond.guidance)
+    return {name: value.float() for name, value in inputs.items()}

@@ -261,3 +261,23 @@ def test_cache_graphs_convert_with_their_extra_inputs_and_outputs(tiny_dirs, tmp
     cache_tensors = {"deepcache_feature", "first_block_hidden", "first_block_residual"}
     declared = {t.name for n in parts for t in (*manifest.components[n].inputs, *manifest.components[n].outputs)}
     assert declared & cache_tensors
+
+
+def test_flux_converts_with_its_cache_graphs(tmp_path):
+    """A tiny FLUX.1-dev, every component and the first-block cache's graphs, at a static 64x64:
+    each package declares the graph's tensors and its traced module equals the reference (prediction
+    itself needs macOS)."""
+    from difflower.reference.tiny import make_tiny_checkpoint
+
+    flux = make_tiny_checkpoint(tmp_path / "flux", "flux", seed=0)
+    manifest = export(flux, "coreml", tmp_path / "art", cache_graphs="first-block", static=["1x64x64"], progress=False)
+    assert set(manifest.components) == {"text_encoder", "text_encoder_2", "transformer", "transformer_first",
+                                        "transformer_tail", "vae_encoder", "vae_decoder"}  # fmt: skip
+    for name, record in manifest.components.items():
+        spec = ct.utils.load_spec(str(tmp_path / "art" / name / FILE))
+        assert [i.name for i in spec.description.input] == [t.name for t in record.inputs], name
+        assert {o.name for o in spec.description.output} == {coreml_name(t.name) for t in record.outputs}, name
+        assert record.config["torch_parity_max_abs"] <= 1e-5, name
+    transformer = manifest.components["transformer"]
+    assert [t.name for t in transformer.inputs][-3:] == ["img_ids", "txt_ids", "guidance"]
+    assert transformer.inputs[0].shape == (1, 16, 64)  # 64x64: an 8x8 latent of 16 channels in 2x2 patches

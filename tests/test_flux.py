@@ -172,7 +172,9 @@ def test_flux_refuses_what_it_does_not_run_yet(flux_dirs, tmp_path, capsys):
     cases = [
         (dict(negative_prompt="blurry"), "negative_prompt"),  # read only under true CFG: never ignored silently
         (dict(true_cfg_scale=2.0), "true_cfg_scale"),  # true CFG without a negative prompt
-        (dict(cache="first-block:interval=2"), "cache"),
+        (dict(cache="deepcache"), "cache"),  # a UNet's cache
+        # FluxPipeline decides per CFG half; the loop would decide for the doubled batch
+        (dict(cache="first-block:threshold=0.5", true_cfg_scale=2.0, negative_prompt="dark"), "cache"),
         (dict(max_sequence_length=600), "max_sequence_length"),
         (dict(height=40), "height"),  # Flux sizes are multiples of 16 (8 for the VAE, 2 for the packing)
     ]
@@ -181,9 +183,9 @@ def test_flux_refuses_what_it_does_not_run_yet(flux_dirs, tmp_path, capsys):
             pipe("a red castle", num_inference_steps=1, progress=False, **options)
         assert refused.value.name == argument, refused.value
     out = tmp_path / "art"
-    argv = ["export", str(flux_dirs["flux"]), "--backend", "onnx", "--out", str(out), "--cache-graphs", "first-block"]
+    argv = ["export", str(flux_dirs["flux"]), "--backend", "onnx", "--out", str(out), "--cache-graphs", "deepcache"]
     assert main(argv) == 2
-    assert "--cache-graphs: step caching of Flux is not supported yet" in capsys.readouterr().err
+    assert "--cache-graphs: deepcache splits a UNet; Flux is a transformer: use first-block" in capsys.readouterr().err
     assert not out.exists()
 
 

@@ -1,7 +1,7 @@
 """Step caching in the one loop: DeepCache on UNets against the `DeepCache` package's own helper
-(DeepCacheSDHelper, wrapping diffusers' UNet blocks), and the first-block cache on SD3 against
-diffusers' own FirstBlockCache hooks, on the same tiny checkpoints; then the cache graphs of
-artifacts against the reference's cached runs."""
+(DeepCacheSDHelper, wrapping diffusers' UNet blocks), and the first-block cache on SD3 and Flux
+against diffusers' own FirstBlockCache hooks, on the same tiny checkpoints; then the cache graphs
+of artifacts against the reference's cached runs."""
 
 from __future__ import annotations
 
@@ -20,11 +20,20 @@ from difflower.driver import export
 from difflower.errors import ArgumentError
 from difflower.reference.pipeline import load_pipeline
 from difflower.reference.step_cache import CacheGraphs, DeepCache, FirstBlockCache, parse_cache, parse_cache_graphs
+from difflower.reference.tiny import make_tiny_checkpoint
+from difflower.reference.transformer_flux import pack_latents
 from difflower.runtimes.pipeline import load_artifact
 from difflower.validate.parity import validate_artifact
 
 PROMPT = "a lighthouse on a cliff"
 PIPELINES = {"sd": diffusers.StableDiffusionPipeline, "sdxl": diffusers.StableDiffusionXLPipeline}
+
+
+@pytest.fixture(scope="module")
+def transformers(tiny_dirs, tmp_path_factory):
+    """{family: path} of the tiny SD3 and FLUX.1-dev checkpoints (seed 0)."""
+    flux = make_tiny_checkpoint(tmp_path_factory.mktemp("flux") / "flux", "flux", seed=0)
+    return {"sd3": tiny_dirs["sd3"], "flux": flux}
 
 
 def _theirs(tiny_dirs, family: str, interval: int, branch: int):
@@ -246,6 +255,86 @@ def test_first_block_fixed_interval_reuses_as_diffusers_does(tiny_dirs):
     assert np.abs(plain.images - ours.images).max() > 1e-4  # the reusing steps really skipped blocks
 
 
+# -- the first-block cache on Flux, against diffusers' FirstBlockCache on FluxPipeline itself ------
+
+
+def _flux_first_block(transformers, threshold: float = 0.05, every: int | None = None):
+    """diffusers' FluxPipeline with its own FirstBlockCache (the pipeline opens one cache context
+    per CFG half), and a list that fills with the hooks' decision at each call. With `every`, the
+    decision is replaced by a fixed interval counted per context (the reuse stays diffusers')."""
+    from diffusers.hooks import FirstBlockCacheConfig, HookRegistry
+
+    pipe = diffusers.FluxPipeline.from_pretrained(transformers["flux"])
+    pipe.set_progress_bar_config(disable=True)
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+    head = HookRegistry.check_if_exists_or_initialize(pipe.transformer.transformer_blocks[0]).get_hook(
+        "fbc_leader_block_hook"
+    )
+    decide, decisions = head._should_compute_remaining_blocks, []
+    steps: dict[str, itertools.count] = {}
+
+    def record(residual):
+        if every is None:
+            decisions.append(decide(residual))
+        else:
+            context = head.state_manager.context.name
+            decisions.append(next(steps.setdefault(context, itertools.count())) % every == 0)
+        return decisions[-1]
+
+    head._should_compute_remaining_blocks = record
+    return pipe, decisions
+
+
+def _flux_run(pipe, steps: int, **options):
+    latents: list[torch.Tensor] = []
+
+    def capture(_pipe, _i, _t, tensors):
+        latents.append(tensors["latents"].clone())
+        return tensors
+
+    out = pipe(PROMPT, num_inference_steps=steps, height=32, width=48, callback_on_step_end=capture,
+               output_type="np", generator=torch.Generator().manual_seed(0), **options)  # fmt: skip
+    return out.images, latents
+
+
+def _assert_same_packed(ours, images, latents):
+    """Our (B, C, h, w) latents packed as FluxPipeline keeps them: every step within 1e-4, images 1e-3."""
+    assert len(ours.trajectory) == len(latents) > 0
+    for a, e in zip(ours.trajectory, latents, strict=True):
+        torch.testing.assert_close(pack_latents(a), e, atol=1e-4, rtol=0)
+    assert np.abs(ours.images - images).max() <= 1e-3
+
+
+@pytest.mark.parametrize("threshold", [0.4, 0.5])
+def test_flux_first_block_matches_diffusers_first_block_cache(transformers, threshold):
+    """FluxPipeline with diffusers' FirstBlockCache and our pipeline with first-block:threshold=T
+    decide alike at every step, and every step's latents and the image agree. (Random tiny weights
+    move the first block's residual by 30-60% a step, so the thresholds are high.)"""
+    pipe, decisions = _flux_first_block(transformers, threshold)
+    images, latents = _flux_run(pipe, 8)
+    ours = ours_run(load_pipeline(transformers["flux"]), PROMPT, 8, height=32, width=48,
+                    cache=f"first-block:threshold={threshold}", generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert ours.full_steps == decisions and 1 < sum(decisions) < len(decisions) - 1
+    _assert_same_packed(ours, images, latents)
+
+
+def test_flux_first_block_fixed_interval_with_true_cfg(transformers):
+    """Fixed-interval mode under true CFG: FluxPipeline runs each half in its own cache context and
+    the loop both halves in one call; every third step runs every block in both, the others reuse
+    each half's own tail residual, the same latents."""
+    pipe, decisions = _flux_first_block(transformers, every=3)
+    cfg = dict(true_cfg_scale=2.5, negative_prompt="dark")
+    images, latents = _flux_run(pipe, 7, **cfg)
+    flux = load_pipeline(transformers["flux"])
+    ours = ours_run(flux, PROMPT, 7, height=32, width=48, cache="first-block:interval=3",
+                    generator=torch.Generator().manual_seed(0), **cfg)  # fmt: skip
+    every_third = [i % 3 == 0 for i in range(7)]
+    assert ours.full_steps == every_third and decisions == [d for d in every_third for _half in "cu"]
+    _assert_same_packed(ours, images, latents)
+    plain = ours_run(flux, PROMPT, 7, height=32, width=48, generator=torch.Generator().manual_seed(0), **cfg)
+    assert np.abs(plain.images - ours.images).max() > 1e-4  # the reusing steps really skipped blocks
+
+
 # -- artifacts: the graphs DeepCache needs, on every backend that runs here ----------------------
 
 
@@ -341,30 +430,42 @@ def test_cache_errors_name_the_flag(tiny_dirs, sd_onnx, tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "backend,static",
-    # OpenVINO static repeats the ONNX case on another backend (and DeepCache's OpenVINO case runs by default)
-    [("onnx", []), pytest.param("openvino", ["1x64x64"], marks=pytest.mark.slow), ("torchscript", [])],
+    "family,backend,static",
+    [
+        ("sd3", "onnx", []),
+        # OpenVINO static repeats the ONNX case on another backend (and DeepCache's OpenVINO case runs by default)
+        pytest.param("sd3", "openvino", ["1x64x64"], marks=pytest.mark.slow),
+        ("sd3", "torchscript", []),
+        # tiny Flux's native size is 1024x1024: its runs here are 64x64
+        ("flux", "onnx", ["1x64x64"]),
+        # Flux on the other backends repeats its ONNX case (about 40 s): make test-slow
+        pytest.param("flux", "openvino", ["1x64x64"], marks=pytest.mark.slow),
+        pytest.param("flux", "torchscript", ["1x64x64"], marks=pytest.mark.slow),
+    ],
 )
-def test_first_block_runs_on_artifacts_equal_the_reference(tiny_dirs, tmp_path, backend, static):
+def test_first_block_runs_on_artifacts_equal_the_reference(transformers, tmp_path, family, backend, static):
     """--cache-graphs first-block: the transformer also returns its tail residual, the first block
     and the tail are graphs of their own; cached runs in both modes make the reference's
     decisions, latents within the fp32 gates."""
     out = tmp_path / backend
-    manifest = export(tiny_dirs["sd3"], backend, out, cache_graphs="first-block", static=static, progress=False)
+    manifest = export(transformers[family], backend, out, cache_graphs="first-block", static=static, progress=False)
     assert [t.name for t in manifest.components["transformer"].outputs] == ["out_hidden_states", "tail_residual"]
     first, tail = manifest.components["transformer_first"], manifest.components["transformer_tail"]
     assert [t.name for t in first.outputs] == ["first_block_hidden", "first_block_residual"]
     assert [t.name for t in tail.inputs][:2] == ["first_block_hidden", "tail_residual"]
     assert all(r.parity.passed for r in manifest.components.values())
-    eager, artifact = load_pipeline(tiny_dirs["sd3"]), load_artifact(out)
-    for policy in ("first-block:threshold=1.0", "first-block:interval=3"):
+    eager, artifact = load_pipeline(transformers[family]), load_artifact(out)
+    threshold = 1.0 if family == "sd3" else 0.5  # tiny Flux's residual moves less per step
+    size = dict(height=64, width=64) if static else {}
+    for policy in (f"first-block:threshold={threshold}", "first-block:interval=3"):
         calls = _count_engine_calls(artifact)
-        a, e = assert_run_matches(eager, artifact, prompt=PROMPT, num_inference_steps=8, cache=policy, progress=False)
+        a, e = assert_run_matches(eager, artifact, prompt=PROMPT, num_inference_steps=8, cache=policy, progress=False,
+                                  **size)  # fmt: skip
         assert a.full_steps == e.full_steps and 1 < sum(a.full_steps) < len(a.full_steps) - 1, policy
         full, reused = sum(a.full_steps), len(a.full_steps) - sum(a.full_steps)
         first = len(a.full_steps) if "threshold" in policy else reused  # the threshold reads it every step
         assert calls == {"transformer": full, "transformer_first": first, "transformer_tail": reused}, policy
-    plain = artifact(PROMPT, num_inference_steps=8, seed=11, output_type="np", progress=False)
+    plain = artifact(PROMPT, num_inference_steps=8, seed=11, output_type="np", progress=False, **size)
     assert np.abs(plain.images - a.images).max() > 1e-4  # the plain run ignores the extra output
 
 

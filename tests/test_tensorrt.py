@@ -68,6 +68,25 @@ def test_profiles_of_the_cache_graphs_follow_the_token_grid(tiny_dirs):
     assert first["hidden_states"]["max"] == [2, 16, 16, 12]
 
 
+def test_profiles_of_flux_graphs_follow_the_image_tokens(tmp_path):
+    """Flux's graphs (the first-block cache's included) take packed tokens: their profiles span
+    the buckets' image token counts (h/16 * w/16 at VAE factor 8), positions and T5 window fixed."""
+    from difflower.reference.tiny import make_tiny_checkpoint
+
+    index = read_model_index(make_tiny_checkpoint(tmp_path / "flux", "flux", seed=0))
+    specs = {s.name: s for s in component_specs(index, cache_graphs=CacheGraphs("first-block"))}
+    buckets = [Bucket(1, 64, 64), Bucket(2, 128, 96)]
+    transformer = optimization_profiles(specs["transformer"], buckets, cfg=False, vae_scale_factor=8)
+    assert transformer["hidden_states"] == {"min": [1, 16, 64], "opt": [1, 16, 64], "max": [2, 48, 64]}
+    assert transformer["img_ids"] == {"min": [16, 3], "opt": [16, 3], "max": [48, 3]}
+    assert transformer["guidance"] == {"min": [1], "opt": [1], "max": [2]}
+    tail = optimization_profiles(specs["transformer_tail"], buckets, cfg=False, vae_scale_factor=8)
+    width = specs["transformer_tail"].inputs[0].shape[2]
+    assert tail["first_block_hidden"] == {"min": [1, 16, width], "opt": [1, 16, width], "max": [2, 48, width]}
+    assert tail["tail_residual"] == tail["first_block_hidden"]
+    assert [t.name for t in specs["transformer_tail"].inputs][2:] == ["pooled_projections", "timestep", "guidance"]
+
+
 def test_engine_cache_key_changes_with_every_input(tmp_path):
     folder = tmp_path / "unet"
     folder.mkdir()
