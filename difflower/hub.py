@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,32 +63,36 @@ def component_folders(model_index: Path) -> list[str]:
     )
 
 
-def allow_patterns(folders: list[str], variant: str | None = None, weights: bool = True) -> list[str]:
+def allow_patterns(
+    folders: list[str], variant: str | None = None, weights: bool = True, skip: Collection[str] = ()
+) -> list[str]:
     """The files of a diffusers repo that difflower reads from `folders`, for the weights' `variant`:
-    configs and tokenizer files, and (unless not `weights`) safetensors weights, one file or shards."""
+    configs and tokenizer files, and (unless not `weights`) safetensors weights, one file or shards,
+    but for the folders in `skip`."""
     tag = f".{variant}" if variant else ""
     patterns = ["model_index.json"]
     for folder in folders:
         patterns += [f"{folder}/*.json", f"{folder}/*.txt", f"{folder}/*.model"]
-        for stem in _WEIGHTS if weights else ():
+        for stem in _WEIGHTS if weights and folder not in skip else ():
             patterns += [f"{folder}/{stem}{tag}.safetensors", f"{folder}/{stem}{tag}-*-of-*.safetensors"]
     return patterns
 
 
 def resolve_checkpoint(
-    model: str | Path, variant: str | None = None, weights: bool = True
+    model: str | Path, variant: str | None = None, weights: bool = True, skip: Collection[str] = ()
 ) -> tuple[Path, HubSnapshot | None]:
     """The local folder of checkpoint `model`: `model` itself, or the Hub snapshot a repo id names
     (downloaded into the Hub cache where it is not there yet). model_index.json comes first; the
     files of the components it lists follow, from the same commit; `weights=False` fetches the
-    configs and tokenizers only (what `difflower convert --config-from` reads)."""
+    configs and tokenizers only (what `difflower convert --config-from` reads), `skip` leaves out
+    those components' weights (a FLUX.1 file brings its transformer's)."""
     if not is_repo_id(model):
         return Path(model), None
     repo_id, _, revision = str(model).partition("@")
     revision = revision or "main"
     first = Path(_download(model, repo_id, revision, ["model_index.json"]))
     commit = first.name  # a snapshot folder is named by its commit
-    patterns = allow_patterns(component_folders(first / "model_index.json"), variant, weights)
+    patterns = allow_patterns(component_folders(first / "model_index.json"), variant, weights, skip)
     path = Path(_download(model, repo_id, commit, patterns))
     return path, HubSnapshot(repo_id, revision, commit, path)
 

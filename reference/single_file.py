@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,18 +35,25 @@ from difflower.reference.config import read_json, sha256_file
 from difflower.reference.loading import (
     ModelIndex,
     load_components,
+    read_flux_config,
     read_model_index,
     read_unet_config,
     read_vae_config,
     support_files,
 )
+from difflower.reference.transformer_flux import FluxTransformer2DModel
 from difflower.reference.unet_2d_condition import UNet2DConditionModel
 
 MARKER = "difflower_convert.json"  # written beside model_index.json: the folder is a conversion's
 # The base repo whose configs and tokenizers a file of each layout takes when none is given, as
 # diffusers' from_single_file picks one; SD 2.x has none: its 512 and 768 models differ in their
 # prediction type, which the file does not say.
-BASES = {"sd1": "stable-diffusion-v1-5/stable-diffusion-v1-5", "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
+BASES = {
+    "sd1": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+    "flux-dev": "black-forest-labs/FLUX.1-dev",
+    "flux-schnell": "black-forest-labs/FLUX.1-schnell",
+}
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
            "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}  # fmt: skip
 _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
@@ -63,16 +71,23 @@ LAYOUTS: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
             "text_encoder_2": ("conditioner.embedders.1.model.", "openclip"),
         },
     ),
+    # Black Forest Labs' FLUX.1 files hold the transformer alone (dev: with the guidance embedding)
+    "flux-dev": ("flux", {}),
+    "flux-schnell": ("flux", {}),
 }
 UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
 logger = logging.getLogger(__name__)
 
 
 def detect_layout(keys: set[str], path: Path) -> str:
-    """sd1, sd2 or sdxl, from the file's key names (as diffusers' from_single_file infers them)."""
+    """sd1, sd2, sdxl, flux-dev or flux-schnell, from the file's key names (as diffusers'
+    from_single_file infers them)."""
+    prefix = flux_prefix(keys)
+    if prefix is not None:
+        if f"{prefix}img_in.weight" not in keys:
+            raise CheckpointError(path, "FLUX.1 blocks but no 'img_in.weight': a partial or unknown Flux file")
+        return "flux-dev" if f"{prefix}guidance_in.in_layer.weight" in keys else "flux-schnell"
     if not any(k.startswith(UNET_PREFIX) for k in keys):
-        if any(k.startswith(("double_blocks.", "model.diffusion_model.double_blocks.")) for k in keys):
-            raise CheckpointError(path, "a FLUX.1 single file; difflower does not run Flux yet")
         if any(k.startswith(("joint_blocks.", "model.diffusion_model.joint_blocks.")) for k in keys):
             raise CheckpointError(path, "an SD3 single file; its conversion is not written yet")
         raise CheckpointError(
@@ -87,6 +102,15 @@ def detect_layout(keys: set[str], path: Path) -> str:
     if any(k.startswith("cond_stage_model.transformer.") for k in keys):
         return "sd1"
     raise CheckpointError(path, "no text encoder tensors (cond_stage_model / conditioner); pass a full checkpoint")
+
+
+def flux_prefix(keys: set[str]) -> str | None:
+    """What a FLUX.1 file's tensor names start with ('' as BFL publishes them, 'model.diffusion_model.'
+    as ComfyUI saves them), or None for another layout."""
+    for prefix in ("", UNET_PREFIX):
+        if any(k.startswith(prefix + "double_blocks.") for k in keys):
+            return prefix
+    return None
 
 
 def unet_source(key: str, layers: int, with_attention: list[bool]) -> str:
@@ -166,12 +190,85 @@ def openclip_source(key: str) -> tuple[str, int | None]:
     return f"transformer.resblocks.{layer}.{_OPENCLIP_LAYER[module]}.{leaf}", None
 
 
+@dataclass(frozen=True)
+class Piece:
+    """A target tensor made from part of a file tensor: piece `index` of its split along dim 0 into
+    `sizes`, or (`swap`) the whole with its two halves exchanged (BFL's final modulation gives
+    (shift, scale), diffusers' AdaLayerNormContinuous (scale, shift))."""
+
+    index: int = 0
+    sizes: tuple[int, ...] = ()
+    swap: bool = False
+
+    def take(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.swap:
+            first, second = tensor.chunk(2, dim=0)
+            return torch.cat([second, first])
+        if sum(self.sizes) != tensor.shape[0]:
+            raise ValueError(f"{tuple(tensor.shape)} does not split into {list(self.sizes)}")
+        return tensor.split(list(self.sizes), dim=0)[self.index]
+
+
+_FLUX_TOP = {
+    "x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer.linear",
+    "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+    "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+    "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+    "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+    "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+    "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+}  # fmt: skip
+_FLUX_DOUBLE = {
+    "norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin", "attn.to_out.0": "img_attn.proj",
+    "attn.to_add_out": "txt_attn.proj", "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2",
+    "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2",
+    "attn.norm_q": "img_attn.norm.query_norm", "attn.norm_k": "img_attn.norm.key_norm",
+    "attn.norm_added_q": "txt_attn.norm.query_norm", "attn.norm_added_k": "txt_attn.norm.key_norm",
+}  # fmt: skip
+_FLUX_SINGLE = {"norm.linear": "modulation.lin", "proj_out": "linear2", "attn.norm_q": "norm.query_norm",
+                "attn.norm_k": "norm.key_norm"}  # fmt: skip
+
+
+def flux_source(key: str, inner: int, mlp: int) -> tuple[str, Piece | None]:
+    """Where a diffusers FluxTransformer2DModel tensor lies in Black Forest Labs' layout
+    (`double_blocks.*`, `single_blocks.*`, ...): q|k|v fused per stream, a single block's
+    q|k|v|MLP-in fused in `linear1` (`inner` wide each, the MLP `mlp`), RMS norm weights named
+    `scale`."""
+    module, leaf = key.rsplit(".", 1)
+    if module == "norm_out.linear":
+        return f"final_layer.adaLN_modulation.1.{leaf}", Piece(swap=True)
+    if module in _FLUX_TOP:
+        return f"{_FLUX_TOP[module]}.{leaf}", None
+    kind, index, rest = module.split(".", 2)
+    if kind == "transformer_blocks":
+        qkv = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"]
+        if rest in qkv:
+            stream = "img" if qkv.index(rest) < 3 else "txt"
+            return f"double_blocks.{index}.{stream}_attn.qkv.{leaf}", Piece(qkv.index(rest) % 3, (inner,) * 3)
+        return f"double_blocks.{index}.{_FLUX_DOUBLE[rest]}.{_norm_leaf(rest, leaf)}", None
+    if kind == "single_transformer_blocks":
+        fused = ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"]
+        if rest in fused:
+            return f"single_blocks.{index}.linear1.{leaf}", Piece(fused.index(rest), (inner, inner, inner, mlp))
+        return f"single_blocks.{index}.{_FLUX_SINGLE[rest]}.{_norm_leaf(rest, leaf)}", None
+    raise KeyError(key)
+
+
+def _norm_leaf(module: str, leaf: str) -> str:
+    """BFL names an RMS norm's weight `scale`."""
+    return "scale" if module.startswith("attn.norm_") else leaf
+
+
 def write_single_file(checkpoint: Path, layout: str, path: Path) -> Path:
-    """The inverse of the conversion: `checkpoint`'s weights as one file in `layout` (sd1, sd2 or
-    sdxl), laid out as their authors lay them out (tests and benchmarks make single files with it;
-    diffusers' from_single_file reading them back is what the tests check it by)."""
+    """The inverse of the conversion: `checkpoint`'s weights as one file in `layout` (sd1, sd2,
+    sdxl; flux-dev or flux-schnell: the transformer alone), laid out as their authors lay them out
+    (tests and benchmarks make single files with it; diffusers' from_single_file reading them back
+    is what the tests check it by)."""
     from safetensors.torch import save_file
 
+    if layout.startswith("flux"):
+        save_file(_flux_file_state(checkpoint), str(path))
+        return path
     _, components = load_components(checkpoint)
     unet_config = read_unet_config(checkpoint / "unet")
     layers = unet_config.layers_per_block
@@ -211,6 +308,24 @@ def write_single_file(checkpoint: Path, layout: str, path: Path) -> Path:
     return path
 
 
+def _flux_file_state(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """A FLUX.1 checkpoint's transformer in Black Forest Labs' layout (fused pieces concatenated)."""
+    config = read_flux_config(checkpoint / "transformer")
+    _, components = load_components(checkpoint)
+    state: dict[str, torch.Tensor] = {}
+    pieces: dict[str, dict[int, torch.Tensor]] = {}
+    for key, value in components["transformer"].state_dict().items():
+        name, piece = flux_source(key, config.inner_dim, int(config.inner_dim * 4.0))
+        if piece is None:
+            state[name] = value
+        elif piece.swap:
+            state[name] = piece.take(value)  # exchanging the halves is its own inverse
+        else:
+            pieces.setdefault(name, {})[piece.index] = value
+    state.update({name: torch.cat([parts[i] for i in sorted(parts)]) for name, parts in pieces.items()})
+    return {k: v.contiguous() for k, v in state.items()}
+
+
 class SingleFile:
     """A single-file checkpoint, read tensor by tensor, remembering which tensors were used."""
 
@@ -238,14 +353,23 @@ class SingleFile:
 
 
 def _converted(
-    file: SingleFile, component: str, model: torch.nn.Module, source: Callable[[str], tuple[str, int | None]]
+    file: SingleFile,
+    component: str,
+    model: torch.nn.Module,
+    source: Callable[[str], tuple[str, int | Piece | None]],
 ) -> dict[str, torch.Tensor]:
     """`model`'s state dict (it lives on the meta device: names and shapes) filled from `file`."""
     out = {}
     for key, meta in model.state_dict().items():
         name, third = source(key)
         tensor = file.take(name, component, key)
-        if third is not None:
+        if isinstance(third, Piece):
+            try:
+                tensor = third.take(tensor)
+            except ValueError as err:
+                raise CheckpointError(file.path, f"{component} tensor '{key}' ({name}): {err}; is --config-from this "
+                                      "model's architecture?") from None  # fmt: skip
+        elif third is not None:
             tensor = tensor.chunk(3, dim=0)[third]
         if name.endswith(".text_projection"):
             tensor = tensor.t()  # OpenCLIP multiplies by it from the right
@@ -317,33 +441,28 @@ def convert_single_file(
         raise CheckpointError(path, "is a folder; convert takes a single .safetensors file (a folder is read as it is)")
     if not path.is_file():
         raise CheckpointError(path, "not found")
-    folder, _ = resolve_checkpoint(config_from, weights=False)
-    index = read_model_index(folder)
     file = SingleFile(path)
     layout = detect_layout(file.keys, path)
     family, encoders = LAYOUTS[layout]
+    # A FLUX.1 file holds the transformer only: the other components' weights come from config_from,
+    # as diffusers' FluxPipeline.from_single_file takes them from the base repo
+    folder, _ = resolve_checkpoint(config_from, weights=family == "flux", skip=("transformer",))
+    index = read_model_index(folder)
     if index.family != family:
         raise ArgumentError(
             "--config-from", f"{index.root} is an {index.family} checkpoint; this file is {layout}: pass a {family} one"
         )
     if prediction_type not in (None, "epsilon", "v_prediction"):
         raise ArgumentError("--prediction-type", f"epsilon or v_prediction, got {prediction_type!r}")
+    if prediction_type is not None and family == "flux":
+        raise ArgumentError("--prediction-type", "FLUX.1 is a flow-matching model: it has no prediction type to set")
     with atomic_directory(out, overwrite, "--out", replaceable=not_a_conversion, protected=(index.root, path)) as tmp:
         _copy_configs(index, tmp)
-        unet_config = read_unet_config(index.root / "unet")
-        layers = unet_config.layers_per_block
-        if not isinstance(layers, int):
-            raise CheckpointError(index.root / "unet" / "config.json", "per-block layers_per_block is not converted")
-        attention = ["CrossAttn" in t for t in unet_config.up_block_types]
-        vae_config = read_vae_config(index.root / "vae")
-        with torch.device("meta"):
-            unet = UNet2DConditionModel(unet_config)
-            vae = AutoencoderKL(vae_config)
-        blocks = len(vae_config.block_out_channels)
-        parts = {
-            "unet": _converted(file, "unet", unet, lambda k: (UNET_PREFIX + unet_source(k, layers, attention), None)),
-            "vae": _converted(file, "vae", vae, lambda k: (VAE_PREFIX + vae_source(k, blocks), None)),
-        }
+        if family == "flux":
+            parts = {"transformer": _flux_transformer(file, index)}
+            _link_weights(index, [name for name in index.components if name != "transformer"], tmp)
+        else:
+            parts = _unet_and_vae(file, index)
         for name, (prefix, kind) in encoders.items():
             if name not in index.components:
                 raise ArgumentError("--config-from", f"{index.root} has no {name}, which this {layout} file holds")
@@ -351,7 +470,7 @@ def convert_single_file(
             parts[name] = _converted(file, name, model, _text_source(prefix, kind, file.keys))
         _refuse_unused(file, encoders)
         for name, state in parts.items():
-            stem = "diffusion_pytorch_model" if name in ("unet", "vae") else "model"
+            stem = "diffusion_pytorch_model" if name in ("unet", "vae", "transformer") else "model"
             save_file(state, str(tmp / name / f"{stem}.safetensors"), metadata={"format": "pt"})
         if prediction_type is not None:
             scheduler = tmp / "scheduler" / "scheduler_config.json"
@@ -361,6 +480,52 @@ def convert_single_file(
         record = {"source": str(path.absolute()), "layout": layout, "config_from": str(index.root)}
         (tmp / MARKER).write_text(json.dumps(record, indent=2) + "\n")
     return out
+
+
+def _unet_and_vae(file: SingleFile, index: ModelIndex) -> dict[str, dict[str, torch.Tensor]]:
+    """An SD 1.x/2.x/SDXL file's UNet and VAE, in diffusers' names, at the shapes of `index`'s configs."""
+    unet_config = read_unet_config(index.root / "unet")
+    layers = unet_config.layers_per_block
+    if not isinstance(layers, int):
+        raise CheckpointError(index.root / "unet" / "config.json", "per-block layers_per_block is not converted")
+    attention = ["CrossAttn" in t for t in unet_config.up_block_types]
+    vae_config = read_vae_config(index.root / "vae")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(unet_config)
+        vae = AutoencoderKL(vae_config)
+    blocks = len(vae_config.block_out_channels)
+    return {
+        "unet": _converted(file, "unet", unet, lambda k: (UNET_PREFIX + unet_source(k, layers, attention), None)),
+        "vae": _converted(file, "vae", vae, lambda k: (VAE_PREFIX + vae_source(k, blocks), None)),
+    }
+
+
+def _flux_transformer(file: SingleFile, index: ModelIndex) -> dict[str, torch.Tensor]:
+    """A FLUX.1 file's transformer in diffusers' names, at the shapes of `index`'s config."""
+    config = read_flux_config(index.root / "transformer")
+    prefix = flux_prefix(file.keys) or ""
+    inner, mlp = config.inner_dim, int(config.inner_dim * 4.0)  # diffusers' FluxSingleTransformerBlock mlp_ratio
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(config)
+
+    def source(key: str) -> tuple[str, Piece | None]:
+        name, piece = flux_source(key, inner, mlp)
+        return prefix + name, piece
+
+    return _converted(file, "transformer", model, source)
+
+
+def _link_weights(index: ModelIndex, names: list[str], out: Path) -> None:
+    """The weight files of components `names` of `index` into `out`: hard links where the file
+    system allows (a Hub cache entry is a link to its blob: the blob is linked), else copies."""
+    for name in names:
+        for source in sorted((index.root / name).glob("*.safetensors*")):
+            target = out / name / source.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(os.path.realpath(source), target)
+            except OSError:
+                shutil.copyfile(source, target)
 
 
 def canonical_clip_key(key: str) -> str:
@@ -387,7 +552,11 @@ def _text_source(prefix: str, kind: str, keys: set[str]) -> Callable[[str], tupl
 
 def _refuse_unused(file: SingleFile, encoders: dict[str, tuple[str, str]]) -> None:
     """Every tensor of a section read must have been used: leftovers mean another architecture."""
-    leftovers = file.unused(UNET_PREFIX) + file.unused(VAE_PREFIX, lambda n: "loss" in n)
+    prefix = flux_prefix(file.keys)
+    if prefix is not None:  # every tensor of a FLUX.1 file belongs to its transformer
+        leftovers = file.unused("")
+    else:
+        leftovers = file.unused(UNET_PREFIX) + file.unused(VAE_PREFIX, lambda n: "loss" in n)
     for prefix, kind in encoders.values():
         leftovers += file.unused(prefix, _ignorable(file, prefix, kind))
     if leftovers:

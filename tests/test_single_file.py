@@ -99,7 +99,7 @@ def test_what_a_single_file_lacks_or_adds_is_one_line(tiny_dirs, single_files, t
     save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(2)}, tmp_path / "flux.safetensors")
     argv = ["convert", str(tmp_path / "flux.safetensors"), "--config-from", str(tiny_dirs["sd"])]
     assert main([*argv, "--out", str(tmp_path / "out")]) == 2
-    assert "a FLUX.1 single file; difflower does not run Flux yet" in _error(capsys)
+    assert "FLUX.1 blocks but no 'img_in.weight': a partial or unknown Flux file" in _error(capsys)
     assert main(["convert", str(tiny_dirs["sd"]), "--config-from", str(tiny_dirs["sd"]), "--out", "x"]) == 2
     assert "is a folder; convert takes a single .safetensors file" in _error(capsys)
     (tmp_path / "model.ckpt").write_bytes(b"pickle")
@@ -165,3 +165,116 @@ def test_a_single_file_given_to_any_command_is_converted_once(
     assert f"from {single_files['sd1']} (single file, sha256 " in capsys.readouterr().out
     assert main(["generate", str(single_files["sd2"]), "--prompt", "a", "-o", str(png), "--overwrite"]) == 2
     assert "an sd2 single file: its configs (and SD 2.x's prediction type) cannot be told" in capsys.readouterr().err
+
+
+# -- FLUX.1 files: Black Forest Labs' layout, the transformer alone ------------------------------
+
+
+@pytest.fixture(scope="module")
+def flux_dir(tmp_path_factory):
+    from difflower.reference.tiny import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("flux") / "flux", "flux", seed=0)
+
+
+@pytest.mark.parametrize("comfy", [False, True])
+def test_a_flux_file_converts_to_the_checkpoints_weights(flux_dir, tmp_path, comfy):
+    """A tiny FLUX.1-dev transformer written in BFL's layout (fused q|k|v, a single block's fused
+    q|k|v|MLP, RMS `scale`s, the final modulation's halves exchanged; with `comfy` under ComfyUI's
+    'model.diffusion_model.' prefix) converts back to the same weights, takes the other components
+    from --config-from, and generates the same image. (diffusers' own reader hard-codes FLUX.1's
+    width, 3072: the slow test below holds our layout to it at that width.)"""
+    file = sf.write_single_file(flux_dir, "flux-dev", tmp_path / "flux1-dev.safetensors")
+    if comfy:
+        save_file({sf.UNET_PREFIX + k: v for k, v in load_file(file).items()}, str(file))
+    assert "double_blocks.0.img_attn.qkv.weight" in {k.removeprefix(sf.UNET_PREFIX) for k in load_file(file)}
+    out = tmp_path / "converted"
+    assert main(["convert", str(file), "--config-from", str(flux_dir), "--out", str(out)]) == 0
+    original, converted = _states(load_components(flux_dir)[1]), _states(load_components(out)[1])
+    assert converted.keys() == original.keys()
+    for name, state in original.items():
+        assert converted[name].keys() == state.keys()
+        assert all(torch.equal(converted[name][k], v) for k, v in state.items()), name
+    run = {"num_inference_steps": 2, "seed": 0, "output_type": "np", "progress": False, "height": 32, "width": 32}
+    ours, expected = load_pipeline(out)("a castle", **run).images, load_pipeline(flux_dir)("a castle", **run).images
+    np.testing.assert_array_equal(ours, expected)
+    assert json.loads((out / sf.MARKER).read_text())["layout"] == "flux-dev"
+    assert sf.detect_layout(set(load_file(file)), file) == "flux-dev"
+
+
+def test_a_flux_file_given_to_a_command_takes_the_rest_from_its_base_repo(flux_dir, offline_hub, tmp_path, monkeypatch):
+    """`generate FLUX1.safetensors`: the transformer from the file, the VAE and text encoders from
+    the layout's base repo (FLUX.1-dev's, here a cached stand-in holding no transformer weights)."""
+    import shutil
+
+    from test_hub import cache_repo
+
+    from difflower.hub import allow_patterns
+
+    file = sf.write_single_file(flux_dir, "flux-dev", tmp_path / "flux1-dev.safetensors")
+    base = tmp_path / "base"
+    shutil.copytree(flux_dir, base, ignore=shutil.ignore_patterns("diffusion_pytorch_model.safetensors"))
+    shutil.copy(flux_dir / "vae" / "diffusion_pytorch_model.safetensors", base / "vae")
+    cache_repo(offline_hub, "test-org/base-flux", base)
+    monkeypatch.setitem(sf.BASES, "flux-dev", "test-org/base-flux")
+    monkeypatch.setenv("DIFFLOWER_CACHE", str(tmp_path / "cache"))
+    png = tmp_path / "x.png"
+    argv = ["generate", str(file), "--prompt", "a castle", "--steps", "2", "--height", "32", "--width", "32"]
+    assert main([*argv, "--seed", "0", "--threads", str(torch.get_num_threads()), "-o", str(png)]) == 0
+    import PIL.Image
+
+    expected = load_pipeline(flux_dir)("a castle", num_inference_steps=2, seed=0, height=32, width=32,
+                                       progress=False).images[0]  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(PIL.Image.open(png)), np.asarray(expected))
+    patterns = allow_patterns(["transformer", "vae"], skip=("transformer",))  # what a Flux file's base gives
+    assert "vae/diffusion_pytorch_model.safetensors" in patterns
+    assert not [p for p in patterns if p.startswith("transformer/") and "safetensors" in p]
+
+
+def test_what_a_flux_file_lacks_or_adds_is_one_line(flux_dir, tiny_dirs, tmp_path, capsys):
+    file = sf.write_single_file(flux_dir, "flux-dev", tmp_path / "flux1-dev.safetensors")
+    state = load_file(file)
+    schnell = tmp_path / "schnell.safetensors"
+    save_file({k: v for k, v in state.items() if not k.startswith("guidance_in.")}, str(schnell))
+    extra = tmp_path / "extra.safetensors"
+    save_file({**state, "vae.encoder.conv_in.weight": torch.zeros(1)}, str(extra))
+    narrow = tmp_path / "narrow.safetensors"
+    save_file({**state, "double_blocks.0.img_attn.qkv.weight": torch.zeros(30, 32)}, str(narrow))
+    out = tmp_path / "out"
+    cases = [
+        (schnell, flux_dir, "transformer tensor 'time_text_embed.guidance_embedder.linear_1.weight' needs"),
+        (extra, flux_dir, "1 tensors have no place in the --config-from architecture (first: vae.encoder.conv_in"),
+        (narrow, flux_dir, "(double_blocks.0.img_attn.qkv.weight): (30, 32) does not split into [32, 32, 32]"),
+        (file, tiny_dirs["sd3"], "argument --config-from:"),
+        (file, flux_dir, "argument --prediction-type: FLUX.1 is a flow-matching model"),
+    ]
+    for path, config, expected in cases:
+        extra = ["--prediction-type", "epsilon"] if "prediction" in expected else []
+        assert main(["convert", str(path), "--config-from", str(config), "--out", str(out), *extra]) == 2
+        assert expected in _error(capsys)
+        assert not out.exists()
+    assert sf.detect_layout(set(load_file(schnell)), schnell) == "flux-schnell"
+
+
+def test_a_flux_file_at_real_width_reads_as_diffusers_reads_it(flux_dir, tmp_path):
+    """At FLUX.1's real width (24 heads of 128, 3072 wide; one double- and one single-stream block,
+    random bf16 weights): diffusers' from_single_file reads our BFL-layout file back to the original
+    weights (max abs 0), so the layout is the published one, and our conversion gives them too."""
+    import shutil
+
+    checkpoint = tmp_path / "flux-real-width"
+    shutil.copytree(flux_dir, checkpoint, ignore=shutil.ignore_patterns("transformer"))
+    torch.manual_seed(0)
+    model = diffusers.FluxTransformer2DModel(num_layers=1, num_single_layers=1, guidance_embeds=True)
+    model.to(torch.bfloat16).save_pretrained(checkpoint / "transformer")
+    original = model.state_dict()
+    file = sf.write_single_file(checkpoint, "flux-dev", tmp_path / "flux1-dev.safetensors")
+    theirs = diffusers.FluxTransformer2DModel.from_single_file(
+        str(file), config=str(checkpoint), subfolder="transformer", torch_dtype=torch.bfloat16, local_files_only=True
+    ).state_dict()
+    assert theirs.keys() == original.keys()
+    assert all(torch.equal(theirs[k], v) for k, v in original.items())
+    out = sf.convert_single_file(file, checkpoint, tmp_path / "converted")
+    ours = load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert ours.keys() == original.keys()
+    assert all(torch.equal(ours[k], v) for k, v in original.items())
