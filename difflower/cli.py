@@ -574,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.set_defaults(handler=_cmd_tiny)
 
     conv = commands.add_parser(
-        "convert", help="convert a single-file checkpoint (SD 1.x/2.x, SDXL, FLUX.1) to a diffusers folder"
+        "convert", help="convert a single-file checkpoint (SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1) to a diffusers folder"
     )
     conv.add_argument("file", type=Path, metavar="FILE", help="the .safetensors single file")
     conv.add_argument("--out", type=Path, required=True, help="the diffusers folder to write")

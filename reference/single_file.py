@@ -22,6 +22,7 @@ import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +38,16 @@ from difflower.reference.loading import (
     load_components,
     read_flux_config,
     read_model_index,
+    read_sd3_config,
     read_unet_config,
     read_vae_config,
     support_files,
 )
 from difflower.reference.transformer_flux import FluxTransformer2DModel
+from difflower.reference.transformer_sd3 import SD3Transformer2DModel
 from difflower.reference.unet_2d_condition import UNet2DConditionModel
 
+BORROWING = ("sd3", "flux")  # families whose files may lack components: taken from --config-from
 MARKER = "difflower_convert.json"  # written beside model_index.json: the folder is a conversion's
 # The base repo whose configs and tokenizers a file of each layout takes when none is given, as
 # diffusers' from_single_file picks one; SD 2.x has none: its 512 and 768 models differ in their
@@ -51,6 +55,9 @@ MARKER = "difflower_convert.json"  # written beside model_index.json: the folder
 BASES = {
     "sd1": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+    "sd3": "stabilityai/stable-diffusion-3-medium-diffusers",
+    "sd35-medium": "stabilityai/stable-diffusion-3.5-medium",
+    "sd35-large": "stabilityai/stable-diffusion-3.5-large",
     "flux-dev": "black-forest-labs/FLUX.1-dev",
     "flux-schnell": "black-forest-labs/FLUX.1-schnell",
 }
@@ -75,21 +82,33 @@ LAYOUTS: dict[str, tuple[str, dict[str, tuple[str, str]]]] = {
     "flux-dev": ("flux", {}),
     "flux-schnell": ("flux", {}),
 }
+# Stability's SD3 / SD3.5 files: MMDiT and VAE, the text encoders (transformers' layout) where included
+_SD3_ENCODERS = {
+    "text_encoder": ("text_encoders.clip_l.transformer.", "hf"),
+    "text_encoder_2": ("text_encoders.clip_g.transformer.", "hf"),
+    "text_encoder_3": ("text_encoders.t5xxl.transformer.", "t5"),
+}
+LAYOUTS.update({name: ("sd3", _SD3_ENCODERS) for name in ("sd3", "sd35-medium", "sd35-large")})
 UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
 logger = logging.getLogger(__name__)
 
 
 def detect_layout(keys: set[str], path: Path) -> str:
-    """sd1, sd2, sdxl, flux-dev or flux-schnell, from the file's key names (as diffusers'
-    from_single_file infers them)."""
+    """sd1, sd2, sdxl, sd3, sd35-medium, sd35-large, flux-dev or flux-schnell, from the file's key
+    names and shapes (as diffusers' from_single_file infers them)."""
     prefix = flux_prefix(keys)
     if prefix is not None:
         if f"{prefix}img_in.weight" not in keys:
             raise CheckpointError(path, "FLUX.1 blocks but no 'img_in.weight': a partial or unknown Flux file")
         return "flux-dev" if f"{prefix}guidance_in.in_layer.weight" in keys else "flux-schnell"
+    if any(k.startswith(UNET_PREFIX + "joint_blocks.") for k in keys):
+        if any(".x_block.attn2." in k for k in keys):  # SD3.5 medium's MMDiT-X
+            return "sd35-medium"
+        return "sd35-large" if f"{UNET_PREFIX}joint_blocks.37.x_block.mlp.fc1.weight" in keys else "sd3"
+    if any(k.startswith("joint_blocks.") for k in keys):
+        raise CheckpointError(path, "SD3 blocks without 'model.diffusion_model.': a transformer-only file; pass "
+                              "the checkpoint as its authors publish it (with the VAE)")  # fmt: skip
     if not any(k.startswith(UNET_PREFIX) for k in keys):
-        if any(k.startswith(("joint_blocks.", "model.diffusion_model.joint_blocks.")) for k in keys):
-            raise CheckpointError(path, "an SD3 single file; its conversion is not written yet")
         raise CheckpointError(
             path,
             "no 'model.diffusion_model.*' tensors: not an SD 1.x/2.x or SDXL single file (one component's weights? "
@@ -197,16 +216,17 @@ class Piece:
     (shift, scale), diffusers' AdaLayerNormContinuous (scale, shift))."""
 
     index: int = 0
-    sizes: tuple[int, ...] = ()
+    sizes: tuple[int, ...] = ()  # () for three equal pieces (q|k|v)
     swap: bool = False
 
     def take(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.swap:
             first, second = tensor.chunk(2, dim=0)
             return torch.cat([second, first])
-        if sum(self.sizes) != tensor.shape[0]:
-            raise ValueError(f"{tuple(tensor.shape)} does not split into {list(self.sizes)}")
-        return tensor.split(list(self.sizes), dim=0)[self.index]
+        sizes = list(self.sizes) or [tensor.shape[0] // 3] * 3
+        if sum(sizes) != tensor.shape[0]:
+            raise ValueError(f"{tuple(tensor.shape)} does not split into {sizes}")
+        return tensor.split(sizes, dim=0)[self.index]
 
 
 _FLUX_TOP = {
@@ -259,34 +279,84 @@ def _norm_leaf(module: str, leaf: str) -> str:
     return "scale" if module.startswith("attn.norm_") else leaf
 
 
+_SD3_TOP = {
+    "pos_embed.proj": "x_embedder.proj", "context_embedder": "context_embedder",
+    "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+    "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+    "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+    "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2", "proj_out": "final_layer.linear",
+}  # fmt: skip
+_SD3_BLOCK = {
+    "norm1.linear": "x_block.adaLN_modulation.1", "norm1_context.linear": "context_block.adaLN_modulation.1",
+    "attn.to_out.0": "x_block.attn.proj", "attn.to_add_out": "context_block.attn.proj",
+    "attn2.to_out.0": "x_block.attn2.proj", "ff.net.0.proj": "x_block.mlp.fc1", "ff.net.2": "x_block.mlp.fc2",
+    "ff_context.net.0.proj": "context_block.mlp.fc1", "ff_context.net.2": "context_block.mlp.fc2",
+    "attn.norm_q": "x_block.attn.ln_q", "attn.norm_k": "x_block.attn.ln_k",
+    "attn.norm_added_q": "context_block.attn.ln_q", "attn.norm_added_k": "context_block.attn.ln_k",
+    "attn2.norm_q": "x_block.attn2.ln_q", "attn2.norm_k": "x_block.attn2.ln_k",
+}  # fmt: skip
+_SD3_QKV = {"attn.to_": "x_block.attn.qkv", "attn.add_": "context_block.attn.qkv", "attn2.to_": "x_block.attn2.qkv"}
+
+
+def sd3_source(key: str, num_layers: int) -> tuple[str, Piece | None]:
+    """Where a diffusers SD3Transformer2DModel tensor lies in Stability's layout (without the
+    'model.diffusion_model.' prefix): q|k|v fused per stream, the final modulations (the output's
+    and the last block's context-only one) with (shift, scale) where diffusers has (scale, shift)."""
+    if key == "pos_embed.pos_embed":
+        return "pos_embed", None
+    module, leaf = key.rsplit(".", 1)
+    if module == "norm_out.linear":
+        return f"final_layer.adaLN_modulation.1.{leaf}", Piece(swap=True)
+    if module in _SD3_TOP:
+        return f"{_SD3_TOP[module]}.{leaf}", None
+    _, index, rest = module.split(".", 2)
+    for head, fused in _SD3_QKV.items():
+        if rest.startswith(head) and rest.endswith(("q", "k", "v", "q_proj", "k_proj", "v_proj")):
+            third = "qkv".index(rest.removeprefix(head)[0])
+            return f"joint_blocks.{index}.{fused}.{leaf}", Piece(third, ())
+    swap = rest == "norm1_context.linear" and int(index) == num_layers - 1  # the last block's text stream ends
+    return f"joint_blocks.{index}.{_SD3_BLOCK[rest]}.{leaf}", Piece(swap=True) if swap else None
+
+
 def write_single_file(checkpoint: Path, layout: str, path: Path) -> Path:
     """The inverse of the conversion: `checkpoint`'s weights as one file in `layout` (sd1, sd2,
-    sdxl; flux-dev or flux-schnell: the transformer alone), laid out as their authors lay them out
-    (tests and benchmarks make single files with it; diffusers' from_single_file reading them back
-    is what the tests check it by)."""
+    sdxl, sd3 with its three text encoders; flux-dev or flux-schnell: the transformer alone), laid
+    out as their authors lay them out (tests and benchmarks make single files with it; diffusers'
+    from_single_file reading them back is what the tests check it by)."""
     from safetensors.torch import save_file
 
-    if layout.startswith("flux"):
-        save_file(_flux_file_state(checkpoint), str(path))
-        return path
+    family = LAYOUTS[layout][0]
     _, components = load_components(checkpoint)
-    unet_config = read_unet_config(checkpoint / "unet")
-    layers = unet_config.layers_per_block
-    if not isinstance(layers, int):
-        raise CheckpointError(
-            checkpoint / "unet" / "config.json", "per-block layers_per_block has no single-file layout"
-        )
-    attention = ["CrossAttn" in t for t in unet_config.up_block_types]
+    if family == "flux":
+        config = read_flux_config(checkpoint / "transformer")
+        names = partial(flux_source, inner=config.inner_dim, mlp=int(config.inner_dim * 4.0))
+        save_file(_unsplit(components["transformer"].state_dict(), names), str(path))
+        return path
     blocks = len(read_vae_config(checkpoint / "vae").block_out_channels)
     state: dict[str, torch.Tensor] = {}
-    for key, value in components["unet"].state_dict().items():
-        state[UNET_PREFIX + unet_source(key, layers, attention)] = value
+    if family == "sd3":
+        layers = read_sd3_config(checkpoint / "transformer").num_layers
+        transformer = _unsplit(components["transformer"].state_dict(), partial(sd3_source, num_layers=layers))
+        state.update({UNET_PREFIX + name: value for name, value in transformer.items()})
+    else:
+        unet_config = read_unet_config(checkpoint / "unet")
+        if not isinstance(unet_config.layers_per_block, int):
+            raise CheckpointError(
+                checkpoint / "unet" / "config.json", "per-block layers_per_block has no single-file layout"
+            )
+        attention = ["CrossAttn" in t for t in unet_config.up_block_types]
+        for key, value in components["unet"].state_dict().items():
+            state[UNET_PREFIX + unet_source(key, unet_config.layers_per_block, attention)] = value
     for key, value in components["vae"].state_dict().items():
         name = VAE_PREFIX + vae_source(key, blocks)
         state[name] = value[:, :, None, None] if ".mid.attn_1." in name and value.ndim == 2 else value
     for name, (prefix, kind) in LAYOUTS[layout][1].items():
         fused: dict[str, list[torch.Tensor]] = {}
         for key, value in components[name].state_dict().items():
+            if kind == "t5":  # the input embedding is tied to `shared`: saved once, as Stability's files have it
+                if key != "encoder.embed_tokens.weight":
+                    state[prefix + key] = value
+                continue
             canonical = canonical_clip_key(key)
             if kind == "hf":
                 state[prefix + canonical] = value
@@ -308,22 +378,22 @@ def write_single_file(checkpoint: Path, layout: str, path: Path) -> Path:
     return path
 
 
-def _flux_file_state(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """A FLUX.1 checkpoint's transformer in Black Forest Labs' layout (fused pieces concatenated)."""
-    config = read_flux_config(checkpoint / "transformer")
-    _, components = load_components(checkpoint)
-    state: dict[str, torch.Tensor] = {}
+def _unsplit(
+    state: dict[str, torch.Tensor], source: Callable[[str], tuple[str, Piece | None]]
+) -> dict[str, torch.Tensor]:
+    """A diffusers state dict in a fused layout: each tensor at its `source` name, pieces concatenated."""
+    out: dict[str, torch.Tensor] = {}
     pieces: dict[str, dict[int, torch.Tensor]] = {}
-    for key, value in components["transformer"].state_dict().items():
-        name, piece = flux_source(key, config.inner_dim, int(config.inner_dim * 4.0))
+    for key, value in state.items():
+        name, piece = source(key)
         if piece is None:
-            state[name] = value
+            out[name] = value
         elif piece.swap:
-            state[name] = piece.take(value)  # exchanging the halves is its own inverse
+            out[name] = piece.take(value)  # exchanging the halves is its own inverse
         else:
             pieces.setdefault(name, {})[piece.index] = value
-    state.update({name: torch.cat([parts[i] for i in sorted(parts)]) for name, parts in pieces.items()})
-    return {k: v.contiguous() for k, v in state.items()}
+    out.update({name: torch.cat([parts[i] for i in sorted(parts)]) for name, parts in pieces.items()})
+    return {k: v.contiguous() for k, v in out.items()}
 
 
 class SingleFile:
@@ -388,9 +458,9 @@ def _converted(
 def _text_encoder(folder: Path, class_name: str) -> torch.nn.Module:
     import transformers
 
-    config = getattr(transformers, class_name.replace("WithProjection", "").replace("Model", "Config"))
+    config = transformers.AutoConfig.from_pretrained(folder)
     with torch.device("meta"):
-        return getattr(transformers, class_name)(config.from_pretrained(folder))
+        return getattr(transformers, class_name)(config)
 
 
 def cache_root() -> Path:
@@ -444,9 +514,10 @@ def convert_single_file(
     file = SingleFile(path)
     layout = detect_layout(file.keys, path)
     family, encoders = LAYOUTS[layout]
-    # A FLUX.1 file holds the transformer only: the other components' weights come from config_from,
-    # as diffusers' FluxPipeline.from_single_file takes them from the base repo
-    folder, _ = resolve_checkpoint(config_from, weights=family == "flux", skip=("transformer",))
+    # A FLUX.1 file holds the transformer only, an SD3 file its text encoders only at times: what the
+    # file lacks comes from config_from, as diffusers' from_single_file takes it from the base repo
+    own = _components_in_file(family, encoders, file.keys)
+    folder, _ = resolve_checkpoint(config_from, weights=family in BORROWING, skip=own)
     index = read_model_index(folder)
     if index.family != family:
         raise ArgumentError(
@@ -460,14 +531,22 @@ def convert_single_file(
         _copy_configs(index, tmp)
         if family == "flux":
             parts = {"transformer": _flux_transformer(file, index)}
-            _link_weights(index, [name for name in index.components if name != "transformer"], tmp)
+        elif family == "sd3":
+            parts = {"transformer": _sd3_transformer(file, index)}
+            if "vae" in own:
+                parts["vae"] = _vae(file, index)
         else:
-            parts = _unet_and_vae(file, index)
+            parts = {"unet": _unet(file, index), "vae": _vae(file, index)}
+        if family in BORROWING:
+            _link_weights(index, [name for name in index.components if name not in own], tmp)
+            encoders = {name: where for name, where in encoders.items() if name in own}
         for name, (prefix, kind) in encoders.items():
             if name not in index.components:
                 raise ArgumentError("--config-from", f"{index.root} has no {name}, which this {layout} file holds")
             model = _text_encoder(index.root / name, index.components[name][1])
             parts[name] = _converted(file, name, model, _text_source(prefix, kind, file.keys))
+            if kind == "t5":  # tied to `shared`: transformers saves and reloads it once
+                parts[name].pop("encoder.embed_tokens.weight", None)
         _refuse_unused(file, encoders)
         for name, state in parts.items():
             stem = "diffusion_pytorch_model" if name in ("unet", "vae", "transformer") else "model"
@@ -482,22 +561,48 @@ def convert_single_file(
     return out
 
 
-def _unet_and_vae(file: SingleFile, index: ModelIndex) -> dict[str, dict[str, torch.Tensor]]:
-    """An SD 1.x/2.x/SDXL file's UNet and VAE, in diffusers' names, at the shapes of `index`'s configs."""
+def _unet(file: SingleFile, index: ModelIndex) -> dict[str, torch.Tensor]:
+    """An SD 1.x/2.x/SDXL file's UNet in diffusers' names, at the shapes of `index`'s config."""
     unet_config = read_unet_config(index.root / "unet")
     layers = unet_config.layers_per_block
     if not isinstance(layers, int):
         raise CheckpointError(index.root / "unet" / "config.json", "per-block layers_per_block is not converted")
     attention = ["CrossAttn" in t for t in unet_config.up_block_types]
-    vae_config = read_vae_config(index.root / "vae")
     with torch.device("meta"):
         unet = UNet2DConditionModel(unet_config)
+    return _converted(file, "unet", unet, lambda k: (UNET_PREFIX + unet_source(k, layers, attention), None))
+
+
+def _vae(file: SingleFile, index: ModelIndex) -> dict[str, torch.Tensor]:
+    """A file's VAE (`first_stage_model.*`, LDM's layout) in diffusers' names."""
+    vae_config = read_vae_config(index.root / "vae")
+    with torch.device("meta"):
         vae = AutoencoderKL(vae_config)
     blocks = len(vae_config.block_out_channels)
-    return {
-        "unet": _converted(file, "unet", unet, lambda k: (UNET_PREFIX + unet_source(k, layers, attention), None)),
-        "vae": _converted(file, "vae", vae, lambda k: (VAE_PREFIX + vae_source(k, blocks), None)),
-    }
+    return _converted(file, "vae", vae, lambda k: (VAE_PREFIX + vae_source(k, blocks), None))
+
+
+def _sd3_transformer(file: SingleFile, index: ModelIndex) -> dict[str, torch.Tensor]:
+    """An SD3 / SD3.5 file's MMDiT in diffusers' names, at the shapes of `index`'s config."""
+    config = read_sd3_config(index.root / "transformer")
+    with torch.device("meta"):
+        model = SD3Transformer2DModel(config)
+
+    def source(key: str) -> tuple[str, Piece | None]:
+        name, piece = sd3_source(key, config.num_layers)
+        return UNET_PREFIX + name, piece
+
+    return _converted(file, "transformer", model, source)
+
+
+def _components_in_file(family: str, encoders: dict[str, tuple[str, str]], keys: set[str]) -> set[str]:
+    """The components a file of `family` brings (the others come from --config-from)."""
+    if family == "flux":
+        return {"transformer"}
+    own = {"transformer" if family == "sd3" else "unet"}
+    own |= {"vae"} if any(k.startswith(VAE_PREFIX) for k in keys) or family != "sd3" else set()
+    in_file = {name for name, (prefix, _) in encoders.items() if any(k.startswith(prefix) for k in keys)}
+    return own | (in_file if family == "sd3" else set(encoders))
 
 
 def _flux_transformer(file: SingleFile, index: ModelIndex) -> dict[str, torch.Tensor]:
@@ -542,6 +647,9 @@ def _text_source(prefix: str, kind: str, keys: set[str]) -> Callable[[str], tupl
             return prefix + name, third
 
         return source
+    if kind == "t5":  # transformers' names; the tied input embedding may be saved once, as shared.weight
+        return lambda k: (prefix + ("shared.weight" if k.endswith("embed_tokens.weight") and prefix + k not in keys
+                                    else k), None)  # fmt: skip
     # transformers CLIP names; older files lack the 'text_model.' level
     bare = not any(k.startswith(prefix + "text_model.") for k in keys)
     return lambda k: (
