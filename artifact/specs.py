@@ -747,6 +747,8 @@ def example_inputs(spec: ComponentSpec, dims: dict[str, int], seed: int = 0) -> 
             out[tensor.name] = guidance_scale_embedding(torch.full((shape[0],), 6.5), shape[1])
         elif tensor.name == "conditioning_scales":  # guess mode's ramp at a scale of 0.8
             out[tensor.name] = torch.logspace(-1, 0, shape[0]) * 0.8
+        elif tensor.name.startswith(("lora_down.", "lora_up.")):  # a LoRA slot's matrices, small as trained ones
+            out[tensor.name] = torch.randn(shape, generator=gen) * 0.05
         elif tensor.name == "controlnet_cond":  # a control image in [0, 1]
             out[tensor.name] = torch.rand(shape, generator=gen)
         elif tensor.name == "time_ids":

@@ -86,14 +86,18 @@ def load(
             raise ArgumentError("dtype", "an artifact computes in the precision it was exported with; drop --dtype")
         if compile:
             raise ArgumentError("compile", "compiles the eager reference; an artifact is compiled at export (aoti)")
-        if lora:
-            raise ArgumentError("--lora", "an artifact has its LoRAs fused at export (difflower info lists them)")
         if controlnet:
             raise ArgumentError(
                 "--controlnet", "an artifact holds the ControlNets it was exported with (difflower info lists them)"
             )
         return load_artifact(
-            path, engine=engine, device=str(device), threads=threads, scheduler=scheduler, **engine_options
+            path,
+            engine=engine,
+            device=str(device),
+            threads=threads,
+            scheduler=scheduler,
+            loras=read_loras(lora),  # through its LoRA slots; refused by one without them
+            **engine_options,
         )
     if (path / "model_index.json").is_file():
         found = [name for name in _ARTIFACT_FOLDERS if (path / name).is_dir()]

@@ -349,6 +349,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         lora=args.lora or (),
         controlnet=args.controlnet or (),
         cache_graphs=args.cache_graphs,
+        lora_slots=args.lora_slots,
     )
     print(f"wrote {args.out} ({manifest.backend}, {manifest.precision}, {manifest.shapes['graph']} shapes)")
     print(f"  {'component':<16} {'export s':>8} {'MB':>9}  parity")
@@ -500,6 +501,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
         modules = ", ".join(f"{name} {count}" for name, count in lora["modules"].items())
         detail = f"{lora['format']}; {modules} modules; sha256 {lora['sha256'][:12]}"
         print(f"  LoRA fused: {lora['path']} x {lora['scale']} ({detail})")
+    for record in manifest.components.values():
+        if record.config.get("lora_slots"):
+            count = sum(t.name.startswith("lora_down.") for t in record.inputs)
+            print(f"  LoRA slots: rank {record.config['lora_slots']} on {count} projections of {record.name} "
+                  "(generate --lora FILE[:SCALE] runs any LoRA there)")  # fmt: skip
     for k, record in enumerate(manifest.source.get("controlnets", [])):
         origin = record["hub"]["repo_id"] + "@" + record["hub"]["commit"] if "hub" in record else record["path"]
         print(f"  ControlNet {k}: {origin} (component {'controlnet' if k == 0 else f'controlnet_{k}'})")
@@ -719,6 +725,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="deepcache[:branch=K]|first-block",
         help="also write the graphs a step cache needs (DeepCache for UNets, first-block for SD3/Flux transformers)",
+    )
+    exp.add_argument(
+        "--lora-slots",
+        type=int,
+        default=None,
+        metavar="RANK",
+        help="onnx: the denoiser's attention projections take LoRA matrices up to RANK as inputs, so generate "
+        "--lora switches adapters without re-export (zeros when none)",
     )
     exp.add_argument("--no-cfg", action="store_true", help="static denoiser batch without guidance doubling")
     exp.add_argument("--device", default=None, help="torchscript, aoti: trace/compile on cpu (default) or cuda")

@@ -58,6 +58,7 @@ def export(
     lora: Sequence[str | Path | tuple[str | Path, float]] = (),
     controlnet: Sequence[str | Path] = (),
     cache_graphs: str | None = None,
+    lora_slots: int | None = None,
     **backend_options: Any,
 ) -> Manifest:
     """Export checkpoint `model` (a folder, or a Hub repo id `org/name[@revision]`) to `backend` at
@@ -72,7 +73,9 @@ def export(
     with their residuals as inputs. `cache_graphs` adds the graphs a step cache needs:
     "deepcache[:branch=K]" (the UNet also returns DeepCache's feature and `unet_shallow` takes it)
     or "first-block" (the transformer also returns its tail residual; `transformer_first` and
-    `transformer_tail` are the parts a reusing step runs).
+    `transformer_tail` are the parts a reusing step runs). `lora_slots` (ONNX) keeps a LoRA of up
+    to that rank per attention projection of the denoiser as graph inputs: `difflower.load(ART,
+    lora=...)` then runs any LoRA without re-export.
     """
     exporter = exporter or get_exporter(backend)
     options = ExportOptions(
@@ -89,6 +92,7 @@ def export(
         loras=read_loras(lora),
         controlnets=tuple(str(c) for c in controlnet),
         cache_graphs=parse_cache_graphs(cache_graphs),
+        lora_slots=lora_slots,
     )
     folder, origin = resolve_model(model)
     plan = plan_export(exporter, folder, options)

@@ -49,6 +49,7 @@ from difflower.graph_passes.attention_variant import apply_attention_variant
 from difflower.graph_passes.base import PassResult, measured
 from difflower.graph_passes.calibration import DENOISERS
 from difflower.graph_passes.fuse_qkv import fuse_qkv
+from difflower.graph_passes.lora_slots import SLOTTED, LoraSlotted, with_lora_slots
 from difflower.machine import machine_record
 from difflower.reference.loading import (
     ControlNetSource,
@@ -87,6 +88,7 @@ class ExportOptions:
     loras: tuple[Lora, ...] = ()  # fused into the denoiser and text encoders before export
     controlnets: tuple[str, ...] = ()  # ControlNet folders or Hub repo ids exported beside the UNet
     cache_graphs: CacheGraphs | None = None  # --cache-graphs: the extra graphs a step cache needs
+    lora_slots: int | None = None  # --lora-slots RANK: the denoiser's LoRA matrices as inputs (ONNX)
     source_root: Path | None = None  # set by plan_export: the checkpoint folder being exported
 
     def __post_init__(self) -> None:
@@ -198,6 +200,31 @@ class ExportPlan:
 TRANSFORMER_LABELS = {"sd3": "SD3", "flux": "Flux"}
 
 
+def _slotted(
+    backend: BackendExporter, options: ExportOptions, every: list[ComponentSpec], root: Path
+) -> list[ComponentSpec]:
+    """The denoiser's spec with its LoRA slot inputs; what slots cannot be combined with, refused."""
+    rank = options.lora_slots
+    if getattr(backend, "name", None) != "onnx":
+        raise ArgumentError("--lora-slots", "LoRA slots are ONNX Runtime inputs: export with --backend onnx")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= 1024:
+        raise ArgumentError("--lora-slots", f"takes the slots' rank, an integer in [1, 1024], got {rank!r}")
+    clash = [
+        flag
+        for flag, on in (
+            ("--fuse-qkv", options.fuse_qkv),
+            ("--cache-graphs", options.cache_graphs is not None),
+            ("--controlnet", bool(options.controlnets)),
+            ("--precision fp16", options.precision != "fp32"),
+            ("--quantize", bool(options.extra.get("quantize"))),
+        )
+        if on
+    ]
+    if clash:
+        raise ArgumentError("--lora-slots", f"is not combined with {', '.join(clash)} yet; export without it")
+    return [with_lora_slots(s, root, rank) if s.kind in SLOTTED else s for s in every]
+
+
 def _tail_blocks(index: ModelIndex) -> int:
     """How many blocks follow the first in this checkpoint's transformer (what the first-block cache skips)."""
     if index.family == "flux":
@@ -242,6 +269,8 @@ def plan_export(backend: BackendExporter, model: Path | str, options: ExportOpti
         every = component_specs(index, controlnets, graphs)
     except ValueError as err:
         raise ArgumentError("--cache-graphs", str(err)) from None
+    if options.lora_slots is not None:
+        every = _slotted(backend, options, every, index.root)
     check_components(options.loras, set(index.components))
     options = replace(options, source_root=index.root)
     backend.check_options(options, index)
@@ -283,6 +312,8 @@ def write_component(plan: ExportPlan, spec: ComponentSpec, out: Path) -> Written
     folder = out / spec.name
     folder.mkdir()
     module = load_export_module(spec, plan.index.root, options.loras)
+    if spec.facts.get("lora_slots"):
+        module = LoraSlotted(module)
     dims = options.plan.dims(plan.parity_bucket, plan.pipeline.vae_scale_factor)
     inputs = example_inputs(spec, dims)
 

@@ -226,16 +226,73 @@ Layer = nn.Linear | nn.Conv2d
 def _flat_targets(model: nn.Module, layers: dict[str, Layer]) -> dict[str, Layer]:
     """kohya's module names: the diffusers path with '.' written as '_', and for a UNet also the
     original SD/SGM path (`input_blocks_4_1_...`, what SDXL kohya files use), as diffusers maps them."""
-    targets = {name.replace(".", "_"): m for name, m in layers.items()}
-    if isinstance(model, UNet2DConditionModel) and isinstance(model.config.layers_per_block, int):
-        attention = ["CrossAttn" in t for t in model.config.up_block_types]
-        for name, layer in layers.items():
+    config = model.config if isinstance(model, UNet2DConditionModel) else None
+    return {flat: layers[name] for flat, name in flat_names(list(layers), config).items()}
+
+
+def flat_names(names: Sequence[str], unet_config: Any = None) -> dict[str, str]:
+    """kohya's flat name -> the diffusers module path, for modules `names` (with a UNet's config,
+    its original SD/SGM names too)."""
+    targets = {name.replace(".", "_"): name for name in names}
+    if unet_config is not None and isinstance(unet_config.layers_per_block, int):
+        attention = ["CrossAttn" in t for t in unet_config.up_block_types]
+        for name in names:
             try:
-                original = unet_source(f"{name}.weight", model.config.layers_per_block, attention)
+                original = unet_source(f"{name}.weight", unet_config.layers_per_block, attention)
             except (KeyError, ValueError, IndexError):  # a layer the original layout has no name for
                 continue
-            targets.setdefault(original.removesuffix(".weight").replace(".", "_"), layer)
+            targets.setdefault(original.removesuffix(".weight").replace(".", "_"), name)
     return targets
+
+
+def slot_matrices(
+    loras: Sequence[Lora], slots: dict[str, tuple[int, int]], rank: int, unet_config: Any = None
+) -> dict[str, torch.Tensor]:
+    """The inputs of an artifact's LoRA slots (`slots`: module path -> (in, out), each slot of
+    `rank`) that run `loras`: per module, down (in, rank) and up (rank, out) with the LoRAs side by
+    side along the rank, each scale x scaling folded into up, zero-padded; zeros where none."""
+    downs = {name: [torch.zeros(i, 0)] for name, (i, _) in slots.items()}
+    ups = {name: [torch.zeros(0, o)] for name, (_, o) in slots.items()}
+    for lora in loras:
+        text = sorted(c for c in lora.updates if c != DENOISER)
+        if text:
+            raise CheckpointError(
+                lora.path,
+                f"also updates {', '.join(text)}; an artifact's LoRA slots are in its denoiser only: fuse this LoRA "
+                "at export (export --lora)",
+            )
+        updates = lora.updates.get(DENOISER, {})
+        targets = flat_names(list(slots), unet_config) if lora.flat_keys else {name: name for name in slots}
+        outside = sorted(set(updates) - set(targets))
+        if outside:
+            raise CheckpointError(
+                lora.path,
+                f"{len(outside)} of {len(updates)} modules have no LoRA slot in this artifact "
+                f"({', '.join(outside[:3])}); the slots are the attention projections: fuse this LoRA at export "
+                "(export --lora)",
+            )
+        for key, update in updates.items():
+            name = targets[key]
+            if update.shape != (slots[name][1], slots[name][0]):
+                raise CheckpointError(
+                    lora.path,
+                    f"layer '{name}' is {slots[name][1]}x{slots[name][0]} but the LoRA update is {update.shape}; "
+                    "the LoRA is for another model",
+                )
+            downs[name].append(update.down.float().t())
+            ups[name].append(update.up.float().t() * (lora.scale * update.scaling))
+    out: dict[str, torch.Tensor] = {}
+    for name, (inner, outer) in slots.items():
+        down, up = torch.cat(downs[name], dim=1), torch.cat(ups[name], dim=0)
+        if down.shape[1] > rank:
+            raise CheckpointError(
+                loras[-1].path,
+                f"rank {down.shape[1]} at '{name}' (the LoRAs' ranks added up) exceeds this artifact's slots "
+                f"({rank}); export with --lora-slots {down.shape[1]} or more",
+            )
+        out["lora_down." + name] = torch.cat([down, torch.zeros(inner, rank - down.shape[1])], dim=1)
+        out["lora_up." + name] = torch.cat([up, torch.zeros(rank - up.shape[0], outer)], dim=0)
+    return out
 
 
 def fuse_loras(model: nn.Module, component: str, loras: Sequence[Lora]) -> int:

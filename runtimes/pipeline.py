@@ -10,6 +10,7 @@ eager reference does with the same seed.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,8 @@ from difflower.artifact.specs import latent_dims
 from difflower.errors import ArgumentError, CheckpointError
 from difflower.reference.config import parse_config, read_json
 from difflower.reference.controlnet import controlnet_scales
-from difflower.reference.loading import check_tokenizer, load_tokenizer
+from difflower.reference.loading import check_tokenizer, load_tokenizer, read_unet_config
+from difflower.reference.lora import Lora, slot_matrices
 from difflower.reference.model_calls import Residuals
 from difflower.reference.pipeline import DiffusionPipeline, tokenizers_by_encoder
 from difflower.reference.prompts import Conditioning, TextEncoderOutput
@@ -51,6 +53,36 @@ class EngineModelCalls:
         self.denoiser = self._flux if self.flux else self._unet if "unet" in engines else self._transformer
         unet_inputs = engines["unet"].inputs if "unet" in engines else []
         self._residual_specs = [t for t in unet_inputs if t.name.startswith(RESIDUAL_PREFIXES)]
+        # an export with --lora-slots: the denoiser's LoRA matrices, zeros until set_loras
+        self.lora_inputs: dict[str, dict[str, torch.Tensor]] = {}
+        self.set_loras(())
+
+    def lora_slots(self) -> tuple[str, int, dict[str, tuple[int, int]]] | None:
+        """(engine, rank, module path -> (in, out)) of this artifact's LoRA slots, or None."""
+        for name in ("unet", "transformer"):
+            rank = self.engines[name].record.config.get("lora_slots") if name in self.engines else None
+            if rank:
+                downs = [t for t in self.engines[name].inputs if t.name.startswith("lora_down.")]
+                slots = {t.name.removeprefix("lora_down."): (int(t.shape[0]), int(t.shape[1])) for t in downs}
+                ups = {t.name.removeprefix("lora_up."): int(t.shape[1]) for t in self.engines[name].inputs
+                       if t.name.startswith("lora_up.")}  # fmt: skip
+                return name, int(rank), {k: (inner, ups[k]) for k, (inner, _) in slots.items()}
+        return None
+
+    def set_loras(self, loras: Sequence[Lora], unet_config: Any = None) -> None:
+        """Run `loras` through the LoRA slots from now on (none: zeros). An artifact without slots
+        takes no LoRA here: its LoRAs are fused at export."""
+        found = self.lora_slots()
+        if found is None:
+            if loras:
+                raise ArgumentError(
+                    "--lora",
+                    "this artifact has its LoRAs fused at export (difflower info lists them); export with "
+                    "--lora-slots RANK to switch LoRAs without re-export",
+                )
+            return
+        engine, rank, slots = found
+        self.lora_inputs[engine] = slot_matrices(loras, slots, rank, unet_config)
 
     def has_component(self, name: str) -> bool:
         return name in self.engines
@@ -95,6 +127,8 @@ class EngineModelCalls:
             )
 
     def _run(self, name: str, inputs: dict[str, Array]) -> dict[str, torch.Tensor]:
+        if name in self.lora_inputs:
+            inputs = {**inputs, **self.lora_inputs[name]}
         return {k: _torch(v) for k, v in self.engines[name](inputs).items()}
 
     def text_encoder(self, name: str, input_ids: torch.Tensor) -> TextEncoderOutput:
@@ -349,9 +383,11 @@ def load_artifact(
     device: str = "cpu",
     threads: int | None = None,
     scheduler: str | None = None,
+    loras: Sequence[Lora] = (),
     **engine_options: Any,
 ) -> ArtifactPipeline:
-    """The pipeline of an exported artifact folder, running on `engine` (default: the backend's own)."""
+    """The pipeline of an exported artifact folder, running on `engine` (default: the backend's own);
+    `loras` run through its LoRA slots (an export with --lora-slots)."""
     folder = Path(path)
     manifest = Manifest.read(folder)
     spec = parse_config(PipelineSpec, manifest.pipeline, folder / MANIFEST_NAME)
@@ -360,11 +396,15 @@ def load_artifact(
     scheduler_path = folder / "scheduler" / "scheduler_config.json"
     scheduler_config = read_json(scheduler_path)
     components: dict[str, Any] = {**engines, **tokenizers}
+    calls = EngineModelCalls(engines, manifest)
+    if loras:
+        unet_config = folder / "unet" / "config.json"
+        calls.set_loras(loras, read_unet_config(unet_config.parent) if unet_config.is_file() else None)
     pipe = ArtifactPipeline(
         manifest,
         engines,
         spec,
-        EngineModelCalls(engines, manifest),
+        calls,
         tokenizers_by_encoder(tokenizers),
         load_scheduler(scheduler_config, source=scheduler_path),
         scheduler_config,

@@ -9,6 +9,7 @@ per-module alphas. diffusers, with peft as its LoRA backend, is the oracle.
 from __future__ import annotations
 
 import diffusers  # the oracle: missing it fails the suite, never skips it
+import numpy as np
 import pytest
 import torch
 from parity_helpers import assert_same_as_diffusers, diffusers_run, ours_run
@@ -301,3 +302,102 @@ def sf_name(module: str) -> str:
     from difflower.reference.single_file import canonical_clip_key
 
     return canonical_clip_key(module).replace(".", "_")
+
+
+# -- LoRA slots: an ONNX export that switches LoRAs without re-export ------------------------------
+
+
+def _attention_lora(tiny_dirs, family: str, root, rank: int, seed: int):
+    """A peft adapter on the attention projections of the tiny `family` denoiser, saved by diffusers."""
+    cls = {"sd": diffusers.StableDiffusionPipeline, "sd3": diffusers.StableDiffusion3Pipeline}[family]
+    name = "unet" if family == "sd" else "transformer"
+    extra = {"safety_checker": None} if family == "sd" else {}
+    pipe = cls.from_pretrained(tiny_dirs[family], **extra)
+    targets = ["to_q", "to_k", "to_v", "to_out.0"] + (["add_k_proj", "to_add_out"] if family == "sd3" else [])
+    layers, config = _add_adapter(getattr(pipe, name), rank, 2 * rank, targets, seed=seed)
+    cls.save_lora_weights(root, **{f"{name}_lora_layers": layers, f"{name}_lora_adapter_metadata": config})
+    return root / "pytorch_lora_weights.safetensors"
+
+
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+def test_lora_slots_run_any_lora_as_the_fused_reference(tiny_dirs, tmp_path, capsys, family):
+    """export --lora-slots 8: the denoiser's attention projections take their LoRA matrices as inputs;
+    the artifact loaded with one LoRA, with two at once, or with none, makes the eager pipeline's
+    run with the same LoRAs fused (latents within the fp32 gates), without re-export."""
+    from parity_helpers import assert_run_matches
+
+    import difflower
+
+    first = _attention_lora(tiny_dirs, family, tmp_path / "a", 4, seed=11)
+    second = _attention_lora(tiny_dirs, family, tmp_path / "b", 2, seed=12)
+    out = tmp_path / "slots"
+    manifest = export(tiny_dirs[family], "onnx", out, lora_slots=8, progress=False)
+    denoiser = manifest.components["unet" if family == "sd" else "transformer"]
+    assert main(["info", str(out)]) == 0  # the slots are listed
+    assert f"LoRA slots: rank 8 on {sum(t.name.startswith('lora_down.') for t in denoiser.inputs)} projections" in (
+        capsys.readouterr().out
+    )
+    slots = [t for t in denoiser.inputs if t.name.startswith("lora_down.")]
+    assert denoiser.config["lora_slots"] == 8 and len(slots) >= 8 and slots[0].shape[1] == 8
+    assert denoiser.parity.passed  # the slot path itself, fed random matrices at export
+    run = dict(prompt=PROMPT, num_inference_steps=3, progress=False)
+    for loras in ([], [(first, 0.8)], [(first, 0.8), (second, 1.3)]):
+        eager = load_pipeline(tiny_dirs[family], loras=[read_lora(f, s) for f, s in loras])
+        artifact = difflower.load(out, lora=loras)
+        a, e = assert_run_matches(eager, artifact, **run)
+        if loras:  # the LoRA really moved the image
+            plain = load_pipeline(tiny_dirs[family])(seed=11, output_type="np", **run).images
+            assert np.abs(plain - a.images).max() > 1e-3
+    if family == "sd":  # the same LoRA in kohya's layout, diffusers' and the original SD block names
+        for layout in ("diffusers", "sgm"):
+            kohya = tmp_path / f"kohya-{layout}.safetensors"
+            save_file(_as_kohya(load_file(first), tiny_dirs["sd"], alpha=8.0, original=layout == "sgm"), kohya)
+            again = difflower.load(out, lora=[(kohya, 0.8)])(seed=11, output_type="np", **run).images
+            expected = difflower.load(out, lora=[(first, 0.8)])(seed=11, output_type="np", **run).images
+            np.testing.assert_array_equal(again, expected)
+
+
+def _as_kohya(state: dict, checkpoint, alpha: float, original: bool) -> dict:
+    """A diffusers-saved UNet LoRA renamed to kohya's layout (lora_unet_<module>), in diffusers'
+    block names or (`original`) the SD ones kohya's SDXL files use, with `alpha` per module."""
+    config = read_unet_config(checkpoint / "unet")
+    attention = ["CrossAttn" in t for t in config.up_block_types]
+    out = {}
+    for key, value in state.items():
+        module, _, which = key.removeprefix("unet.").rpartition(".lora_")
+        if original:
+            module = unet_source(module + ".weight", config.layers_per_block, attention).removesuffix(".weight")
+        name = "lora_unet_" + module.replace(".", "_")
+        out[f"{name}.lora_{'down' if which.startswith('A') else 'up'}.weight"] = value
+        out[f"{name}.alpha"] = torch.tensor(alpha)
+    return out
+
+
+def test_lora_slot_errors_are_one_line(tiny_dirs, lora_files, tmp_path, capsys):
+    attention = _attention_lora(tiny_dirs, "sd", tmp_path / "a", 4, seed=11)
+    sd = str(tiny_dirs["sd"])
+    export(sd, "onnx", tmp_path / "slots", lora_slots=2, progress=False)
+    export(sd, "onnx", tmp_path / "plain", components=["unet"], progress=False)
+    x = str(tmp_path / "x")
+    gen = ["generate", "--prompt", "x", "--steps", "1", "-o", x + ".png", "--lora"]
+    capsys.readouterr()  # diffusers' progress bars while the LoRA was made
+    cases = [
+        (["export", sd, "--backend", "openvino", "--lora-slots", "4", "--out", x],
+         "argument --lora-slots: LoRA slots are ONNX Runtime inputs: export with --backend onnx"),
+        (["export", sd, "--backend", "onnx", "--lora-slots", "4", "--fuse-qkv", "--out", x],
+         "argument --lora-slots: is not combined with --fuse-qkv yet"),
+        (["export", sd, "--backend", "onnx", "--lora-slots", "0", "--out", x],
+         "argument --lora-slots: takes the slots' rank, an integer in [1, 1024], got 0"),
+        ([gen[0], str(tmp_path / "slots"), *gen[1:], str(attention)],
+         "rank 4 at 'down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q' (the LoRAs' ranks added up) "
+         "exceeds this artifact's slots (2); export with --lora-slots 4 or more"),
+        ([gen[0], str(tmp_path / "slots"), *gen[1:], str(lora_files["peft"])],
+         "also updates text_encoder; an artifact's LoRA slots are in its denoiser only"),
+        ([gen[0], str(tmp_path / "plain"), *gen[1:], str(attention)],
+         "argument --lora: this artifact has its LoRAs fused at export"),
+    ]  # fmt: skip
+    for args, expected in cases:
+        assert main(args) == 2, args
+        err_text = capsys.readouterr().err
+        assert expected in err_text and len(err_text.strip().splitlines()) == 1, err_text
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.png").exists()
