@@ -11,6 +11,7 @@ re-export, at the cost of two thin matmuls per projection (measured in benchmark
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -56,6 +57,13 @@ def with_lora_slots(spec: ComponentSpec, root: Path, rank: int) -> ComponentSpec
     if not inputs:
         raise PassDidNotFire(f"lora_slots: {spec.name} has no attention projections to slot")
     return replace(spec, inputs=(*spec.inputs, *inputs), facts={**spec.facts, "lora_slots": rank})
+
+
+def slot_shapes(inputs: Sequence[TensorSpec]) -> dict[str, tuple[int, int]]:
+    """module path -> (in, out) of the slots a graph with `inputs` has."""
+    outs = {t.name.removeprefix(UP): int(t.shape[1]) for t in inputs if t.name.startswith(UP)}
+    return {t.name.removeprefix(DOWN): (int(t.shape[0]), outs[t.name.removeprefix(DOWN)])
+            for t in inputs if t.name.startswith(DOWN)}  # fmt: skip
 
 
 class LoraSlot(nn.Module):

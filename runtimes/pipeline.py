@@ -20,6 +20,7 @@ import torch
 from difflower.artifact.manifest import MANIFEST_NAME, Manifest, verify_files
 from difflower.artifact.specs import latent_dims
 from difflower.errors import ArgumentError, CheckpointError
+from difflower.graph_passes.lora_slots import slot_shapes
 from difflower.reference.config import parse_config, read_json
 from difflower.reference.controlnet import controlnet_scales
 from difflower.reference.loading import check_tokenizer, load_tokenizer, read_unet_config
@@ -62,11 +63,7 @@ class EngineModelCalls:
         for name in ("unet", "transformer"):
             rank = self.engines[name].record.config.get("lora_slots") if name in self.engines else None
             if rank:
-                downs = [t for t in self.engines[name].inputs if t.name.startswith("lora_down.")]
-                slots = {t.name.removeprefix("lora_down."): (int(t.shape[0]), int(t.shape[1])) for t in downs}
-                ups = {t.name.removeprefix("lora_up."): int(t.shape[1]) for t in self.engines[name].inputs
-                       if t.name.startswith("lora_up.")}  # fmt: skip
-                return name, int(rank), {k: (inner, ups[k]) for k, (inner, _) in slots.items()}
+                return name, int(rank), slot_shapes(self.engines[name].inputs)
         return None
 
     def set_loras(self, loras: Sequence[Lora], unet_config: Any = None) -> None:
