@@ -67,6 +67,18 @@ def test_a_repo_id_runs_the_cached_snapshot_offline(tiny_dirs, hub_sd):
     np.testing.assert_array_equal(_image(difflower.load("test-org/tiny-sd")), _image(difflower.load(tiny_dirs["sd"])))
 
 
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_repo_ids_of_the_other_families_run_as_their_folders(tiny_dirs, offline_hub, tmp_path, family):
+    from difflower.reference.tiny import make_tiny_checkpoint
+
+    folder = tiny_dirs.get(family) or make_tiny_checkpoint(tmp_path / family, family, seed=0)
+    cache_repo(offline_hub, f"test-org/tiny-{family}", folder)
+    size = {"height": 32, "width": 32} if family == "flux" else {}  # tiny Flux's native size is 1024
+    run = dict(num_inference_steps=2, seed=0, output_type="np", progress=False, **size)
+    from_hub = difflower.load(f"test-org/tiny-{family}")("a lighthouse", **run).images
+    np.testing.assert_array_equal(from_hub, difflower.load(folder)("a lighthouse", **run).images)
+
+
 def test_the_weights_are_the_ones_diffusers_reads_from_the_same_cache(hub_sd, offline_hub):
     """The oracle: diffusers' own from_pretrained on the same repo id and cache."""
     from diffusers import UNet2DConditionModel

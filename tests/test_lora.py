@@ -247,6 +247,29 @@ def test_denoiser_loras_of_the_other_families_equal_diffusers(tiny_dirs, tmp_pat
     assert sum(not torch.equal(mine[k], before[k]) for k in mine) >= 8
 
 
+def test_flux_loras_equal_diffusers(tmp_path):
+    """A peft adapter on a tiny FLUX.1-dev transformer (both streams' projections, a single-stream
+    block's MLP and output), saved, loaded and fused by diffusers' FluxPipeline, against ours."""
+    from difflower.reference.tiny import make_tiny_checkpoint
+
+    flux = make_tiny_checkpoint(tmp_path / "flux", "flux", seed=0)
+    cls = diffusers.FluxPipeline
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "to_add_out", "proj_mlp", "proj_out"]
+    layers, config = _add_adapter(cls.from_pretrained(flux).transformer, 4, 8, targets, seed=9)
+    cls.save_lora_weights(tmp_path, transformer_lora_layers=layers, transformer_lora_adapter_metadata=config)
+    file = tmp_path / "pytorch_lora_weights.safetensors"
+    theirs = cls.from_pretrained(flux)
+    theirs.load_lora_weights(str(file), adapter_name="x")
+    theirs.fuse_lora(components=["transformer"], lora_scale=0.9, adapter_names=["x"])
+    theirs.transformer.unload_lora()
+    mine = load_pipeline(flux, loras=[read_lora(file, 0.9)]).transformer.state_dict()
+    reference = theirs.transformer.state_dict()
+    before = load_pipeline(flux).transformer.state_dict()
+    assert mine.keys() == reference.keys()
+    assert max((mine[k] - reference[k]).abs().max().item() for k in mine) <= 1e-5
+    assert sum(not torch.equal(mine[k], before[k]) for k in mine) >= 16
+
+
 def test_an_lcm_lora_run_matches_diffusers(tiny_dirs, lora_files):
     """LCM-LoRA's recipe (issue 19): a LoRA fused into an ordinary SD UNet, sampled by LCM with a
     low guidance, against diffusers' pipeline with the same LoRA and LCMScheduler."""
@@ -289,6 +312,29 @@ def test_sdxl_kohya_text_encoder_loras_equal_peft_merges(tiny_dirs, tmp_path):
             mine = getattr(ours, name).state_dict()
             assert mine.keys() == reference.keys()
             assert max((mine[k] - reference[k]).abs().max().item() for k in mine) <= 1e-5, (file, name)
+
+
+def test_sd3_text_encoder_loras_equal_peft_merges(tiny_dirs, tmp_path):
+    """An SD3 LoRA on the transformer and both CLIP encoders, saved by diffusers' own
+    StableDiffusion3Pipeline (peft layout, adapter configs in the metadata): each encoder against
+    peft's own merge (see lora_files on transformers 5 and peft); the transformer's adapter rides
+    along in the same file (its fuse is held to diffusers' in the test above)."""
+    cls = diffusers.StableDiffusion3Pipeline
+    pipe = cls.from_pretrained(tiny_dirs["sd3"])
+    saved, expected = {}, {}
+    for name, seed in (("text_encoder", 3), ("text_encoder_2", 4)):
+        layers, settings = _add_adapter(getattr(pipe, name), 2, 4, TEXT_TARGETS, seed=seed)
+        saved[f"{name}_lora_layers"], saved[f"{name}_lora_adapter_metadata"] = layers, settings
+        expected[name] = _peft_fused(getattr(cls.from_pretrained(tiny_dirs["sd3"]), name), layers, settings, 0.7)
+    layers, settings = _add_adapter(pipe.transformer, 2, 2, ["to_q", "to_v"], seed=5)
+    cls.save_lora_weights(tmp_path, transformer_lora_layers=layers, transformer_lora_adapter_metadata=settings, **saved)
+    ours = load_pipeline(tiny_dirs["sd3"], loras=[read_lora(tmp_path / "pytorch_lora_weights.safetensors", 0.7)])
+    before = load_pipeline(tiny_dirs["sd3"])
+    for name, reference in expected.items():
+        mine = getattr(ours, name).state_dict()
+        assert mine.keys() == reference.keys()
+        assert max((mine[k] - reference[k]).abs().max().item() for k in mine) <= 1e-5, name
+        assert sum(not torch.equal(mine[k], v) for k, v in getattr(before, name).state_dict().items()) >= 8, name
 
 
 def canonical_module(module: str) -> str:
