@@ -360,3 +360,22 @@ def test_cache_graphs_compile_and_run_the_references_cached_steps(tiny_dirs, tmp
     report = validate_artifact(tmp_path / "art", tiny_dirs["sd"], steps=5, cache="deepcache:interval=2")
     assert report.passed and report.cache["passed"] and report.final_latents["max_abs"] < 1e-4
     assert report.cache["full_steps"] == [True, False, True, False, True, False]
+
+
+def test_flux_compiles_and_runs_its_first_block_cache(tmp_path, cpu_in_place_of_neuron):
+    """A tiny FLUX.1-dev through the Neuron path (CPU stand-in compile) at a static 64x64: distilled
+    guidance compiles the denoiser parts at batch 1 (no CFG halves), and a first-block run on the
+    artifact makes the reference's decisions within the fp32 gates."""
+    from difflower.reference.tiny import make_tiny_checkpoint
+
+    flux = make_tiny_checkpoint(tmp_path / "flux", "flux", seed=0)
+    parts = ["text_encoder", "text_encoder_2", "transformer", "transformer_first", "transformer_tail", "vae_decoder"]
+    manifest = stand_in_export(flux, tmp_path / "art", tmp_path / "cache", parts, cache_graphs="first-block",
+                               static=["1x64x64"])  # fmt: skip
+    for name in ("transformer", "transformer_first", "transformer_tail"):
+        config = manifest.components[name].config
+        assert config["cfg_halves"] == 1 and config["compiler_args"][-2:] == ["--model-type", "transformer"], name
+    assert all(r.parity.passed for r in manifest.components.values())
+    report = validate_artifact(tmp_path / "art", flux, steps=4, cache="first-block:interval=2")
+    assert report.passed and report.cache["passed"] and report.final_latents["max_abs"] < 1e-4
+    assert report.cache["full_steps"] == [True, False, True, False]
