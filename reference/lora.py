@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from difflower.errors import ArgumentError, CheckpointError
-from difflower.reference.single_file import canonical_clip_key, unet_source
+from difflower.reference.single_file import Piece, canonical_clip_key, flux_source, unet_source
+from difflower.reference.transformer_flux import FluxTransformer2DModel
 from difflower.reference.unet_2d_condition import UNet2DConditionModel
 
 DENOISER = "denoiser"  # the UNet or the transformer, whichever the model has
@@ -295,6 +296,40 @@ def slot_matrices(
     return out
 
 
+def _bfl_named(updates: dict[str, LoraUpdate]) -> bool:
+    """Whether a kohya Flux LoRA names Black Forest Labs' modules (double_blocks_0_img_attn_qkv...),
+    as most Flux LoRAs do, rather than diffusers' (transformer_blocks_0_attn_to_q...)."""
+    return any(k.startswith(("double_blocks_", "single_blocks_")) for k in updates)
+
+
+def _bfl_updates(
+    lora: Lora, updates: dict[str, LoraUpdate], model: FluxTransformer2DModel, layers: dict[str, Layer]
+) -> dict[str, LoraUpdate]:
+    """A BFL-named Flux LoRA's updates on diffusers' layers: a fused q|k|v (or a single block's
+    q|k|v|MLP) update split by rows of `up`, the final modulation's halves exchanged, as diffusers'
+    kohya Flux conversion does."""
+    config = model.config
+    sources: dict[str, list[tuple[str, Piece | None]]] = {}
+    for name in layers:
+        try:
+            bfl, piece = flux_source(f"{name}.weight", config.inner_dim, int(config.inner_dim * 4.0))
+        except (KeyError, ValueError):  # a layer the BFL layout has no name for
+            continue
+        sources.setdefault(bfl.removesuffix(".weight").replace(".", "_"), []).append((name, piece))
+    out: dict[str, LoraUpdate] = {}
+    for flat, update in updates.items():
+        for name, piece in sources.get(flat, [(flat, None)]):  # unknown names stay, to be refused by count
+            if piece is None:
+                out[name] = update
+                continue
+            try:
+                up = piece.take(update.up)
+            except ValueError as err:
+                raise CheckpointError(lora.path, f"denoiser module '{flat}': {err}; is the LoRA for FLUX.1?") from None
+            out[name] = LoraUpdate(update.down, up, update.scaling)
+    return out
+
+
 def fuse_loras(model: nn.Module, component: str, loras: Sequence[Lora]) -> int:
     """Fuse every LoRA's updates for `component` into `model`'s weights in place; returns the
     number of modules updated. `component` is the model's folder name (unet, text_encoder, ...)."""
@@ -305,7 +340,11 @@ def fuse_loras(model: nn.Module, component: str, loras: Sequence[Lora]) -> int:
     fused = 0
     for lora in loras:
         updates = lora.updates.get(key, {})
-        targets = _flat_targets(model, layers) if lora.flat_keys else layers
+        if lora.flat_keys and isinstance(model, FluxTransformer2DModel) and _bfl_named(updates):
+            updates = _bfl_updates(lora, updates, model, layers)
+            targets = layers
+        else:
+            targets = _flat_targets(model, layers) if lora.flat_keys else layers
         unmatched = sorted(set(updates) - set(targets))
         if unmatched:
             sample = ", ".join(unmatched[:3])

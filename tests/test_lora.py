@@ -447,3 +447,48 @@ def test_lora_slot_errors_are_one_line(tiny_dirs, lora_files, tmp_path, capsys):
         err_text = capsys.readouterr().err
         assert expected in err_text and len(err_text.strip().splitlines()) == 1, err_text
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.png").exists()
+
+
+def test_bfl_named_kohya_flux_loras_equal_diffusers(tmp_path):
+    """Most Flux LoRAs are kohya files in Black Forest Labs' module names, one low-rank update on a
+    fused q|k|v (or a single block's q|k|v|MLP): ours splits it over diffusers' layers as diffusers'
+    own kohya conversion does (load_lora_weights + fuse_lora on FluxPipeline), within 1e-5."""
+    from difflower.reference.tiny import make_tiny_checkpoint
+
+    flux = make_tiny_checkpoint(tmp_path / "flux", "flux", seed=0)
+    config = load_pipeline(flux).transformer.config
+    inner, rank = config.inner_dim, 4
+    outs = {"double_blocks_0_img_attn_qkv": 3 * inner, "double_blocks_0_txt_attn_qkv": 3 * inner,
+            "double_blocks_1_img_attn_proj": inner, "double_blocks_1_img_mlp_0": 4 * inner,
+            "double_blocks_0_img_mod_lin": 6 * inner, "single_blocks_0_linear1": 3 * inner + 4 * inner,
+            "single_blocks_1_linear2": inner, "single_blocks_1_modulation_lin": 3 * inner}  # fmt: skip
+    ins = {"double_blocks_1_img_mlp_0": inner, "single_blocks_1_linear2": inner + 4 * inner}
+    gen = torch.Generator().manual_seed(4)
+    state = {}
+    for name, out in outs.items():
+        state[f"lora_unet_{name}.lora_down.weight"] = torch.randn(rank, ins.get(name, inner), generator=gen) * 0.1
+        state[f"lora_unet_{name}.lora_up.weight"] = torch.randn(out, rank, generator=gen) * 0.1
+        state[f"lora_unet_{name}.alpha"] = torch.tensor(2.0)
+    # diffusers' converter splits a single block's linear1 at FLUX.1's real widths (3072 x 3 + 12288):
+    # that module is checked by its definition below instead, on a file of its own
+    single = {k: state.pop(k) for k in list(state) if k.startswith("lora_unet_single_blocks_0_linear1.")}
+    save_file(state, tmp_path / "bfl-kohya.safetensors")
+    save_file(single, tmp_path / "bfl-linear1.safetensors")
+    theirs = diffusers.FluxPipeline.from_pretrained(flux)
+    theirs.load_lora_weights(str(tmp_path / "bfl-kohya.safetensors"), adapter_name="x")
+    theirs.fuse_lora(components=["transformer"], lora_scale=0.7, adapter_names=["x"])
+    theirs.transformer.unload_lora()
+    ours = load_pipeline(flux, loras=[read_lora(tmp_path / "bfl-kohya.safetensors", 0.7)]).transformer.state_dict()
+    reference, before = theirs.transformer.state_dict(), load_pipeline(flux).transformer.state_dict()
+    assert ours.keys() == reference.keys()
+    assert max((ours[k] - reference[k]).abs().max().item() for k in ours) <= 1e-5
+    # q, k, v of both streams (6), proj, mlp_0, img_mod, linear2, modulation: 11 weights
+    assert sum(not torch.equal(ours[k], before[k]) for k in ours) == 11
+    # linear1 = [to_q; to_k; to_v; proj_mlp]: each gets its rows of scale x alpha / rank x up @ down
+    fused = load_pipeline(flux, loras=[read_lora(tmp_path / "bfl-linear1.safetensors", 0.7)]).transformer.state_dict()
+    prefix = "lora_unet_single_blocks_0_linear1"
+    update = 0.7 * (2.0 / rank) * single[f"{prefix}.lora_up.weight"] @ single[f"{prefix}.lora_down.weight"]
+    rows = update.split([inner, inner, inner, 4 * inner])
+    for name, delta in zip(["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"], rows, strict=True):
+        key = f"single_transformer_blocks.0.{name}.weight"
+        torch.testing.assert_close(fused[key], before[key] + delta, atol=1e-6, rtol=0)
