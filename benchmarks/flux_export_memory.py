@@ -1,0 +1,151 @@
+"""Peak memory of exporting the FLUX.1 transformer against its depth (issue 17), so that the full
+model's need is known: real width, reduced depth, random weights, each export in a process of its own.
+
+    python benchmarks/flux_export_memory.py [--depths 1x2,2x4] [--size 512]
+    python benchmarks/flux_export_memory.py --tiny   # smoke test: the tiny checkpoint (seconds)
+
+For each depth (double x single blocks; FLUX.1 has 19 x 38) the transformer of FLUX.1-dev's
+config with random weights (benchmarks/flux_transformer.py writes it) is
+1. loaded alone, as the export loads it (fp32 on the CPU): the peak RSS of loading;
+2. exported to ONNX with `--precision fp16` and to OpenVINO with `--quantize int8-weight`, static
+   1xSIZExSIZE, the transformer only: the peak RSS of the whole export (tracing, the passes, the
+   files, the parity check), its time and the size written.
+A line through the points (peak against parameter count) gives each target's need at FLUX.1's
+11.9 B parameters; the difference between the export's peak and the load's says how much the
+export itself holds beyond the fp32 weights.
+
+Writes benchmarks/results/flux-export-memory.json (--tiny: a temp file) and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from flux_transformer import FLUX_DEV, checkpoint  # noqa: E402
+from onnx_unet import CACHE, write_result  # noqa: E402
+
+from difflower.validate.bench import machine_info  # noqa: E402
+
+TARGETS = {
+    "onnx_fp16": ["--backend", "onnx", "--precision", "fp16"],
+    "openvino_int8_weight": ["--backend", "openvino", "--quantize", "int8-weight"],
+}
+EXPORT = """
+import resource, sys
+from difflower.cli import main
+rc = main(sys.argv[1:])
+print("peak_kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+sys.exit(rc)
+"""
+LOAD = """
+import resource, sys, torch
+from difflower.reference.loading import load_flux_transformer
+model = load_flux_transformer(sys.argv[1], torch.float32)
+print(sum(p.numel() for p in model.parameters()), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def parameters(double: int, single: int) -> int:
+    """FLUX.1-dev's transformer parameter count at this depth (from its config, no weights)."""
+    import torch
+
+    from difflower.reference.transformer_flux import FluxTransformer2DModel
+
+    config = replace(FLUX_DEV, num_layers=double, num_single_layers=single)
+    with torch.device("meta"):
+        return sum(p.numel() for p in FluxTransformer2DModel(config).parameters())
+
+
+def peak_of(arguments: list[str]) -> tuple[float, float]:
+    """(peak RSS GiB, seconds) of `difflower ARGUMENTS` run in a process of its own; raises on failure."""
+    start = time.perf_counter()
+    process = subprocess.run([sys.executable, "-c", EXPORT, *arguments], capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    lines = process.stderr.strip().splitlines()
+    if process.returncode != 0 or not lines or not lines[-1].startswith("peak_kib"):
+        raise RuntimeError(f"difflower {' '.join(arguments)} failed: {lines[-3:]}")
+    return int(lines[-1].split()[1]) / 2**20, seconds
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--depths", default="1x2,2x4", help="double x single blocks, comma-separated")
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--tiny", action="store_true", help="the tiny checkpoint: checks the script, not the figures")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    scratch = Path(tempfile.mkdtemp(prefix="flux-memory-"))
+    depths = [(2, 2)] if args.tiny else [tuple(int(x) for x in d.split("x")) for d in args.depths.split(",")]
+    size = 64 if args.tiny else args.size
+    python = sys.executable
+    rows = []
+    for double, single in depths:
+        source = checkpoint(args.tiny, double, single, scratch)
+        count = parameters(double, single) if not args.tiny else None
+        loaded = subprocess.run([python, "-c", LOAD, str(source / "transformer")], capture_output=True, text=True)
+        params, load_kib = (int(x) for x in loaded.stdout.split())
+        row = {"double": double, "single": single, "parameters": params, "load_peak_gib": load_kib / 2**20}
+        assert count is None or count == params
+        for target, flags in TARGETS.items():
+            out = scratch / f"{target}-{double}x{single}"
+            arguments = ["export", str(source), *flags, "--components", "transformer"]
+            arguments += ["--static", f"1x{size}x{size}", "--out", str(out)]
+            peak, seconds = peak_of(arguments)
+            size_bytes = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+            row[target] = {"peak_gib": peak, "seconds": seconds, "size_gib": size_bytes / 2**30}
+            print(f"{double}x{single} {target}: peak {peak:.2f} GiB, {seconds:.0f} s", flush=True)
+        rows.append(row)
+
+    full = parameters(19, 38)
+    fits = {}
+    if len(rows) >= 2:
+        (a, b) = rows[0], rows[-1]
+        for key in ("load_peak_gib", *TARGETS):
+            ya = a[key] if key == "load_peak_gib" else a[key]["peak_gib"]
+            yb = b[key] if key == "load_peak_gib" else b[key]["peak_gib"]
+            slope = (yb - ya) / (b["parameters"] - a["parameters"])
+            fits[key] = {
+                "gib_per_billion_parameters": slope * 1e9,
+                "at_full_flux_gib": ya + slope * (full - a["parameters"]),
+            }
+    result = {
+        "benchmark": f"peak RSS of exporting the FLUX.1-dev transformer (real width, random weights) at {size}x{size}",
+        "rows": rows,
+        "full_model_parameters": full,
+        "linear_fit": fits,
+        "machine": machine_info(),
+        "command": "python benchmarks/flux_export_memory.py " + " ".join(sys.argv[1:]),
+        "bench_dir": str(CACHE),
+    }
+    table = "| blocks | parameters | load | ONNX fp16 export | OpenVINO int8-weight export |\n|---|---|---|---|---|\n"
+    table += "\n".join(
+        f"| {r['double']} + {r['single']} | {r['parameters'] / 1e9:.2f} B | {r['load_peak_gib']:.1f} GiB | "
+        f"{r['onnx_fp16']['peak_gib']:.1f} GiB, {r['onnx_fp16']['seconds']:.0f} s | "
+        f"{r['openvino_int8_weight']['peak_gib']:.1f} GiB, {r['openvino_int8_weight']['seconds']:.0f} s |"
+        for r in rows
+    )
+    if fits:
+        table += "\n\n" + "\n".join(
+            f"- {k}: {v['at_full_flux_gib']:.0f} GiB at {full / 1e9:.1f} B parameters" for k, v in fits.items()
+        )
+    out = args.out or (
+        Path(tempfile.gettempdir()) / "flux-export-memory-tiny.json"
+        if args.tiny
+        else HERE / "results" / "flux-export-memory.json"
+    )
+    write_result(out, result, table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
