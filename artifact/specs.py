@@ -36,7 +36,7 @@ from difflower.reference.loading import (
     read_unet_config,
     read_vae_config,
 )
-from difflower.reference.lora import Lora, fuse_loras
+from difflower.reference.lora import Lora, LoraSlotted, fuse_loras
 from difflower.reference.step_cache import CacheGraphs
 from difflower.reference.transformer_flux import image_ids, text_ids
 from difflower.reference.unet_2d_condition import UNetConfig, skip_shapes
@@ -714,7 +714,10 @@ def load_export_module(spec: ComponentSpec, root: Path, loras: Sequence[Lora] = 
             model.encoder = model.quant_conv = None  # only the decoder half is exported (and carried)
     if loras and spec.kind not in ("vae_encoder", "vae_decoder", "controlnet"):  # LoRAs reach the rest
         fuse_loras(model, spec.source, loras)
-    return wrap_module(spec, model)
+    module = wrap_module(spec, model)
+    if spec.facts.get("lora_slots"):  # export --lora-slots: the projections' LoRA matrices are inputs
+        return LoraSlotted(module).eval().requires_grad_(False)
+    return module
 
 
 # -- example inputs --------------------------------------------------------------------------

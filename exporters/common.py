@@ -49,7 +49,7 @@ from difflower.graph_passes.attention_variant import apply_attention_variant
 from difflower.graph_passes.base import PassResult, measured
 from difflower.graph_passes.calibration import DENOISERS
 from difflower.graph_passes.fuse_qkv import fuse_qkv
-from difflower.graph_passes.lora_slots import SLOTTED, LoraSlotted, with_lora_slots
+from difflower.graph_passes.lora_slots import SLOTTED, with_lora_slots
 from difflower.machine import machine_record
 from difflower.reference.loading import (
     ControlNetSource,
@@ -312,8 +312,6 @@ def write_component(plan: ExportPlan, spec: ComponentSpec, out: Path) -> Written
     folder = out / spec.name
     folder.mkdir()
     module = load_export_module(spec, plan.index.root, options.loras)
-    if spec.facts.get("lora_slots"):
-        module = LoraSlotted(module)
     dims = options.plan.dims(plan.parity_bucket, plan.pipeline.vae_scale_factor)
     inputs = example_inputs(spec, dims)
 

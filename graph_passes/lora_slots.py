@@ -10,7 +10,6 @@ re-export, at the cost of two thin matmuls per projection (measured in benchmark
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -22,20 +21,13 @@ from difflower.artifact.manifest import TensorSpec
 from difflower.artifact.specs import ComponentSpec
 from difflower.graph_passes.base import PassDidNotFire
 from difflower.reference.loading import read_flux_config, read_sd3_config, read_unet_config
+from difflower.reference.lora import slot_layers
 from difflower.reference.transformer_flux import FluxTransformer2DModel
 from difflower.reference.transformer_sd3 import SD3Transformer2DModel
 from difflower.reference.unet_2d_condition import UNet2DConditionModel
 
-TARGETS = re.compile(r"\.attn\d?\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)$")
 SLOTTED = ("unet", "transformer")  # the component kinds that get slots
 DOWN, UP = "lora_down.", "lora_up."
-
-
-def slot_layers(model: nn.Module) -> dict[str, nn.Linear]:
-    """The projections that get a slot, by module path in diffusers' names."""
-    return {
-        name: module for name, module in model.named_modules() if isinstance(module, nn.Linear) and TARGETS.search(name)
-    }
 
 
 def with_lora_slots(spec: ComponentSpec, root: Path, rank: int) -> ComponentSpec:
@@ -64,44 +56,3 @@ def slot_shapes(inputs: Sequence[TensorSpec]) -> dict[str, tuple[int, int]]:
     outs = {t.name.removeprefix(UP): int(t.shape[1]) for t in inputs if t.name.startswith(UP)}
     return {t.name.removeprefix(DOWN): (int(t.shape[0]), outs[t.name.removeprefix(DOWN)])
             for t in inputs if t.name.startswith(DOWN)}  # fmt: skip
-
-
-class LoraSlot(nn.Module):
-    """A Linear plus a low-rank update whose matrices arrive per call (set by LoraSlotted)."""
-
-    def __init__(self, base: nn.Linear):
-        super().__init__()
-        self.base = base
-        self.down: torch.Tensor | None = None
-        self.up: torch.Tensor | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
-        if self.down is None or self.up is None:
-            return out
-        return out + torch.matmul(torch.matmul(x, self.down), self.up)
-
-
-class LoraSlotted(nn.Module):
-    """An export wrapper whose projections take their LoRA matrices as its trailing inputs."""
-
-    def __init__(self, wrapper: nn.Module):
-        super().__init__()
-        self.wrapper = wrapper
-        self.slots: list[LoraSlot] = []
-        for name, layer in slot_layers(wrapper).items():
-            parent_name, _, child = name.rpartition(".")
-            slot = LoraSlot(layer)
-            setattr(wrapper.get_submodule(parent_name), child, slot)
-            self.slots.append(slot)
-
-    def forward(self, *inputs: torch.Tensor):
-        count = len(inputs) - 2 * len(self.slots)
-        matrices = inputs[count:]
-        for k, slot in enumerate(self.slots):
-            slot.down, slot.up = matrices[2 * k], matrices[2 * k + 1]
-        try:
-            return self.wrapper(*inputs[:count])
-        finally:
-            for slot in self.slots:
-                slot.down = slot.up = None

@@ -366,3 +366,56 @@ def fuse_loras(model: nn.Module, component: str, loras: Sequence[Lora]) -> int:
                 layer.weight.data = update.fused(layer.weight, lora.scale)
                 fused += 1
     return fused
+
+
+# -- LoRA slots (export --lora-slots): the matrices arrive as inputs instead of being fused
+
+TARGETS = re.compile(r"\.attn\d?\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)$")
+
+
+def slot_layers(model: nn.Module) -> dict[str, nn.Linear]:
+    """The projections that get a slot, by module path in diffusers' names."""
+    return {
+        name: module for name, module in model.named_modules() if isinstance(module, nn.Linear) and TARGETS.search(name)
+    }
+
+
+class LoraSlot(nn.Module):
+    """A Linear plus a low-rank update whose matrices arrive per call (set by LoraSlotted)."""
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.base = base
+        self.down: torch.Tensor | None = None
+        self.up: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if self.down is None or self.up is None:
+            return out
+        return out + torch.matmul(torch.matmul(x, self.down), self.up)
+
+
+class LoraSlotted(nn.Module):
+    """An export wrapper whose projections take their LoRA matrices as its trailing inputs."""
+
+    def __init__(self, wrapper: nn.Module):
+        super().__init__()
+        self.wrapper = wrapper
+        self.slots: list[LoraSlot] = []
+        for name, layer in slot_layers(wrapper).items():
+            parent_name, _, child = name.rpartition(".")
+            slot = LoraSlot(layer)
+            setattr(wrapper.get_submodule(parent_name), child, slot)
+            self.slots.append(slot)
+
+    def forward(self, *inputs: torch.Tensor):
+        count = len(inputs) - 2 * len(self.slots)
+        matrices = inputs[count:]
+        for k, slot in enumerate(self.slots):
+            slot.down, slot.up = matrices[2 * k], matrices[2 * k + 1]
+        try:
+            return self.wrapper(*inputs[:count])
+        finally:
+            for slot in self.slots:
+                slot.down = slot.up = None

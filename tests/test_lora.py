@@ -386,6 +386,8 @@ def test_lora_slots_run_any_lora_as_the_fused_reference(tiny_dirs, tmp_path, cap
     slots = [t for t in denoiser.inputs if t.name.startswith("lora_down.")]
     assert denoiser.config["lora_slots"] == 8 and len(slots) >= 8 and slots[0].shape[1] == 8
     assert denoiser.parity.passed  # the slot path itself, fed random matrices at export
+    for engine in ("onnxruntime", "torch"):  # validate's component check feeds the slots too, on either engine
+        assert validate_artifact(out, tiny_dirs[family], steps=2, engine=engine).passed, engine
     run = dict(prompt=PROMPT, num_inference_steps=3, progress=False)
     for loras in ([], [(first, 0.8)], [(first, 0.8), (second, 1.3)]):
         eager = load_pipeline(tiny_dirs[family], loras=[read_lora(f, s) for f, s in loras])
