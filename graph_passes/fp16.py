@@ -213,13 +213,19 @@ def convert_fp16(path: Path, islands: list[Island], keep_io_types: bool = True) 
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     external = (path.parent / "model.onnx_data").exists()
+    if external:  # past protobuf's 2 GB the converter's own shape inference cannot serialize the model:
+        onnx.shape_inference.infer_shapes_path(str(path), str(path))  # infer from the file instead
     model = onnx.load(str(path))
     blocked, islands = island_nodes(model.graph.node, islands)
     total = len(model.graph.node)
     # max_finite_val: the converter clips weights to +-1e4 by default, silently; clip only at
     # fp16's real limit (weights beyond it make their module an island through the error test)
     converted = convert_float_to_float16(
-        model, keep_io_types=keep_io_types, node_block_list=blocked, max_finite_val=FP16_MAX
+        model,
+        keep_io_types=keep_io_types,
+        node_block_list=blocked,
+        max_finite_val=FP16_MAX,
+        disable_shape_infer=external,
     )
     round_trips = _drop_round_trip_casts(converted)
     halves = sum(t.data_type == onnx.TensorProto.FLOAT16 for t in converted.graph.initializer)
