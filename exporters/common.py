@@ -225,14 +225,6 @@ def _slotted(
     return [with_lora_slots(s, root, rank) if s.kind in SLOTTED else s for s in every]
 
 
-def _tail_blocks(index: ModelIndex) -> int:
-    """How many blocks follow the first in this checkpoint's transformer (what the first-block cache skips)."""
-    if index.family == "flux":
-        config = read_flux_config(index.root / "transformer")
-        return config.num_layers - 1 + config.num_single_layers if config.num_layers else 0
-    return read_sd3_config(index.root / "transformer").num_layers - 1
-
-
 def plan_export(backend: BackendExporter, model: Path | str, options: ExportOptions) -> ExportPlan:
     """Read checkpoint `model`, settle the shapes and check every option for `backend`."""
     index = read_model_index(model)
@@ -263,7 +255,8 @@ def plan_export(backend: BackendExporter, model: Path | str, options: ExportOpti
     if graphs is not None and graphs.kind == "first-block":
         if not pipeline.is_transformer:
             raise ArgumentError("--cache-graphs", "first-block caches a transformer's blocks; for a UNet use deepcache")
-        if _tail_blocks(index) < 1:
+        read = read_flux_config if index.family == "flux" else read_sd3_config
+        if read(index.root / "transformer").blocks_after_first < 1:
             raise ArgumentError("--cache-graphs", "first-block needs a transformer of two blocks or more")
     try:
         every = component_specs(index, controlnets, graphs)

@@ -308,11 +308,10 @@ def _bfl_updates(
     """A BFL-named Flux LoRA's updates on diffusers' layers: a fused q|k|v (or a single block's
     q|k|v|MLP) update split by rows of `up`, the final modulation's halves exchanged, as diffusers'
     kohya Flux conversion does."""
-    config = model.config
     sources: dict[str, list[tuple[str, Piece | None]]] = {}
     for name in layers:
         try:
-            bfl, piece = flux_source(f"{name}.weight", config.inner_dim, int(config.inner_dim * 4.0))
+            bfl, piece = flux_source(f"{name}.weight", model.config)
         except (KeyError, ValueError):  # a layer the BFL layout has no name for
             continue
         sources.setdefault(bfl.removesuffix(".weight").replace(".", "_"), []).append((name, piece))

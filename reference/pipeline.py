@@ -69,11 +69,8 @@ class TorchModelCalls:
                 self.components["unet"].deepcache_split(request.cache.branch)
             except ValueError as err:
                 raise ArgumentError("cache", str(err)) from None
-        elif request.cache is not None:
-            transformer = self.components["transformer"]
-            double = len(transformer.transformer_blocks)
-            if not double or double + len(getattr(transformer, "single_transformer_blocks", ())) < 2:
-                raise ArgumentError("cache", "first-block needs a transformer of two blocks or more")
+        elif request.cache is not None and self.components["transformer"].config.blocks_after_first < 1:
+            raise ArgumentError("cache", "first-block needs a transformer of two blocks or more")
 
     @torch.no_grad()
     def text_encoder(self, name: str, input_ids: torch.Tensor) -> TextEncoderOutput:
@@ -135,7 +132,7 @@ class TorchModelCalls:
         transformer = self.components["transformer"]
         if self.family != "flux":
             return transformer.first_block(*self._transformer_inputs(sample, timestep, cond))
-        first, residual = transformer.first_block(**_flux_inputs(sample, timestep, cond))
+        first, residual = transformer.first_block(**flux_inputs(sample, timestep, cond))
         return tokens_to_grid(first, *sample.shape[-2:]), tokens_to_grid(residual, *sample.shape[-2:])
 
     @torch.no_grad()
@@ -145,7 +142,7 @@ class TorchModelCalls:
         transformer = self.components["transformer"]
         if self.family != "flux":
             return transformer.forward_with_tail(*self._transformer_inputs(sample, timestep, cond))
-        output, tail = transformer.forward_with_tail(**_flux_inputs(sample, timestep, cond))
+        output, tail = transformer.forward_with_tail(**flux_inputs(sample, timestep, cond))
         return unpack_latents(output, *sample.shape[-2:]), tokens_to_grid(tail, *sample.shape[-2:])
 
     @torch.no_grad()
@@ -161,7 +158,7 @@ class TorchModelCalls:
 
     def _flux(self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The Flux transformer on the loop's (B, C, h, w) latents: packed in, unpacked out."""
-        return unpack_latents(self.components["transformer"](**_flux_inputs(sample, timestep, cond))[0],
+        return unpack_latents(self.components["transformer"](**flux_inputs(sample, timestep, cond))[0],
                               *sample.shape[-2:])  # fmt: skip
 
     @staticmethod
@@ -203,7 +200,8 @@ class TorchModelCalls:
         return vae.decode(latents.to(vae.dtype))[0]
 
 
-def _flux_inputs(sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> dict[str, torch.Tensor]:
+def flux_inputs(sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> dict[str, torch.Tensor]:
+    """The Flux transformer's inputs (in its graph's order) for the loop's (B, C, h, w) latents."""
     assert cond.pooled_projections is not None  # FluxPrompts always sets CLIP's pooled output
     return packed_inputs(sample, timestep, cond.encoder_hidden_states, cond.pooled_projections, cond.guidance)
 

@@ -43,7 +43,7 @@ from difflower.reference.loading import (
     read_vae_config,
     support_files,
 )
-from difflower.reference.transformer_flux import FluxTransformer2DModel
+from difflower.reference.transformer_flux import FluxConfig, FluxTransformer2DModel
 from difflower.reference.transformer_sd3 import SD3Transformer2DModel
 from difflower.reference.unet_2d_condition import UNet2DConditionModel
 
@@ -249,11 +249,11 @@ _FLUX_SINGLE = {"norm.linear": "modulation.lin", "proj_out": "linear2", "attn.no
                 "attn.norm_k": "norm.key_norm"}  # fmt: skip
 
 
-def flux_source(key: str, inner: int, mlp: int) -> tuple[str, Piece | None]:
+def flux_source(key: str, config: FluxConfig) -> tuple[str, Piece | None]:
     """Where a diffusers FluxTransformer2DModel tensor lies in Black Forest Labs' layout
     (`double_blocks.*`, `single_blocks.*`, ...): q|k|v fused per stream, a single block's
-    q|k|v|MLP-in fused in `linear1` (`inner` wide each, the MLP `mlp`), RMS norm weights named
-    `scale`."""
+    q|k|v|MLP-in fused in `linear1`, RMS norm weights named `scale`."""
+    inner, mlp = config.inner_dim, config.mlp_dim
     module, leaf = key.rsplit(".", 1)
     if module == "norm_out.linear":
         return f"final_layer.adaLN_modulation.1.{leaf}", Piece(swap=True)
@@ -329,7 +329,7 @@ def write_single_file(checkpoint: Path, layout: str, path: Path) -> Path:
     _, components = load_components(checkpoint)
     if family == "flux":
         config = read_flux_config(checkpoint / "transformer")
-        names = partial(flux_source, inner=config.inner_dim, mlp=int(config.inner_dim * 4.0))
+        names = partial(flux_source, config=config)
         save_file(_unsplit(components["transformer"].state_dict(), names), str(path))
         return path
     blocks = len(read_vae_config(checkpoint / "vae").block_out_channels)
@@ -609,12 +609,11 @@ def _flux_transformer(file: SingleFile, index: ModelIndex) -> dict[str, torch.Te
     """A FLUX.1 file's transformer in diffusers' names, at the shapes of `index`'s config."""
     config = read_flux_config(index.root / "transformer")
     prefix = flux_prefix(file.keys) or ""
-    inner, mlp = config.inner_dim, int(config.inner_dim * 4.0)  # diffusers' FluxSingleTransformerBlock mlp_ratio
     with torch.device("meta"):
         model = FluxTransformer2DModel(config)
 
     def source(key: str) -> tuple[str, Piece | None]:
-        name, piece = flux_source(key, inner, mlp)
+        name, piece = flux_source(key, config)
         return prefix + name, piece
 
     return _converted(file, "transformer", model, source)

@@ -72,6 +72,16 @@ class FluxConfig:
     def channels_out(self) -> int:
         return self.out_channels or self.in_channels
 
+    @property
+    def mlp_dim(self) -> int:
+        """A single-stream block's MLP width (diffusers' mlp_ratio 4)."""
+        return 4 * self.inner_dim
+
+    @property
+    def blocks_after_first(self) -> int:
+        """What the first-block cache skips (0: no first block to cache from)."""
+        return self.num_layers - 1 + self.num_single_layers if self.num_layers else 0
+
 
 def rotary_tables(ids: torch.Tensor, axes_dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin (S, head_dim) of positions `ids` (S, n_axes), each axis its own frequencies.
@@ -204,9 +214,8 @@ class AdaLayerNormZeroSingle(nn.Module):
 class FluxSingleTransformerBlock(nn.Module):
     """A single-stream block over [text ; image]: attention and a gelu MLP side by side, one output projection."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int, mlp_ratio: float = 4.0):
+    def __init__(self, dim: int, heads: int, head_dim: int, mlp_dim: int):
         super().__init__()
-        mlp_dim = int(dim * mlp_ratio)
         self.norm = AdaLayerNormZeroSingle(dim)
         self.proj_mlp = nn.Linear(dim, mlp_dim)
         self.proj_out = nn.Linear(dim + mlp_dim, dim)
@@ -257,7 +266,7 @@ class FluxTransformer2DModel(nn.Module):
             FluxTransformerBlock(dim, heads, head_dim) for _ in range(config.num_layers)
         )
         self.single_transformer_blocks = nn.ModuleList(
-            FluxSingleTransformerBlock(dim, heads, head_dim) for _ in range(config.num_single_layers)
+            FluxSingleTransformerBlock(dim, heads, head_dim, config.mlp_dim) for _ in range(config.num_single_layers)
         )
         self.norm_out = AdaLayerNormContinuous(dim, dim)
         self.proj_out = nn.Linear(dim, config.channels_out)

@@ -66,6 +66,11 @@ class SD3Config:
     def inner_dim(self) -> int:
         return self.num_attention_heads * self.attention_head_dim
 
+    @property
+    def blocks_after_first(self) -> int:
+        """What the first-block cache skips."""
+        return self.num_layers - 1
+
 
 class FeedForward(nn.Module):
     """Linear-gelu(tanh)-linear MLP with diffusers' keys `net.0.proj` and `net.2`."""

@@ -26,13 +26,13 @@ from difflower.reference.controlnet import controlnet_scales
 from difflower.reference.loading import check_tokenizer, load_tokenizer, read_unet_config
 from difflower.reference.lora import Lora, slot_matrices
 from difflower.reference.model_calls import Residuals
-from difflower.reference.pipeline import DiffusionPipeline, tokenizers_by_encoder
+from difflower.reference.pipeline import DiffusionPipeline, flux_inputs, tokenizers_by_encoder
 from difflower.reference.prompts import Conditioning, TextEncoderOutput
 from difflower.reference.request import GenerateRequest
 from difflower.reference.schedulers import load_scheduler
 from difflower.reference.spec import PipelineSpec
 from difflower.reference.step_cache import CacheGraphs, CachePolicy, DeepCache
-from difflower.reference.transformer_flux import cached_inputs, packed_inputs, tokens_to_grid, unpack_latents
+from difflower.reference.transformer_flux import cached_inputs, tokens_to_grid, unpack_latents
 from difflower.runtimes import ENGINES
 from difflower.runtimes.engine import Array, Engine, EngineInputError
 
@@ -435,7 +435,5 @@ def _load_tokenizers(manifest: Manifest, folder: Path) -> dict[str, Any]:
 
 
 def _flux_inputs(sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> dict[str, torch.Tensor]:
-    """The Flux graphs' inputs, packed as the exported transformer takes them, in fp32."""
-    assert cond.pooled_projections is not None  # FluxPrompts always sets CLIP's pooled output
-    inputs = packed_inputs(sample, timestep, cond.encoder_hidden_states, cond.pooled_projections, cond.guidance)
-    return {name: value.float() for name, value in inputs.items()}
+    """The Flux graphs' inputs, in fp32."""
+    return {name: value.float() for name, value in flux_inputs(sample, timestep, cond).items()}
