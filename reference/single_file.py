@@ -313,7 +313,7 @@ def sd3_source(key: str, num_layers: int) -> tuple[str, Piece | None]:
     for head, fused in _SD3_QKV.items():
         if rest.startswith(head) and rest.endswith(("q", "k", "v", "q_proj", "k_proj", "v_proj")):
             third = "qkv".index(rest.removeprefix(head)[0])
-            return f"joint_blocks.{index}.{fused}.{leaf}", Piece(third, ())
+            return f"joint_blocks.{index}.{fused}.{leaf}", Piece(third)
     swap = rest == "norm1_context.linear" and int(index) == num_layers - 1  # the last block's text stream ends
     return f"joint_blocks.{index}.{_SD3_BLOCK[rest]}.{leaf}", Piece(swap=True) if swap else None
 
@@ -599,10 +599,10 @@ def _components_in_file(family: str, encoders: dict[str, tuple[str, str]], keys:
     """The components a file of `family` brings (the others come from --config-from)."""
     if family == "flux":
         return {"transformer"}
-    own = {"transformer" if family == "sd3" else "unet"}
-    own |= {"vae"} if any(k.startswith(VAE_PREFIX) for k in keys) or family != "sd3" else set()
-    in_file = {name for name, (prefix, _) in encoders.items() if any(k.startswith(prefix) for k in keys)}
-    return own | (in_file if family == "sd3" else set(encoders))
+    if family != "sd3":  # SD 1.x/2.x and SDXL files hold every weight
+        return {"unet", "vae", *encoders}
+    own = {"transformer"} | {name for name, (prefix, _) in encoders.items() if any(k.startswith(prefix) for k in keys)}
+    return own | {"vae"} if any(k.startswith(VAE_PREFIX) for k in keys) else own
 
 
 def _flux_transformer(file: SingleFile, index: ModelIndex) -> dict[str, torch.Tensor]:
