@@ -93,10 +93,12 @@ def select_islands(
 ) -> list[Island]:
     """The modules of `model` that must stay fp32, measured on `inputs` (see the module docstring).
 
-    Leaf modules are judged on what they read and write. A module with children is kept whole
-    when it reads an overflowing tensor (its own code may use it, e.g. a residual add) or writes
-    one that none of its kept children wrote (the overflow happens in its own code). Only the
-    outermost of nested islands is returned: its scope covers the inner ones.
+    Leaf modules are judged on what they read and write; one that returns its input (Identity, a
+    Dropout at eval, the feed-forwards' placeholders) computes nothing, has no ONNX nodes and is
+    never kept. A module with children is kept whole when it reads an overflowing tensor (its own
+    code may use it, e.g. a residual add) or writes one that none of its kept children wrote (the
+    overflow happens in its own code). Only the outermost of nested islands is returned: its
+    scope covers the inner ones.
     """
     limit = FP16_MAX / headroom
     found: dict[str, Island] = {}
@@ -105,6 +107,8 @@ def select_islands(
 
     def hook(name: str, leaf: bool):
         def record(module: nn.Module, args: tuple, output) -> None:
+            if any(output is arg for arg in args):  # a pass-through (Identity, eval Dropout): no nodes
+                return
             read, wrote = _max_abs(args), _max_abs(output)
             largest = max(read, wrote)
             error = _fp16_error(module, args, output) if leaf else None

@@ -255,3 +255,48 @@ def test_flux_dynamic_onnx_serves_several_sizes_and_img2img(flux_dirs, tmp_path)
         expected = eager("a red castle", **run).images
         actual = artifact("a red castle", **run).images
         assert actual.shape == expected.shape and np.abs(actual - expected).max() <= 1e-3, options
+
+
+def test_flux_fp16_export_keeps_the_overflowing_feed_forward_in_fp32(flux_dirs, tmp_path):
+    """Flux's activations pass fp16's range in known places (diffusers clips the text stream for
+    it); here one is planted: the first double block's text feed-forward gets its input projection
+    scaled up 1e7 and its output projection down as much, so its hidden activations (and that
+    projection's weights) pass 65504 while what it adds to the stream stays in range. The island
+    analysis must find that layer, the manifest name it, and the fp16 graph keep it in fp32."""
+    import shutil
+
+    import onnx
+    from safetensors.torch import save_file
+
+    from difflower.driver import export
+    from difflower.graph_passes.fp16 import FP16_MAX
+    from difflower.reference.loading import read_safetensors, weight_files
+
+    root = tmp_path / "hot"
+    shutil.copytree(flux_dirs["flux"], root)
+    path = weight_files(root / "transformer")[0]
+    state = read_safetensors(path)
+    layer = "transformer_blocks.0.ff_context.net."
+    for key in (f"{layer}0.proj.weight", f"{layer}0.proj.bias"):
+        state[key] = state[key] * 1e7
+    state[f"{layer}2.weight"] = state[f"{layer}2.weight"] / 1e7
+    save_file(state, str(path))
+
+    out = tmp_path / "fp16"
+    manifest = export(root, "onnx", out, components=["transformer"], static=["1x64x64"], precision="fp16",
+                      progress=False)  # fmt: skip
+    fp16 = next(p for p in manifest.passes if p["name"] == "fp16" and p["component"] == "transformer")
+    islands = {i["module"]: i for i in fp16["settings"]["islands"]}
+    hot = {name: i for name, i in islands.items() if "transformer_blocks.0.ff_context.net" in name}
+    assert hot and all(i["nodes"] >= 1 for i in hot.values()), sorted(islands)
+    assert any("activations reach" in i["reason"] for i in hot.values())
+    assert manifest.components["transformer"].parity.passed  # fp16 gate against the fp32 reference
+
+    graph = onnx.load(str(out / "transformer" / "model.onnx")).graph
+    weights = {t.name: t for t in graph.initializer}
+    scope = "/transformer_blocks.0/ff_context/net.0/proj/"  # a Gemm once the static pass folded MatMul + Add
+    projection = next(n for n in graph.node if scope in n.name and n.op_type in ("MatMul", "Gemm"))
+    kept = weights[projection.input[1]]
+    assert kept.data_type == onnx.TensorProto.FLOAT
+    assert np.abs(onnx.numpy_helper.to_array(kept)).max() > FP16_MAX  # fp16 could not even store it
+    assert onnx.TensorProto.FLOAT16 in {t.data_type for t in weights.values()}  # the rest is fp16
