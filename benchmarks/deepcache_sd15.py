@@ -28,6 +28,8 @@ import resource
 import shlex
 import sys
 import tempfile
+import time
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -50,6 +52,9 @@ from difflower.validate.bench import interleaved, machine_info  # noqa: E402
 from difflower.validate.metrics import compare  # noqa: E402
 
 COMPONENTS = ("text_encoder", "unet", "unet_shallow", "vae_decoder")
+# Rows that load an artifact above with engine options: OpenVINO's bf16 float ops (its default on a
+# CPU with bf16 units; difflower compiles f32 unless asked) on the int8 artifact.
+VARIANTS = {"openvino_static_int8_bf16": ("openvino_static_int8", {"inference_precision": "bf16"})}
 PROMPT = "a watercolor painting of a lighthouse at sunset"
 SEED = 0
 
@@ -94,6 +99,28 @@ def exported(source: Path, folder: Path, backend: str, options: dict[str, Any]) 
     }
 
 
+@contextmanager
+def component_times(pipe: Any):
+    """Seconds spent in each engine of an artifact pipeline while the block runs (eager: none)."""
+    spent: dict[str, float] = {}
+    engines = getattr(pipe, "engines", {})
+    for name, engine in engines.items():
+
+        def timed(inputs, _run=engine.run, _name=name):
+            start = time.perf_counter()
+            try:
+                return _run(inputs)
+            finally:
+                spent[_name] = spent.get(_name, 0.0) + time.perf_counter() - start
+
+        engine.run = timed
+    try:
+        yield spent
+    finally:
+        for engine in engines.values():
+            del engine.run  # the class's own method again
+
+
 def measure(name: str, pipe: Any, steps: int, size: int, interval: int, runs: int) -> dict:
     """The uncached and the cached run of one pipeline, interleaved after a short warm-up."""
     base = dict(prompt=PROMPT, num_inference_steps=steps, seed=SEED, height=size, width=size, output_type="np",
@@ -102,8 +129,12 @@ def measure(name: str, pipe: Any, steps: int, size: int, interval: int, runs: in
     outputs: dict[str, Any] = {}
     policy = f"deepcache:interval={interval}"
 
+    seconds: dict[str, dict[str, float]] = {}  # artifacts: each component's time in each timed run
+
     def run(key: str, **extra: Any) -> None:
-        outputs[key] = pipe(**base, **extra)
+        with component_times(pipe) as spent:
+            outputs[key] = pipe(**base, **extra)
+        seconds[key] = spent
 
     print(f"{name}: {runs} timed run(s) each, uncached and {policy} ...", flush=True)
     timings = interleaved({"uncached": partial(run, "uncached"), "deepcache": partial(run, "deepcache", cache=policy)},
@@ -115,6 +146,7 @@ def measure(name: str, pipe: Any, steps: int, size: int, interval: int, runs: in
         "deepcache": timings["deepcache"].to_json(),
         "speedup": timings["uncached"].median_s / timings["deepcache"].median_s,
         "full_steps": outputs["deepcache"].full_steps,
+        "component_seconds": seconds or None,  # the last timed run of each
         "cached_vs_uncached_image": drift.to_json(),
         "images": {k: np.asarray(o.images) for k, o in outputs.items()},
     }
@@ -133,6 +165,13 @@ def markdown(result: dict) -> str:
             f"| {r['engine']} | {r['precision']} | {r['uncached']['median_s']:.1f} | {r['deepcache']['median_s']:.1f} "
             f"| {r['speedup']:.2f}x | {r['deepcache_vs_eager']:.2f}x | {parity} |"
         )
+    lines += ["", "| engine | run | " + " | ".join(COMPONENTS) + " |", "|---|---|" + "---|" * len(COMPONENTS)]
+    for r in result["rows"]:
+        for run, spent in (r.get("component_seconds") or {}).items():
+            if not spent:  # eager: no engines
+                continue
+            cells = " | ".join(f"{spent[c]:.2f}" if c in spent else "-" for c in COMPONENTS)
+            lines.append(f"| {r['engine']} | {run} | {cells} |")
     return "\n".join(lines)
 
 
@@ -143,7 +182,7 @@ def main() -> None:
     parser.add_argument("--interval", type=int, default=3)
     parser.add_argument("--calibration-prompts", type=int, default=2, help="int8: prompts x 5 steps to calibrate on")
     parser.add_argument(
-        "--engines", nargs="+", default=None, help="artifacts to measure beside eager (default: all three)"
+        "--engines", nargs="+", default=None, help="rows to measure beside eager (default: every artifact and variant)"
     )
     parser.add_argument("--tiny", action="store_true", help="smoke test on a tiny checkpoint in a temp folder")
     parser.add_argument("--out", type=Path, default=None, help="result JSON (default: results/deepcache-sd15.json)")
@@ -152,21 +191,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="difflower-deepcache-") as scratch:
         root, source, out = sd15_source(args.tiny, Path(scratch), args.out, "deepcache-sd15")
         size = spec_from_configs(read_model_index(source)).native_size
+        wanted = set(args.engines or [*artifacts(size, 0), *VARIANTS])
+        needed = wanted | {VARIANTS[name][0] for name in wanted & set(VARIANTS)}
         exports = {
             name: exported(source, root / f"{source.name}-deepcache-{name}", backend, options)
             for name, (backend, options) in artifacts(size, args.calibration_prompts).items()
-            if args.engines is None or name in args.engines
+            if name in needed
         }
+        loads = {name: (name, {}) for name in exports if name in wanted}
+        loads |= {name: variant for name, variant in VARIANTS.items() if name in wanted}
         gc.collect()
         eager = difflower.load(source)
         rows = [{"precision": "fp32", **measure("eager", eager, args.steps, size, args.interval, args.runs)}]
         del eager
         gc.collect()
-        for name, facts in exports.items():
-            pipe = difflower.load(facts["folder"])
-            rows.append(
-                {"precision": facts["precision"], **measure(name, pipe, args.steps, size, args.interval, args.runs)}
-            )
+        for name, (artifact, engine_options) in loads.items():
+            facts = exports[artifact]
+            pipe = difflower.load(facts["folder"], **engine_options)
+            row = {"precision": facts["precision"], "artifact": artifact, "engine_options": engine_options}
+            rows.append({**row, **measure(name, pipe, args.steps, size, args.interval, args.runs)})
             del pipe
             gc.collect()
     baseline, reference = rows[0]["uncached"]["median_s"], rows[0]["images"]["deepcache"]
