@@ -4,8 +4,10 @@
   per-channel weights of every MatMul with a weight, activations quantized at run time.
   Applies to the denoiser and the text encoders.
 - `int8`: static QDQ quantization of the denoiser (quantize_static, MinMax, per-channel int8
-  weights, uint8 activations) on Conv and MatMul, calibrated on denoiser inputs recorded while
-  the eager reference pipeline runs the repository's prompt set; the text encoders get int8
+  weights, uint8 activations) on Conv, MatMul and Gemm (a static graph's projections are Gemms,
+  onnxslim folds MatMul + Add: static and dynamic graphs get the same layers quantized),
+  calibrated on denoiser inputs recorded while the eager reference pipeline runs the
+  repository's prompt set; the text encoders get int8
   weights as above; the VAE stays fp32. The ranges are measured by onnxruntime's own MinMax
   calibrator in a session that runs nodes in priority order (`_calibrate`: the real-size SD1.5
   UNet calibrates in 5 GiB instead of 18), then quantize_static reads them from its cache.
@@ -20,8 +22,9 @@ Layers left in float, and why, are recorded in the PassResult:
 - MatMuls between two activations (attention scores and the values they weight): both sides
   vary per call and per token; int8 on both loses most of the softmax's resolution;
 - the first and last layers of the denoiser (`conv_in`, `conv_out`, `proj_out` of the
-  transformer) and its time/condition embedding: small, and every error there reaches every
-  later layer or the output directly.
+  transformer) and its time/condition embedding, with each resnet's projection of it
+  (`time_emb_proj`): small, and every error there reaches every later layer or the output
+  directly.
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ from difflower.graph_passes.calibration import DENOISERS, QUANTIZED_DENOISERS
 
 ONNX_QUANTIZE_MODES = ("int8-weight", "int8")
 # Denoiser scopes kept in float (see the module docstring), by node-name fragment.
-SENSITIVE_SCOPES = ("/conv_in/", "/conv_out/", "/time_embedding/", "/add_embedding/", "/time_text_embed/", "/proj_out/")
+SENSITIVE_SCOPES = ("/conv_in/", "/conv_out/", "/proj_out/",
+                    "/time_embedding/", "/time_emb_proj/", "/add_embedding/", "/time_text_embed/")  # fmt: skip
 
 
 def quantize_applies(mode: str, kind: str) -> bool:
@@ -127,7 +131,7 @@ def quantize_onnx(path: Path, kind: str, mode: str, dataset: list[dict[str, np.n
 
     external = (path.parent / ONNX_DATA).exists()
     static = mode == "int8" and kind in QUANTIZED_DENOISERS
-    op_types = ("Conv", "MatMul") if static else ("MatMul",)
+    op_types = ("Conv", "MatMul", "Gemm") if static else ("MatMul",)
     model = onnx.load(str(path), load_external_data=False)
     excluded = _excluded(model, kind, op_types)
     del model

@@ -336,3 +336,19 @@ def test_flux_openvino_int4_weights_keep_the_transformer_within_its_gate(flux_di
     compression = next(p for p in manifest.passes if p["name"] == "openvino_compression")
     assert compression["rewrites"]["int4 weight tensors"] > 0
     assert manifest.components["transformer"].parity.passed
+
+
+def test_flux_static_onnx_int8_quantizes_the_projections(flux_dirs, tmp_path):
+    """onnxslim folds each projection's MatMul + Add into a Gemm in a static graph; static QDQ
+    quantizes those too (Flux's static transformer has no other weighted MatMul) and validates."""
+    import difflower
+    from difflower.driver import export
+
+    out = tmp_path / "int8"
+    manifest = export(flux_dirs["flux"], "onnx", out, static=["1x64x64"], quantize="int8", calibration_prompts=2,
+                      calibration_steps=3, progress=False)  # fmt: skip
+    record = next(p for p in manifest.passes if p["name"] == "onnx_quantize" and p["component"] == "transformer")
+    assert record["rewrites"]["Gemm (QDQ)"] > 0
+    assert "activation x activation MatMul (attention)" in record["settings"]["excluded"]["why"]
+    report = difflower.validate(out, flux_dirs["flux"], steps=3)
+    assert report.passed, report

@@ -294,6 +294,22 @@ def test_int8_artifacts_meet_the_int8_gates(tiny_dirs, tmp_path, mode):
     assert report.passed, report
 
 
+def test_static_int8_quantizes_the_layers_the_dynamic_graph_does(tiny_dirs, tmp_path):
+    """A static graph's projections are Gemms (onnxslim folds MatMul + Add), a dynamic graph's are
+    MatMuls: static QDQ must quantize the same layers either way, none left in float unrecorded."""
+    counts = {}
+    for name, static in (("dynamic", []), ("static", ["1x64x64"])):
+        manifest = export(tiny_dirs["sd"], "onnx", tmp_path / name, components=["unet"], static=static,
+                          quantize="int8", calibration_prompts=2, calibration_steps=3, progress=False)  # fmt: skip
+        counts[name] = _passes(manifest, "onnx_quantize", "unet")["rewrites"]
+        assert manifest.components["unet"].parity.passed, name
+    assert counts["static"].get("Gemm (QDQ)", 0) > 0
+    linear = {name: c.get("MatMul (QDQ)", 0) + c.get("Gemm (QDQ)", 0) for name, c in counts.items()}
+    assert linear["static"] == linear["dynamic"] > 0
+    assert counts["static"]["Conv (QDQ)"] == counts["dynamic"]["Conv (QDQ)"]
+    assert counts["static"]["kept in float"] == counts["dynamic"]["kept in float"]
+
+
 def test_int8_calibration_gives_onnxruntimes_own_ranges(tiny_dirs, tmp_path):
     """The priority-ordered calibration session (a 24 GiB machine fits the real-size UNet with it)
     measures what onnxruntime's quantize_static would have measured itself."""
