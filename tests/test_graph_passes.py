@@ -182,6 +182,16 @@ def test_island_selection_keeps_overflowing_modules_with_the_reason():
     assert select_islands(normal, {"x": torch.randn(2, 8)}) == []
 
 
+def test_island_selection_never_keeps_a_pass_through():
+    """An Identity or an eval Dropout between two layers reads and writes the overflowing tensor but
+    computes nothing and has no ONNX node: the layers around it are the islands, never it."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.Identity(), nn.Dropout(0.1), nn.Linear(8, 4)).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(1e6)
+    names = {i.module for i in select_islands(model, {"x": torch.randn(2, 8)})}
+    assert names == {"0", "3"}
+
+
 def test_island_scopes_follow_the_exporter_naming():
     assert in_scope("/unet/down_blocks.0/resnets.1/conv1/Conv", "unet.down_blocks.0.resnets.1.conv1")
     assert in_scope("/unet/down_blocks.0/resnets.1/conv1/Conv", "unet.down_blocks.0")
