@@ -191,7 +191,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="difflower-deepcache-") as scratch:
         root, source, out = sd15_source(args.tiny, Path(scratch), args.out, "deepcache-sd15")
         size = spec_from_configs(read_model_index(source)).native_size
-        wanted = set(args.engines or [*artifacts(size, 0), *VARIANTS])
+        known = [*artifacts(size, 0), *VARIANTS]
+        unknown = sorted(set(args.engines or ()) - set(known))
+        if unknown:
+            parser.error(f"--engines: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
+        wanted = set(args.engines or known)
         needed = wanted | {VARIANTS[name][0] for name in wanted & set(VARIANTS)}
         exports = {
             name: exported(source, root / f"{source.name}-deepcache-{name}", backend, options)

@@ -178,7 +178,12 @@ def main() -> int:
     args = parser.parse_args()
 
     scratch = Path(tempfile.mkdtemp(prefix="flux-memory-"))
-    depths = [(2, 2)] if args.tiny else [tuple(int(x) for x in d.split("x")) for d in args.depths.split(",")]
+    try:
+        depths = [(2, 2)] if args.tiny else [tuple(int(x) for x in d.split("x")) for d in args.depths.split(",")]
+    except ValueError:
+        parser.error(f"--depths: expected DOUBLExSINGLE[,...] such as 1x2,2x4, got {args.depths!r}")
+    if any(len(d) != 2 or min(d) < 1 for d in depths):
+        parser.error(f"--depths: each depth is DOUBLExSINGLE, both at least 1, got {args.depths!r}")
     size = 64 if args.tiny else args.size
     python = sys.executable
     rows = []

@@ -7,10 +7,10 @@
   weights, uint8 activations) on Conv, MatMul and Gemm (a static graph's projections are Gemms,
   onnxslim folds MatMul + Add: static and dynamic graphs get the same layers quantized),
   calibrated on denoiser inputs recorded while the eager reference pipeline runs the
-  repository's prompt set; the text encoders get int8
-  weights as above; the VAE stays fp32. The ranges are measured by onnxruntime's own MinMax
-  calibrator in a session that runs nodes in priority order (`_calibrate`: the real-size SD1.5
-  UNet calibrates in 5 GiB instead of 18), then quantize_static reads them from its cache.
+  repository's prompt set; the text encoders get int8 weights as above; the VAE stays fp32.
+  The ranges are measured by onnxruntime's own MinMax calibrator in a session that runs nodes
+  in priority order (`_calibrate`: the real-size SD1.5 UNet calibrates in 5 GiB instead of
+  18), then quantize_static reads them from its cache.
 
 Weights are quantized to 7 bits of their int8 range (`reduce_range`): on x86 CPUs without VNNI
 (AVX2-only, and AVX-512 without VNNI) ONNX Runtime multiplies u8 activations by s8 weights with
