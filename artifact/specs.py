@@ -38,7 +38,8 @@ from difflower.reference.loading import (
 )
 from difflower.reference.lora import Lora, LoraSlotted, fuse_loras
 from difflower.reference.step_cache import CacheGraphs
-from difflower.reference.transformer_flux import image_ids, text_ids
+from difflower.reference.streaming import Skeleton, skeleton
+from difflower.reference.transformer_flux import FluxTransformer2DModel, image_ids, text_ids
 from difflower.reference.unet_2d_condition import UNetConfig, skip_shapes
 
 ComponentKind = Literal[
@@ -718,6 +719,21 @@ def load_export_module(spec: ComponentSpec, root: Path, loras: Sequence[Lora] = 
     if spec.facts.get("lora_slots"):  # export --lora-slots: the projections' LoRA matrices are inputs
         return LoraSlotted(module).eval().requires_grad_(False)
     return module
+
+
+STREAMABLE = ("FluxTransformer2DModel",)  # the classes an export can trace without their weights
+
+
+def export_skeleton(spec: ComponentSpec, root: Path) -> Skeleton:
+    """`spec`'s export wrapper as `load_export_module` builds it, on the meta device, checked
+    against its weights, which stay in the checkpoint's files (`reference.streaming`)."""
+    if spec.class_name not in STREAMABLE or spec.facts.get("lora_slots"):
+        raise ValueError(f"{spec.name} ({spec.class_name}) cannot be exported with streamed weights")
+    folder = Path(root) / spec.source
+    config = read_flux_config(folder)
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(config)
+    return skeleton(wrap_module(spec, model), model.eval(), folder, "transformer.")
 
 
 # -- example inputs --------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from difflower.validate.bench import machine_info  # noqa: E402
 TARGETS = {
     "onnx_fp16": ["--backend", "onnx", "--precision", "fp16"],
     "openvino_int8_weight": ["--backend", "openvino", "--quantize", "int8-weight"],
+    "onnx_fp16_streamed": ["--backend", "onnx", "--precision", "fp16", "--stream-weights"],
 }
 EXPORT = """
 import json, sys
@@ -128,9 +129,14 @@ def instrument_steps() -> StepPeaks:
 
     steps = StepPeaks()
     steps.wrap(common, "load_export_module", "load the reference module (fp32)", before="plan the export")
+    steps.wrap(common, "export_skeleton", "build the meta-device skeleton", before="plan the export")
+    steps.wrap(onnx_exporter, "half_module", "ONNX streamed: fp16 module dtypes")
+    steps.wrap(onnx_exporter, "streamed_export", "ONNX streamed: trace without weights, stream them to disk")
     steps.wrap(onnx_exporter, "torch_export", "ONNX: trace and write", before="reference outputs")
     steps.wrap(onnx_exporter, "static_shapes", "ONNX: static shapes (onnxslim)")
-    steps.wrap(onnx_exporter, "select_islands", "ONNX: fp16 island measurement")
+    streamed = "--stream-weights" in sys.argv  # its reference outputs come before the islands, not the trace
+    before_islands = "reference outputs (streamed forward)" if streamed else None
+    steps.wrap(onnx_exporter, "select_islands", "ONNX: fp16 island measurement", before=before_islands)
     steps.wrap(onnx_exporter, "convert_fp16", "ONNX: fp16 conversion")
     steps.wrap(openvino_exporter, "convert", "OpenVINO: convert_model", before="reference outputs")
     steps.wrap(openvino_exporter, "compress_component", "OpenVINO: nncf compression")
@@ -173,6 +179,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--depths", default="1x2,2x4", help="double x single blocks, comma-separated")
     parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--targets", nargs="+", default=list(TARGETS), metavar="TARGET", help=", ".join(TARGETS))
     parser.add_argument("--tiny", action="store_true", help="the tiny checkpoint: checks the script, not the figures")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -184,6 +191,10 @@ def main() -> int:
         parser.error(f"--depths: expected DOUBLExSINGLE[,...] such as 1x2,2x4, got {args.depths!r}")
     if any(len(d) != 2 or min(d) < 1 for d in depths):
         parser.error(f"--depths: each depth is DOUBLExSINGLE, both at least 1, got {args.depths!r}")
+    unknown = sorted(set(args.targets) - set(TARGETS))
+    if unknown:
+        parser.error(f"--targets: unknown {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
+    targets = {name: TARGETS[name] for name in args.targets}
     size = 64 if args.tiny else args.size
     python = sys.executable
     rows = []
@@ -194,7 +205,7 @@ def main() -> int:
         params, load_kib = (int(x) for x in loaded.stdout.split())
         row = {"double": double, "single": single, "parameters": params, "load_peak_gib": load_kib / 2**20}
         assert count is None or count == params
-        for target, flags in TARGETS.items():
+        for target, flags in targets.items():
             out = scratch / f"{target}-{double}x{single}"
             arguments = ["export", str(source), *flags, "--components", "transformer"]
             arguments += ["--static", f"1x{size}x{size}", "--out", str(out)]
@@ -218,7 +229,7 @@ def main() -> int:
     if len(rows) >= 2:
         (a, b) = rows[0], rows[-1]
         points = {"load_peak_gib": (a["load_peak_gib"], b["load_peak_gib"])}
-        for target in TARGETS:
+        for target in targets:
             if "failed" not in a[target] and "failed" not in b[target]:
                 points[target] = (a[target]["peak_gib"], b[target]["peak_gib"])
                 points[f"{target}_anonymous"] = (a[target]["anonymous_peak_gib"], b[target]["anonymous_peak_gib"])
@@ -237,15 +248,15 @@ def main() -> int:
         "command": "python benchmarks/flux_export_memory.py " + " ".join(sys.argv[1:]),
         "bench_dir": str(CACHE),
     }
-    table = "| blocks | parameters | load | ONNX fp16 export | OpenVINO int8-weight export |\n|---|---|---|---|---|\n"
+    table = f"| blocks | parameters | load | {' | '.join(targets)} |\n|---|---|---|{'---|' * len(targets)}\n"
     table += "\n".join(
         f"| {r['double']} + {r['single']} | {r['parameters'] / 1e9:.2f} B | {r['load_peak_gib']:.1f} GiB | "
-        + " | ".join(_cell(r[target]) for target in TARGETS)
+        + " | ".join(_cell(r[target]) for target in targets)
         + " |"
         for r in rows
     )
     for r in rows:
-        for target in TARGETS:
+        for target in targets:
             steps, anonymous = r[target].get("step_peaks_gib"), r[target].get("step_anonymous_peaks_gib")
             if steps:
                 table += f"\n\n{r['double']} + {r['single']} blocks, {target}, peak by step (RSS / anonymous):\n"

@@ -350,6 +350,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         controlnet=args.controlnet or (),
         cache_graphs=args.cache_graphs,
         lora_slots=args.lora_slots,
+        stream_weights=args.stream_weights,
     )
     print(f"wrote {args.out} ({manifest.backend}, {manifest.precision}, {manifest.shapes['graph']} shapes)")
     print(f"  {'component':<16} {'export s':>8} {'MB':>9}  parity")
@@ -733,6 +734,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RANK",
         help="onnx: the denoiser's attention projections take LoRA matrices up to RANK as inputs, so generate "
         "--lora switches adapters without re-export (zeros when none)",
+    )
+    exp.add_argument(
+        "--stream-weights",
+        action="store_true",
+        help="onnx, Flux: trace the transformer without its weights and write them tensor by tensor from the "
+        "checkpoint, for models larger than memory",
     )
     exp.add_argument("--no-cfg", action="store_true", help="static denoiser batch without guidance doubling")
     exp.add_argument("--device", default=None, help="torchscript, aoti: trace/compile on cpu (default) or cuda")

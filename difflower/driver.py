@@ -59,6 +59,7 @@ def export(
     controlnet: Sequence[str | Path] = (),
     cache_graphs: str | None = None,
     lora_slots: int | None = None,
+    stream_weights: bool = False,
     **backend_options: Any,
 ) -> Manifest:
     """Export checkpoint `model` (a folder, or a Hub repo id `org/name[@revision]`) to `backend` at
@@ -75,7 +76,9 @@ def export(
     or "first-block" (the transformer also returns its tail residual; `transformer_first` and
     `transformer_tail` are the parts a reusing step runs). `lora_slots` (ONNX) keeps a LoRA of up
     to that rank per attention projection of the denoiser as graph inputs: `difflower.load(ART,
-    lora=...)` then runs any LoRA without re-export.
+    lora=...)` then runs any LoRA without re-export. `stream_weights` (ONNX, Flux) traces the
+    transformer on the meta device and writes its weights one tensor at a time from the
+    checkpoint: its export holds one layer's weights, not the model.
     """
     exporter = exporter or get_exporter(backend)
     options = ExportOptions(
@@ -93,6 +96,7 @@ def export(
         controlnets=tuple(str(c) for c in controlnet),
         cache_graphs=parse_cache_graphs(cache_graphs),
         lora_slots=lora_slots,
+        stream_weights=stream_weights,
     )
     folder, origin = resolve_model(model)
     plan = plan_export(exporter, folder, options)

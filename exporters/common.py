@@ -37,11 +37,13 @@ from difflower.artifact.manifest import (
 )
 from difflower.artifact.precision import Precision, StoragePrecision, parse_storage_precision, quantized_precision
 from difflower.artifact.specs import (
+    STREAMABLE,
     ComponentSpec,
     ShapePlan,
     component_specs,
     concrete,
     example_inputs,
+    export_skeleton,
     load_export_module,
 )
 from difflower.errors import ArgumentError, DifflowerError
@@ -63,6 +65,7 @@ from difflower.reference.loading import (
 from difflower.reference.lora import Lora, check_components
 from difflower.reference.spec import PipelineSpec, spec_from_configs
 from difflower.reference.step_cache import CacheGraphs
+from difflower.reference.streaming import streamed_forward
 from difflower.version import __version__
 
 
@@ -89,6 +92,7 @@ class ExportOptions:
     controlnets: tuple[str, ...] = ()  # ControlNet folders or Hub repo ids exported beside the UNet
     cache_graphs: CacheGraphs | None = None  # --cache-graphs: the extra graphs a step cache needs
     lora_slots: int | None = None  # --lora-slots RANK: the denoiser's LoRA matrices as inputs (ONNX)
+    stream_weights: bool = False  # --stream-weights: the denoiser traced without weights, written from the files
     source_root: Path | None = None  # set by plan_export: the checkpoint folder being exported
 
     def __post_init__(self) -> None:
@@ -264,10 +268,34 @@ def plan_export(backend: BackendExporter, model: Path | str, options: ExportOpti
         raise ArgumentError("--cache-graphs", str(err)) from None
     if options.lora_slots is not None:
         every = _slotted(backend, options, every, index.root)
+    if options.stream_weights:
+        _check_streamed(backend, options, every)
     check_components(options.loras, set(index.components))
     options = replace(options, source_root=index.root)
     backend.check_options(options, index)
     return ExportPlan(backend, index, pipeline, options, _select(every, options.components), every, controlnets)
+
+
+def _check_streamed(backend: BackendExporter, options: ExportOptions, every: list[ComponentSpec]) -> None:
+    """What --stream-weights cannot do, refused before anything is written."""
+    if not hasattr(backend, "export_streamed"):
+        raise ArgumentError("--stream-weights", f"{backend.name} cannot write streamed weights yet; use --backend onnx")
+    if not any(s.class_name in STREAMABLE for s in _select(every, options.components)):
+        raise ArgumentError(
+            "--stream-weights", "streams a Flux transformer's weights; no component exported here has one"
+        )
+    clash = [
+        flag
+        for flag, on in (
+            ("--fuse-qkv", options.fuse_qkv),
+            ("--lora", bool(options.loras)),
+            ("--lora-slots", options.lora_slots is not None),
+            (f"--attention {options.attention}", options.attention != "sdpa"),
+        )
+        if on
+    ]
+    if clash:
+        raise ArgumentError("--stream-weights", f"is not combined with {', '.join(clash)} yet; export without it")
 
 
 def _select(specs: list[ComponentSpec], names: tuple[str, ...]) -> list[ComponentSpec]:
@@ -304,9 +332,12 @@ def write_component(plan: ExportPlan, spec: ComponentSpec, out: Path) -> Written
     start = time.perf_counter()
     folder = out / spec.name
     folder.mkdir()
-    module = load_export_module(spec, plan.index.root, options.loras)
     dims = options.plan.dims(plan.parity_bucket, plan.pipeline.vae_scale_factor)
     inputs = example_inputs(spec, dims)
+    if options.stream_weights and spec.class_name in STREAMABLE:
+        written, expected = _write_streamed(plan, spec, inputs, folder)
+        return _written(plan, spec, out, dims, start, written, written.passes, inputs, expected)
+    module = load_export_module(spec, plan.index.root, options.loras)
 
     # 1. the reference outputs first, so the module can be freed before the backend's files are
     #    loaded; module passes then record their own parity against them
@@ -326,6 +357,33 @@ def write_component(plan: ExportPlan, spec: ComponentSpec, out: Path) -> Written
     applied += written.passes
     del module
     gc.collect()
+    return _written(plan, spec, out, dims, start, written, applied, inputs, expected)
+
+
+def _write_streamed(
+    plan: ExportPlan, spec: ComponentSpec, inputs: dict[str, torch.Tensor], folder: Path
+) -> tuple[ComponentExport, tuple[torch.Tensor, ...]]:
+    """`--stream-weights`: the reference outputs from a forward that reads one layer's weights at
+    a time, then the backend's files from the weightless skeleton."""
+    sk = export_skeleton(spec, plan.index.root)
+    with streamed_forward(sk) as module, torch.no_grad():
+        expected = tuple(module(*inputs.values()))
+    return plan.backend.export_streamed(sk, inputs, spec, folder, plan.options), expected  # type: ignore[attr-defined]
+
+
+def _written(
+    plan: ExportPlan,
+    spec: ComponentSpec,
+    out: Path,
+    dims: dict[str, int],
+    start: float,
+    written: ComponentExport,
+    applied: list[PassResult],
+    inputs: dict[str, torch.Tensor],
+    expected: tuple[torch.Tensor, ...],
+) -> WrittenComponent:
+    """The component's record once its files are in `folder`, with optimum's config.json beside them."""
+    options, folder = plan.options, out / spec.name
     shutil.copyfile(plan.index.root / spec.source / "config.json", folder / "config.json")  # absolute: a ControlNet
     files = sorted(str(p.relative_to(out)) for p in folder.rglob("*") if p.is_file())
     record = ComponentRecord(

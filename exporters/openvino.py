@@ -12,19 +12,23 @@ conversion (and the compression asked for), not a bf16 default of the machine's 
 
 from __future__ import annotations
 
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from difflower.artifact.formats import ONNX_FILE
 from difflower.artifact.formats import OPENVINO_FILE as XML
 from difflower.artifact.specs import ComponentSpec
 from difflower.errors import ArgumentError
 from difflower.exporters.common import ComponentExport, ExportOptions
+from difflower.exporters.onnx import dynamic_axes, streamed_export
 from difflower.graph_passes.calibration import CALIBRATED, QUANTIZED_DENOISERS, denoiser_calibration
 from difflower.graph_passes.openvino_compression import QUANTIZE_MODES, compress_component, compression_applies
 from difflower.reference.loading import ModelIndex
+from difflower.reference.streaming import Skeleton
 
 PRECISIONS = ("fp32", "fp16")
 
@@ -94,6 +98,10 @@ class OpenVINOExporter:
         quantize = options.refuse_quantize_mode("openvino", QUANTIZE_MODES)
         if quantize == "int8" and not any(c in ("unet", "transformer") for c in options.components or ("unet",)):
             raise ArgumentError("--quantize", "int8 (hybrid) quantizes the denoiser: include it in --components")
+        if quantize == "int8" and options.stream_weights:  # its calibration runs the whole fp32 model
+            raise ArgumentError(
+                "--stream-weights", "is not combined with --quantize int8; use int8-weight or int4-weight"
+            )
 
     def export_component(
         self,
@@ -120,6 +128,30 @@ class OpenVINOExporter:
             tokenizer = "tokenizer" + spec.name.removeprefix("text_encoder")  # text_encoder_2 -> tokenizer_2
             notes["openvino_tokenizer"] = write_openvino_tokenizer(folder.parent / tokenizer)
         return ComponentExport(passes=passes, notes=notes)
+
+    def export_streamed(
+        self, sk: Skeleton, inputs: dict[str, torch.Tensor], spec: ComponentSpec, folder: Path, options: ExportOptions
+    ) -> ComponentExport:
+        """`--stream-weights`: the streamed ONNX graph (weights in fp16 behind casts when the IR
+        stores fp16 or compresses them, else fp32) read by OpenVINO, which maps its weights file
+        rather than loading it, then compressed and saved as IR; the ONNX files are removed."""
+        import openvino as ov
+
+        quantize = options.extra.get("quantize")
+        staging = folder / ".streamed-onnx"
+        staging.mkdir()
+        dynamic = None if options.plan.static else dynamic_axes(spec)
+        fp16 = options.precision == "fp16" or quantize is not None
+        passes = [streamed_export(sk, inputs, spec, staging / ONNX_FILE, dynamic, fp16_storage=fp16)]
+        model = ov.convert_model(str(staging / ONNX_FILE))
+        if quantize is not None and compression_applies(quantize, spec.kind):
+            model, result = compress_component(model, spec.kind, quantize, None)
+            passes.append(result)
+        ov.save_model(model, str(folder / XML), compress_to_fp16=options.precision == "fp16")
+        del model
+        shutil.rmtree(staging)
+        notes: dict[str, Any] = {"quantize": quantize} if quantize else {}
+        return ComponentExport(passes=passes, notes={**notes, "streamed_weights": True})
 
     def versions(self) -> dict[str, str]:
         import nncf

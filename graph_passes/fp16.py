@@ -254,3 +254,46 @@ def convert_fp16(path: Path, islands: list[Island], keep_io_types: bool = True) 
             "converter": "onnxruntime.transformers.float16",
         },
     )
+
+
+def _cast(value, dtype: torch.dtype):
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.to(dtype)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast(v, dtype) for v in value)
+    return value
+
+
+def half_module(module: nn.Module, islands: list[Island]) -> PassResult:
+    """fp16 before tracing, for a graph that never exists in fp32 (a streamed export: its weights
+    are cast as they are written). `module` becomes fp16 but for the islands, which stay fp32;
+    every module with weights casts what it reads to its weights' dtype, so an island's fp32
+    output (the values fp16 cannot hold) reaches the next fp32 island unrounded, and the first
+    fp16 layer after it rounds it, as the converter's casts do at an island's border. The
+    wrapper takes and returns fp32."""
+    module.half()
+    for island in islands:
+        module.get_submodule(island.module).float()
+    owners = [m for m in module.modules() if any(True for _ in m.parameters(recurse=False))]
+    for owner in owners:
+        dtype = next(owner.parameters(recurse=False)).dtype
+        owner.register_forward_pre_hook(lambda _m, args, dtype=dtype: _cast(args, dtype))
+    module.register_forward_pre_hook(lambda _m, args: _cast(args, torch.float16))
+    module.register_forward_hook(lambda _m, _args, output: _cast(output, torch.float32))
+    halves = sum(p.dtype == torch.float16 for p in module.parameters())
+    if halves == 0:
+        raise PassDidNotFire("fp16: every weight is in an fp32 island; export in fp32")
+    return PassResult(
+        "fp16",
+        {
+            "fp16 weight tensors": halves,
+            "fp32 weight tensors": sum(p.dtype == torch.float32 for p in module.parameters()),
+        },
+        {
+            "islands": [asdict(i) for i in islands],
+            "io": "fp32",
+            "headroom": HEADROOM,
+            "max_error": MAX_ERROR,
+            "converter": "module dtypes before tracing (streamed weights)",
+        },
+    )

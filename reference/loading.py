@@ -242,11 +242,11 @@ def read_state_dict(folder: Path, variant: str | None = None) -> tuple[dict[str,
     return state, origin
 
 
-def assign_weights(model: M, state: dict[str, torch.Tensor], origin: dict[str, Path], folder: Path) -> M:
-    """Load `state` into a meta-device `model` by assignment; every key and shape must match."""
+def check_weights(model: nn.Module, shapes: dict[str, tuple[int, ...]], origin: dict[str, Path], folder: Path) -> None:
+    """CheckpointError unless the file's tensors (`shapes`, by key) are exactly `model`'s state."""
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
     if missing or unexpected:
         parts = []
         if missing:
@@ -257,13 +257,18 @@ def assign_weights(model: M, state: dict[str, torch.Tensor], origin: dict[str, P
         raise CheckpointError(
             path, f"weights do not match config.json: {'; '.join(parts)} keys; is config.json from this model?"
         )
-    for key, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[key].shape):
+    for key, shape in shapes.items():
+        if shape != tuple(expected[key].shape):
             raise CheckpointError(
                 origin[key],
-                f"tensor '{key}' has shape {tuple(tensor.shape)} but config.json implies "
+                f"tensor '{key}' has shape {shape} but config.json implies "
                 f"{tuple(expected[key].shape)}; the config and the weights disagree",
             )
+
+
+def assign_weights(model: M, state: dict[str, torch.Tensor], origin: dict[str, Path], folder: Path) -> M:
+    """Load `state` into a meta-device `model` by assignment; every key and shape must match."""
+    check_weights(model, {key: tuple(t.shape) for key, t in state.items()}, origin, folder)
     model.load_state_dict(state, strict=True, assign=True)
     return model
 

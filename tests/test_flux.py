@@ -257,31 +257,39 @@ def test_flux_dynamic_onnx_serves_several_sizes_and_img2img(flux_dirs, tmp_path)
         assert actual.shape == expected.shape and np.abs(actual - expected).max() <= 1e-3, options
 
 
+HOT_LAYER = "transformer_blocks.0.ff_context.net."
+
+
+def _hot_checkpoint(source, root):
+    """A copy of `source` whose first double block's text feed-forward overflows fp16 inside."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from difflower.reference.loading import read_safetensors, weight_files
+
+    shutil.copytree(source, root)
+    path = weight_files(root / "transformer")[0]
+    state = read_safetensors(path)
+    for key in (f"{HOT_LAYER}0.proj.weight", f"{HOT_LAYER}0.proj.bias"):
+        state[key] = state[key] * 1e7
+    state[f"{HOT_LAYER}2.weight"] = state[f"{HOT_LAYER}2.weight"] / 1e7
+    save_file(state, str(path))
+    return root
+
+
 def test_flux_fp16_export_keeps_the_overflowing_feed_forward_in_fp32(flux_dirs, tmp_path):
     """Flux's activations pass fp16's range in known places (diffusers clips the text stream for
     it); here one is planted: the first double block's text feed-forward gets its input projection
     scaled up 1e7 and its output projection down as much, so its hidden activations (and that
     projection's weights) pass 65504 while what it adds to the stream stays in range. The island
     analysis must find that layer, the manifest name it, and the fp16 graph keep it in fp32."""
-    import shutil
-
     import onnx
-    from safetensors.torch import save_file
 
     from difflower.driver import export
     from difflower.graph_passes.fp16 import FP16_MAX
-    from difflower.reference.loading import read_safetensors, weight_files
 
-    root = tmp_path / "hot"
-    shutil.copytree(flux_dirs["flux"], root)
-    path = weight_files(root / "transformer")[0]
-    state = read_safetensors(path)
-    layer = "transformer_blocks.0.ff_context.net."
-    for key in (f"{layer}0.proj.weight", f"{layer}0.proj.bias"):
-        state[key] = state[key] * 1e7
-    state[f"{layer}2.weight"] = state[f"{layer}2.weight"] / 1e7
-    save_file(state, str(path))
-
+    root = _hot_checkpoint(flux_dirs["flux"], tmp_path / "hot")
     out = tmp_path / "fp16"
     manifest = export(root, "onnx", out, components=["transformer"], static=["1x64x64"], precision="fp16",
                       progress=False)  # fmt: skip
@@ -352,3 +360,161 @@ def test_flux_static_onnx_int8_quantizes_the_projections(flux_dirs, tmp_path):
     assert "activation x activation MatMul (attention)" in record["settings"]["excluded"]["why"]
     report = difflower.validate(out, flux_dirs["flux"], steps=3)
     assert report.passed, report
+
+
+# -- --stream-weights: the transformer traced without its weights, written from the checkpoint
+
+
+def _transformer_case(root, batch: int, height: int, width: int, seed: int):
+    """The transformer's export spec and seeded inputs for an image of height x width."""
+    from difflower.artifact.manifest import Bucket
+    from difflower.artifact.specs import ShapePlan, component_specs, example_inputs
+    from difflower.reference.loading import read_model_index
+    from difflower.reference.spec import spec_from_configs
+
+    index = read_model_index(root)
+    spec = next(s for s in component_specs(index) if s.name == "transformer")
+    plan = ShapePlan((), cfg=False, t5_sequence_length=512)
+    dims = plan.dims(Bucket(batch, height, width), spec_from_configs(index).vae_scale_factor)
+    return spec, example_inputs(spec, dims, seed=seed)
+
+
+def test_streamed_forward_holds_one_layer_at_a_time(flux_dirs):
+    """The forward that gives a streamed export its reference outputs equals the loaded model's,
+    and when a module with weights starts, the only weights in memory are its own and its
+    ancestors' (the layer before it is dropped then, not when it returns)."""
+    from difflower.artifact.specs import export_skeleton, load_export_module
+    from difflower.reference.streaming import streamed_forward
+
+    spec, inputs = _transformer_case(flux_dirs["flux"], 1, 48, 64, seed=3)
+    with torch.no_grad():
+        expected = load_export_module(spec, flux_dirs["flux"])(*inputs.values())
+    sk = export_skeleton(spec, flux_dirs["flux"])
+    names = {module: name for name, module in sk.module.named_modules()}
+    resident: list[set[str]] = []
+
+    def check(module, _args):
+        here = names[module]
+        loaded = {n.rsplit(".", 1)[0] for n, p in sk.module.named_parameters() if not p.is_meta}
+        resident.append(loaded)
+        assert all(here == owner or here.startswith(owner + ".") for owner in loaded), (here, loaded)
+
+    owners = [m for m in sk.module.modules() if any(True for _ in m.parameters(recurse=False))]
+    handles = [m.register_forward_pre_hook(check) for m in owners]
+    with streamed_forward(sk) as module, torch.no_grad():
+        streamed = module(*inputs.values())
+    for handle in handles:
+        handle.remove()
+    assert torch.equal(streamed[0], expected[0])
+    assert max(len(r) for r in resident) == 1  # Flux's weights all sit in leaves: one at a time
+    assert all(p.is_meta for p in sk.module.parameters())  # nothing kept once the context closes
+
+
+def test_streamed_onnx_export_matches_the_reference_at_every_size(flux_dirs, tmp_path):
+    import onnxruntime
+
+    import difflower
+    from difflower.artifact.specs import load_export_module
+    from difflower.driver import export
+
+    out = tmp_path / "streamed"
+    manifest = export(flux_dirs["flux"], "onnx", out, static=["1x64x64", "1x32x48"], stream_weights=True,
+                      progress=False)  # fmt: skip
+    record = manifest.components["transformer"]
+    assert record.config["streamed_weights"] and record.parity.passed
+    assert "transformer/model.onnx_data" in record.files
+    streamed = next(p for p in manifest.passes if p["name"] == "streamed_weights")
+    spec, _ = _transformer_case(flux_dirs["flux"], 1, 64, 64, seed=0)
+    module = load_export_module(spec, flux_dirs["flux"])
+    assert streamed["rewrites"]["weights streamed"] == len(list(module.parameters()))
+    session = onnxruntime.InferenceSession(str(out / "transformer" / "model.onnx"))
+    for batch, height, width in ((1, 32, 48), (2, 48, 16)):  # neither is the traced 64x64
+        _, inputs = _transformer_case(flux_dirs["flux"], batch, height, width, seed=5)
+        with torch.no_grad():
+            expected = module(*inputs.values())[0].numpy()
+        (actual,) = session.run(None, {k: v.numpy() for k, v in inputs.items()})
+        assert np.abs(actual - expected).max() <= 1e-4, (batch, height, width)
+    report = difflower.validate(out, flux_dirs["flux"], steps=2)
+    assert report.passed, report
+
+
+def test_streamed_fp16_export_keeps_the_overflowing_feed_forward_in_fp32(flux_dirs, tmp_path):
+    """As the converter's islands do, fp16 decided per module before tracing keeps the planted
+    overflow's projection in fp32, and writes that weight (past fp16's range) as fp32."""
+    import onnx
+
+    from difflower.driver import export
+    from difflower.graph_passes.fp16 import FP16_MAX
+
+    root = _hot_checkpoint(flux_dirs["flux"], tmp_path / "hot")
+    out = tmp_path / "fp16"
+    manifest = export(root, "onnx", out, components=["transformer"], static=["1x64x64"], precision="fp16",
+                      stream_weights=True, progress=False)  # fmt: skip
+    fp16 = next(p for p in manifest.passes if p["name"] == "fp16")
+    islands = {i["module"] for i in fp16["settings"]["islands"]}
+    assert any(HOT_LAYER in name for name in islands), sorted(islands)
+    assert manifest.components["transformer"].parity.passed
+    graph = onnx.load(str(out / "transformer" / "model.onnx")).graph
+    weights = {t.name: t for t in graph.initializer}
+    hot = weights[f"transformer.{HOT_LAYER}0.proj.weight"]
+    assert hot.data_type == onnx.TensorProto.FLOAT
+    assert np.abs(onnx.numpy_helper.to_array(hot)).max() > FP16_MAX
+    kinds = {t.data_type for name, t in weights.items() if name.startswith("transformer.")}
+    assert onnx.TensorProto.FLOAT16 in kinds  # the rest is fp16
+
+
+@pytest.mark.parametrize("quantize", ["int8-weight", pytest.param("int4-weight", marks=pytest.mark.slow)])
+def test_streamed_openvino_export_compresses_and_validates(flux_dirs, tmp_path, quantize):
+    """OpenVINO reads the streamed graph (weights in fp16 behind casts) and nncf compresses it,
+    within the gate of the mode; the intermediate ONNX files are gone from the artifact."""
+    from difflower.driver import export
+
+    out = tmp_path / "ov"
+    manifest = export(flux_dirs["flux"], "openvino", out, components=["transformer"], stream_weights=True,
+                      quantize=quantize, progress=False)  # fmt: skip
+    record = manifest.components["transformer"]
+    assert record.config["streamed_weights"] and record.parity.passed, record.parity
+    streamed = next(p for p in manifest.passes if p["name"] == "streamed_weights")
+    assert streamed["rewrites"]["weights stored fp16 for fp32"] > 0
+    compression = next(p for p in manifest.passes if p["name"] == "openvino_compression")
+    assert sum(compression["rewrites"].values()) > 0, compression
+    assert sorted(p.name for p in (out / "transformer").iterdir()) == [
+        "config.json", "openvino_model.bin", "openvino_model.xml"
+    ]  # fmt: skip
+
+
+def test_stream_weights_refuses_what_it_cannot_do(flux_dirs, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from difflower.reference.loading import read_safetensors, weight_files
+
+    base = ["export", str(flux_dirs["flux"]), "--stream-weights", "--out"]
+    cases = [
+        (
+            ["--backend", "torchscript"],
+            "--stream-weights: torchscript cannot write streamed weights yet; use --backend",
+        ),
+        (["--backend", "openvino", "--quantize", "int8"], "is not combined with --quantize int8; use int8-weight"),
+        (["--backend", "onnx", "--quantize", "int8"], "is not combined with --quantize on onnx"),
+        (["--backend", "onnx", "--fuse-qkv"], "--stream-weights: is not combined with --fuse-qkv yet"),
+        (["--backend", "onnx", "--components", "vae_decoder"], "no component exported here has one"),
+    ]
+    for flags, message in cases:
+        out = tmp_path / "art"
+        assert main([*base, str(out), *flags]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
+    broken = tmp_path / "broken"
+    shutil.copytree(flux_dirs["flux"], broken)
+    path = weight_files(broken / "transformer")[0]
+    state = read_safetensors(path)
+    state["proj_out.weight"] = state["proj_out.weight"][:, :-1].contiguous()
+    save_file(state, str(path))
+    out = tmp_path / "art"
+    assert main(["export", str(broken), "--stream-weights", "--backend", "onnx", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "tensor 'proj_out.weight' has shape" in err and "Traceback" not in err, err
+    assert not out.exists()
