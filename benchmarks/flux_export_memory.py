@@ -43,6 +43,7 @@ TARGETS = {
     "onnx_fp16": ["--backend", "onnx", "--precision", "fp16"],
     "openvino_int8_weight": ["--backend", "openvino", "--quantize", "int8-weight"],
     "onnx_fp16_streamed": ["--backend", "onnx", "--precision", "fp16", "--stream-weights"],
+    "openvino_int8_weight_streamed": ["--backend", "openvino", "--quantize", "int8-weight", "--stream-weights"],
 }
 EXPORT = """
 import json, sys
@@ -59,6 +60,7 @@ LOAD = """
 import resource, sys, torch
 from difflower.reference.loading import load_flux_transformer
 model = load_flux_transformer(sys.argv[1], torch.float32)
+touched = sum(float(p.sum()) for p in model.parameters())  # the weights resident, not only mapped
 print(sum(p.numel() for p in model.parameters()), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
@@ -130,16 +132,27 @@ def instrument_steps() -> StepPeaks:
     steps = StepPeaks()
     steps.wrap(common, "load_export_module", "load the reference module (fp32)", before="plan the export")
     steps.wrap(common, "export_skeleton", "build the meta-device skeleton", before="plan the export")
-    steps.wrap(onnx_exporter, "half_module", "ONNX streamed: fp16 module dtypes")
-    steps.wrap(onnx_exporter, "streamed_export", "ONNX streamed: trace without weights, stream them to disk")
-    steps.wrap(onnx_exporter, "torch_export", "ONNX: trace and write", before="reference outputs")
-    steps.wrap(onnx_exporter, "static_shapes", "ONNX: static shapes (onnxslim)")
-    streamed = "--stream-weights" in sys.argv  # its reference outputs come before the islands, not the trace
-    before_islands = "reference outputs (streamed forward)" if streamed else None
-    steps.wrap(onnx_exporter, "select_islands", "ONNX: fp16 island measurement", before=before_islands)
-    steps.wrap(onnx_exporter, "convert_fp16", "ONNX: fp16 conversion")
-    steps.wrap(openvino_exporter, "convert", "OpenVINO: convert_model", before="reference outputs")
-    steps.wrap(openvino_exporter, "compress_component", "OpenVINO: nncf compression")
+    streamed = "--stream-weights" in sys.argv  # reference outputs first, then the islands or the graph
+    if streamed:
+        steps.wrap(onnx_exporter, "select_islands", "fp16 island measurement", before="reference outputs (streamed)")
+        steps.wrap(onnx_exporter, "half_module", "fp16 module dtypes")
+        steps.wrap(onnx_exporter, "streamed_export", "ONNX: trace without weights, stream them to disk")
+        steps.wrap(
+            openvino_exporter,
+            "streamed_export",
+            "ONNX (fp16 weights): trace, stream",
+            before="reference outputs (streamed)",
+        )
+        steps.wrap(
+            openvino_exporter, "compress_component", "OpenVINO: nncf compression", before="OpenVINO: convert_model"
+        )
+    else:
+        steps.wrap(onnx_exporter, "torch_export", "ONNX: trace and write", before="reference outputs")
+        steps.wrap(onnx_exporter, "static_shapes", "ONNX: static shapes (onnxslim)")
+        steps.wrap(onnx_exporter, "select_islands", "ONNX: fp16 island measurement")
+        steps.wrap(onnx_exporter, "convert_fp16", "ONNX: fp16 conversion")
+        steps.wrap(openvino_exporter, "convert", "OpenVINO: convert_model", before="reference outputs")
+        steps.wrap(openvino_exporter, "compress_component", "OpenVINO: nncf compression")
     steps.wrap(driver, "exported_component_parity", "parity (engine load + run)", before="write the backend's files")
     return steps
 
@@ -224,6 +237,16 @@ def main() -> int:
             shutil.rmtree(out)  # the point is the memory; the next export gets the disk back
         rows.append(row)
 
+    out = args.out or (
+        Path(tempfile.gettempdir()) / "flux-export-memory-tiny.json"
+        if args.tiny
+        else HERE / "results" / "flux-export-memory.json"
+    )
+    if out.is_file():  # targets not run this time keep their earlier figures, depth by depth
+        earlier = {(r["double"], r["single"]): r for r in json.loads(out.read_text())["rows"]}
+        rows = [{**earlier.get((r["double"], r["single"]), {}), **r} for r in rows]
+        targets = {name: TARGETS[name] for name in TARGETS if all(name in r for r in rows)}
+
     full = parameters(19, 38)
     fits = {}
     if len(rows) >= 2:
@@ -265,11 +288,6 @@ def main() -> int:
         table += "\n\n" + "\n".join(
             f"- {k}: {v['at_full_flux_gib']:.0f} GiB at {full / 1e9:.1f} B parameters" for k, v in fits.items()
         )
-    out = args.out or (
-        Path(tempfile.gettempdir()) / "flux-export-memory-tiny.json"
-        if args.tiny
-        else HERE / "results" / "flux-export-memory.json"
-    )
     write_result(out, result, table)
     return 0
 
