@@ -135,7 +135,9 @@ class BackendExporter(Protocol):
 
     A backend that can only build fixed shapes (a traced or compiled graph) may also set a class
     attribute `static_only = True`: with no --static it then gets the checkpoint's native size at
-    one image as its one static bucket, recorded as such in the manifest.
+    one image as its one static bucket, recorded as such in the manifest. A backend that can write
+    a component from a meta-device skeleton (`reference.streaming.Skeleton`) has a method
+    `export_streamed(skeleton, inputs, spec, folder, options)` and takes --stream-weights.
     """
 
     name: str  # the manifest's `backend`
@@ -279,7 +281,9 @@ def plan_export(backend: BackendExporter, model: Path | str, options: ExportOpti
 def _check_streamed(backend: BackendExporter, options: ExportOptions, every: list[ComponentSpec]) -> None:
     """What --stream-weights cannot do, refused before anything is written."""
     if not hasattr(backend, "export_streamed"):
-        raise ArgumentError("--stream-weights", f"{backend.name} cannot write streamed weights yet; use --backend onnx")
+        raise ArgumentError(
+            "--stream-weights", f"{backend.name} cannot write streamed weights yet; use onnx or openvino"
+        )
     if not any(s.class_name in STREAMABLE for s in _select(every, options.components)):
         raise ArgumentError(
             "--stream-weights", "streams a Flux transformer's weights; no component exported here has one"

@@ -494,7 +494,7 @@ def test_stream_weights_refuses_what_it_cannot_do(flux_dirs, tmp_path, capsys):
     cases = [
         (
             ["--backend", "torchscript"],
-            "--stream-weights: torchscript cannot write streamed weights yet; use --backend",
+            "--stream-weights: torchscript cannot write streamed weights yet; use onnx or openvino",
         ),
         (["--backend", "openvino", "--quantize", "int8"], "is not combined with --quantize int8; use int8-weight"),
         (["--backend", "onnx", "--quantize", "int8"], "is not combined with --quantize on onnx"),
