@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from difflower.artifact.manifest import ComponentRecord, TensorSpec
+from difflower.artifact.precision import Precision
 from difflower.errors import ArgumentError, DifflowerError
 
 Array = np.ndarray | torch.Tensor
@@ -67,6 +68,9 @@ class Engine:
     backend = "base"
     # Whether the files this engine opens are programs (checked against the export's sha256 first).
     executes_code = False
+    # What the engine computes in when an engine option takes it below the artifact's precision
+    # (OpenVINO's inference_precision=bf16); None: the artifact's own. validate judges by it.
+    compute_precision: Precision | None = None
 
     @classmethod
     def unavailable(cls, device: str) -> str | None:

@@ -120,6 +120,9 @@ class OpenVINOEngine(Engine):
         self.compiled = core.compile_model(model, DEVICES[device.lower()], config)
         self.compile_seconds = time.perf_counter() - start
         self.loaded_from_cache = bool(self.compiled.get_property("LOADED_FROM_CACHE")) if options.cache_dir else False
+        # what the plugin settled on (`default` leaves it to the plugin: bf16 on CPUs with bf16 units)
+        used = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+        self.compute_precision = {ov.Type.bf16: "bf16", ov.Type.f16: "fp16"}.get(used)
         self._outputs = [(t.name, self.compiled.output(t.name)) for t in self.record.outputs]
 
     @classmethod

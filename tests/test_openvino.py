@@ -4,6 +4,7 @@ cache, and nncf compression, on the tiny checkpoints."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -195,3 +196,35 @@ def test_tokenizers_are_also_written_as_openvino_models(ov_dirs):
         got = compiled(["a red castle"])["input_ids"][0].tolist()
         expected = transformers.AutoTokenizer.from_pretrained(folder)("a red castle").input_ids
         assert got[: len(expected)] == expected
+
+
+def test_validate_judges_by_the_lowest_of_stored_and_computed_precision():
+    from types import SimpleNamespace
+
+    from difflower.validate.parity import judged_precision
+
+    def engine(computes):
+        return SimpleNamespace(compute_precision=computes)
+
+    assert judged_precision("fp32", [engine(None), engine(None)]) == "fp32"
+    assert judged_precision("fp32", [engine(None), engine("bf16")]) == "bf16"
+    assert judged_precision("fp16", [engine("bf16")]) == "fp16"  # the same row of the gates
+    assert judged_precision("int8", [engine("bf16")]) == "int8"  # already judged lower
+
+
+BF16_UNITS = any(flag in Path("/proc/cpuinfo").read_text().split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
+@pytest.mark.skipif(not BF16_UNITS, reason="OpenVINO's bf16 float ops need a CPU with AVX512-BF16 or AMX")
+def test_validate_judges_bf16_float_ops_by_the_half_precision_gates(tiny_dirs, ov_dirs):
+    """An fp32 IR run with OpenVINO's bf16 float ops computes in bf16: validate holds it to the
+    bf16 gates (the fp32 ones would fail it for rounding it was asked to do), and says so."""
+    artifact = ov_dirs[("sd", "static")]
+    options = {"inference_precision": "bf16"}
+    engines = load_artifact(artifact, **options).engines
+    assert {e.compute_precision for e in engines.values()} == {"bf16"}
+    report = difflower.validate(artifact, tiny_dirs["sd"], steps=2, engine_options=options)
+    assert report.precision == "bf16" and "the artifact is fp32" in report.settings["judged_as"]
+    assert report.final_latents["gate"] == "PSNR >= 30 dB"  # the half-precision row, not fp32's tolerance
+    plain = difflower.validate(artifact, tiny_dirs["sd"], steps=2)
+    assert plain.precision == "fp32" and "judged_as" not in plain.settings

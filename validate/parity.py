@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from difflower.artifact.manifest import (
     source_record,
 )
 from difflower.artifact.parity import ComponentParity, OutputParity
-from difflower.artifact.precision import Precision
+from difflower.artifact.precision import Precision, precision_class
 from difflower.artifact.specs import ShapePlan, example_inputs, load_export_module, spec_for_record
 from difflower.errors import DifflowerError
 from difflower.reference.control import edge_pattern
@@ -147,6 +147,18 @@ class ValidationReport:
         }
 
 
+def judged_precision(stored: Precision, engines: Iterable[Engine]) -> Precision:
+    """The gates' precision: the artifact's, or an engine's compute precision where an engine
+    option takes it lower (fp32 IR run with OpenVINO's bf16 float ops is judged as bf16)."""
+    order = ("fp32", "half", "low")
+    lowest = stored
+    for engine in engines:
+        computed = engine.compute_precision
+        if computed is not None and order.index(precision_class(computed)) > order.index(precision_class(lowest)):
+            lowest = computed
+    return lowest
+
+
 def check_source(manifest: Manifest, reference: Path) -> None:
     """Raise SourceMismatchError unless `reference` holds the weights the artifact came from."""
     recorded = manifest.source.get("files", {})
@@ -180,6 +192,7 @@ def validate_artifact(
     if not allow_source_mismatch:
         check_source(manifest, reference)
     pipe = load_artifact(artifact, engine=engine, device=device, **(engine_options or {}))
+    precision = judged_precision(manifest.precision, pipe.engines.values())
     loras = recorded_loras(manifest)  # fused into the artifact, so into the reference it is held to
     eager = load_pipeline(reference, loras=loras, controlnets=recorded_controlnets(manifest))
     plan = ShapePlan.of_manifest(manifest.shapes)
@@ -196,9 +209,9 @@ def validate_artifact(
         "engine": next(iter(pipe.engines.values())).backend,
         "cache": cache,
     }
-    report = ValidationReport(
-        str(artifact), str(reference), manifest.family, manifest.backend, manifest.precision, settings
-    )
+    if precision != manifest.precision:  # an engine option computes below what the artifact stores
+        settings["judged_as"] = f"{precision}: the engines compute in it (the artifact is {manifest.precision})"
+    report = ValidationReport(str(artifact), str(reference), manifest.family, manifest.backend, precision, settings)
 
     # 1. component parity at the artifact's shapes
     start = time.perf_counter()
@@ -210,9 +223,7 @@ def validate_artifact(
         with torch.no_grad():
             expected = tuple(module(*inputs.values()))
         del module
-        report.components[name] = component_parity(
-            pipe.engines[name], inputs, expected, manifest.precision, record.kind
-        )
+        report.components[name] = component_parity(pipe.engines[name], inputs, expected, precision, record.kind)
     report.seconds["components"] = time.perf_counter() - start
     if manifest.missing_for_generation():
         report.not_run = f"not measured: the artifact holds {', '.join(manifest.components)} only"
@@ -242,10 +253,10 @@ def validate_artifact(
         report.trajectory.append({"step": i, "timestep": expected_run.timesteps[i], **metrics.to_json()})
     final_a, final_e = actual_run.trajectory[-1], expected_run.trajectory[-1]
     final_metrics = compare(final_a, final_e)
-    verdict = trajectory_verdict(manifest.precision, final_a, final_e, final_metrics)
+    verdict = trajectory_verdict(precision, final_a, final_e, final_metrics)
     report.final_latents = {**final_metrics.to_json(), **verdict.to_json()}
     image_metrics = compare(np.asarray(actual_run.images), np.asarray(expected_run.images))
-    report.image = {**image_metrics.to_json(), **image_verdict(manifest.precision, image_metrics).to_json()}
+    report.image = {**image_metrics.to_json(), **image_verdict(precision, image_metrics).to_json()}
     report.images = {
         side: (np.clip(np.asarray(run.images)[0], 0, 1) * 255).round().astype(np.uint8)
         for side, run in (("reference", expected_run), ("artifact", actual_run))

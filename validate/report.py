@@ -26,6 +26,7 @@ def render(report: ValidationReport) -> str:
         f"difflower validate: {report.artifact} ({report.backend}, {report.precision}, engine {s['engine']})",
         f"  reference {report.reference}; {report.family}, {s['steps']} steps of {s['scheduler']}, "
         f"{s['batch']}x{s['height']}x{s['width']}, seed {s['seed']}",
+        *([f"  gates: {s['judged_as']}"] if s.get("judged_as") else []),
         "",
         f"  {'component':<16} {'output':<20} {'max abs':>9} {'PSNR dB':>8} {'cosine':>9}  gate",
     ]
