@@ -235,6 +235,21 @@ def test_flux_exports_and_validates(flux_dirs, tmp_path, backend, options):
     assert report.passed, report
 
 
+@pytest.mark.slow
+def test_flux_aoti_bf16_validates(flux_dirs, tmp_path):
+    """--precision bf16 where the backend computes in it on this CPU: AOTInductor's bf16 kernels
+    (fp32 in and out), every component within the bf16 gates and the whole run too."""
+    import difflower
+    from difflower.driver import export
+
+    out = tmp_path / "aoti-bf16"
+    manifest = export(flux_dirs["flux"], "aoti", out, precision="bf16", progress=False)
+    assert manifest.precision == "bf16"
+    assert all(r.parity.passed for r in manifest.components.values())
+    report = difflower.validate(out, flux_dirs["flux"], steps=4)
+    assert report.passed and report.precision == "bf16", report.to_json()
+
+
 def test_flux_dynamic_onnx_serves_several_sizes_and_img2img(flux_dirs, tmp_path):
     import difflower
     from difflower.driver import export
