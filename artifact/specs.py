@@ -40,6 +40,7 @@ from difflower.reference.lora import Lora, LoraSlotted, fuse_loras
 from difflower.reference.step_cache import CacheGraphs
 from difflower.reference.streaming import Skeleton, skeleton
 from difflower.reference.transformer_flux import FluxTransformer2DModel, image_ids, text_ids
+from difflower.reference.transformer_sd3 import SD3Transformer2DModel
 from difflower.reference.unet_2d_condition import UNetConfig, skip_shapes
 
 ComponentKind = Literal[
@@ -721,7 +722,7 @@ def load_export_module(spec: ComponentSpec, root: Path, loras: Sequence[Lora] = 
     return module
 
 
-STREAMABLE = ("FluxTransformer2DModel",)  # the classes an export can trace without their weights
+STREAMABLE = ("FluxTransformer2DModel", "SD3Transformer2DModel")  # the classes traced without their weights
 
 
 def export_skeleton(spec: ComponentSpec, root: Path) -> Skeleton:
@@ -730,9 +731,12 @@ def export_skeleton(spec: ComponentSpec, root: Path) -> Skeleton:
     if spec.class_name not in STREAMABLE or spec.facts.get("lora_slots"):
         raise ValueError(f"{spec.name} ({spec.class_name}) cannot be exported with streamed weights")
     folder = Path(root) / spec.source
-    config = read_flux_config(folder)
+    model: nn.Module
     with torch.device("meta"):
-        model = FluxTransformer2DModel(config)
+        if spec.class_name == "FluxTransformer2DModel":
+            model = FluxTransformer2DModel(read_flux_config(folder))
+        else:
+            model = SD3Transformer2DModel(read_sd3_config(folder))
     return skeleton(wrap_module(spec, model), model.eval(), folder, "transformer.")
 
 

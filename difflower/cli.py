@@ -738,8 +738,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument(
         "--stream-weights",
         action="store_true",
-        help="onnx, Flux: trace the transformer without its weights and write them tensor by tensor from the "
-        "checkpoint, for models larger than memory",
+        help="onnx, openvino; Flux, SD3 (static): trace the transformer without its weights and write them tensor "
+        "by tensor from the checkpoint, for models larger than memory",
     )
     exp.add_argument("--no-cfg", action="store_true", help="static denoiser batch without guidance doubling")
     exp.add_argument("--device", default=None, help="torchscript, aoti: trace/compile on cpu (default) or cuda")

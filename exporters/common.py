@@ -92,7 +92,7 @@ class ExportOptions:
     controlnets: tuple[str, ...] = ()  # ControlNet folders or Hub repo ids exported beside the UNet
     cache_graphs: CacheGraphs | None = None  # --cache-graphs: the extra graphs a step cache needs
     lora_slots: int | None = None  # --lora-slots RANK: the denoiser's LoRA matrices as inputs (ONNX)
-    stream_weights: bool = False  # --stream-weights: the denoiser traced without weights, written from the files
+    stream_weights: bool = False  # --stream-weights: the transformer traced without weights, written from the files
     source_root: Path | None = None  # set by plan_export: the checkpoint folder being exported
 
     def __post_init__(self) -> None:
@@ -286,8 +286,12 @@ def _check_streamed(backend: BackendExporter, options: ExportOptions, every: lis
         )
     if not any(s.class_name in STREAMABLE for s in _select(every, options.components)):
         raise ArgumentError(
-            "--stream-weights", "streams a Flux transformer's weights; no component exported here has one"
+            "--stream-weights", "streams a Flux or SD3 transformer's weights; no component exported here has one"
         )
+    if not options.plan.static and any(s.class_name == "SD3Transformer2DModel" for s in every):
+        # torch's dynamo exporter rounds the symbolic centre crop of SD3's position table wrongly
+        # ((size - width) // 2 at an odd difference): one more column than the image at 32x48
+        raise ArgumentError("--stream-weights", "SD3 streams at fixed shapes: add --static BxHxW")
     clash = [
         flag
         for flag, on in (

@@ -159,7 +159,7 @@ def streamed_export(
     import onnxscript
     import onnxscript.optimizer
 
-    dtypes = {name: p.dtype for name, p in sk.module.named_parameters()}
+    dtypes = {name: t.dtype for name, t in (*sk.module.named_parameters(), *sk.module.named_buffers())}
     with warnings.catch_warnings(), quieter(logging.getLogger("torch.onnx"), logging.ERROR):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(

@@ -5,7 +5,7 @@ checkpoint's safetensors files and are read one tensor at a time.
   memory-mapped only for that read, so nothing of it stays resident).
 - `Skeleton` is a component built from its config on the meta device (no memory for weights),
   checked against the files' keys and shapes exactly as a normal load is.
-- `streamed_forward` runs a skeleton eagerly: a module's own parameters are read (cast to the
+- `streamed_forward` runs a skeleton eagerly: a module's own weights are read (cast to the
   compute dtype) just before its forward and dropped when the next module outside it starts, so
   the working set is one layer's weights plus the activations. It serves the expected outputs and
   the fp16 island measurement of an export whose model does not fit in memory.
@@ -96,31 +96,29 @@ def skeleton(module: nn.Module, model: nn.Module, folder: Path, prefix: str) -> 
     normal load demands, so a wrong file fails here with the same message."""
     tensors = CheckpointTensors(folder)
     check_weights(model, tensors.shapes, tensors.origin, folder)
-    if any(True for _ in module.buffers()):
-        # buffers are computed in __init__ (SD3's position table): a meta skeleton has no values
-        raise CheckpointError(folder / "config.json", "this model has buffers; it cannot be streamed yet")
+    stored = set(module.state_dict())
+    unstored = [name for name, _ in module.named_buffers() if name not in stored]
+    if unstored:  # computed in __init__ and not in the files: a meta skeleton has no values for it
+        raise CheckpointError(folder / "config.json", f"buffer '{unstored[0]}' is not stored; it cannot be streamed")
     return Skeleton(module.eval().requires_grad_(False), tensors, prefix)
 
 
 @contextlib.contextmanager
 def streamed_forward(sk: Skeleton, dtype: torch.dtype = torch.float32) -> Iterator[nn.Module]:
     """`sk.module`, runnable while the context is open: each module's own parameters are read
-    (as `dtype`) when its forward starts and dropped back to the meta device when a module that
-    is not its descendant starts, or when the context closes.
+    (as `dtype`; stored buffers as they are) when its forward starts and dropped back to the meta
+    device when a module that is not its descendant starts, or when the context closes.
 
     Dropping at the next module's start rather than at the module's end keeps the weights
     through the module's forward hooks (the fp16 island measurement re-runs a layer in them).
     """
-    owners = {
-        name: module
-        for name, module in sk.module.named_modules()
-        if any(True for _ in module.parameters(recurse=False))
-    }
-    meta = {name: dict(module._parameters) for name, module in owners.items()}
+    owners = {name: module for name, module in sk.module.named_modules() if module._parameters or module._buffers}
+    meta = {name: (dict(module._parameters), dict(module._buffers)) for name, module in owners.items()}
     loaded: list[str] = []
 
     def drop(name: str) -> None:
-        owners[name]._parameters.update(meta[name])
+        owners[name]._parameters.update(meta[name][0])
+        owners[name]._buffers.update(meta[name][1])
 
     def before(name: str):
         def load(module: nn.Module, args) -> None:
@@ -129,11 +127,14 @@ def streamed_forward(sk: Skeleton, dtype: torch.dtype = torch.float32) -> Iterat
                 loaded.remove(other)
             if name in loaded:
                 return
-            for param_name, param in meta[name].items():
-                if param is None:
-                    continue
-                full = f"{name}.{param_name}" if name else param_name
-                module._parameters[param_name] = nn.Parameter(sk.tensors.read(sk.key(full), dtype), False)
+            params, buffers = meta[name]
+            for local, param in params.items():
+                if param is not None:
+                    read = sk.tensors.read(sk.key(f"{name}.{local}" if name else local), dtype)
+                    module._parameters[local] = nn.Parameter(read, False)
+            for local, buffer in buffers.items():  # stored buffers (SD3's position table) keep their dtype
+                if buffer is not None:
+                    module._buffers[local] = sk.tensors.read(sk.key(f"{name}.{local}" if name else local), buffer.dtype)
             loaded.append(name)
 
         return load
