@@ -122,8 +122,10 @@ class StepPeaks:
         setattr(owner, name, marked)
 
 
-def instrument_steps() -> StepPeaks:
-    """Mark the export's steps (ONNX and OpenVINO) where the functions doing them return."""
+def instrument_steps(streamed: bool | None = None) -> StepPeaks:
+    """Mark the export's steps (ONNX and OpenVINO) where the functions doing them return;
+    `streamed` (default: whether the command line has --stream-weights) picks --stream-weights'
+    steps, whose reference outputs come first."""
     import difflower.driver as driver
     import difflower.exporters.common as common
     import difflower.exporters.onnx as onnx_exporter
@@ -132,7 +134,8 @@ def instrument_steps() -> StepPeaks:
     steps = StepPeaks()
     steps.wrap(common, "load_export_module", "load the reference module (fp32)", before="plan the export")
     steps.wrap(common, "export_skeleton", "build the meta-device skeleton", before="plan the export")
-    streamed = "--stream-weights" in sys.argv  # reference outputs first, then the islands or the graph
+    if streamed is None:
+        streamed = "--stream-weights" in sys.argv
     if streamed:
         steps.wrap(onnx_exporter, "select_islands", "fp16 island measurement", before="reference outputs (streamed)")
         steps.wrap(onnx_exporter, "half_module", "fp16 module dtypes")
@@ -143,9 +146,7 @@ def instrument_steps() -> StepPeaks:
             "ONNX (fp16 weights): trace, stream",
             before="reference outputs (streamed)",
         )
-        steps.wrap(
-            openvino_exporter, "compress_component", "OpenVINO: nncf compression", before="OpenVINO: convert_model"
-        )
+        steps.wrap(openvino_exporter, "compress_component", "OpenVINO: nncf compression", before="OpenVINO: read_model")
     else:
         steps.wrap(onnx_exporter, "torch_export", "ONNX: trace and write", before="reference outputs")
         steps.wrap(onnx_exporter, "static_shapes", "ONNX: static shapes (onnxslim)")

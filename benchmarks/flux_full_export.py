@@ -57,18 +57,12 @@ SHARD_BYTES = 5 * 1024**3  # diffusers' default max_shard_size ("5GB") for big m
 EXPORT = """
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
-from flux_export_memory import StepPeaks
-steps = StepPeaks()
+from flux_export_memory import instrument_steps
+steps = instrument_steps(streamed=True)
 from pathlib import Path
 from difflower.artifact.manifest import Bucket
 from difflower.exporters.common import ExportOptions, plan_export, write_component
 from difflower.exporters.onnx import OnnxExporter
-import difflower.exporters.common as common
-import difflower.exporters.onnx as onnx_exporter
-steps.wrap(common, "export_skeleton", "build the meta-device skeleton", before="plan the export")
-steps.wrap(onnx_exporter, "select_islands", "fp16 island measurement", before="reference outputs (streamed forward)")
-steps.wrap(onnx_exporter, "half_module", "fp16 module dtypes")
-steps.wrap(onnx_exporter, "streamed_export", "trace without weights, stream them to model.onnx_data")
 source, out, size = Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
 options = ExportOptions(components=("transformer",), buckets=(Bucket(1, size, size),), precision="fp16",
                         stream_weights=True, progress=False)

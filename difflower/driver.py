@@ -76,9 +76,9 @@ def export(
     or "first-block" (the transformer also returns its tail residual; `transformer_first` and
     `transformer_tail` are the parts a reusing step runs). `lora_slots` (ONNX) keeps a LoRA of up
     to that rank per attention projection of the denoiser as graph inputs: `difflower.load(ART,
-    lora=...)` then runs any LoRA without re-export. `stream_weights` (ONNX, OpenVINO; Flux, SD3 static) traces the
-    transformer on the meta device and writes its weights one tensor at a time from the
-    checkpoint: its export holds one layer's weights, not the model.
+    lora=...)` then runs any LoRA without re-export. `stream_weights` (ONNX, OpenVINO; Flux, SD3
+    at static shapes) traces the transformer on the meta device and writes its weights one tensor
+    at a time from the checkpoint: its export holds one layer's weights, not the model.
     """
     exporter = exporter or get_exporter(backend)
     options = ExportOptions(

@@ -289,8 +289,8 @@ def _check_streamed(backend: BackendExporter, options: ExportOptions, every: lis
             "--stream-weights", "streams a Flux or SD3 transformer's weights; no component exported here has one"
         )
     if not options.plan.static and any(s.class_name == "SD3Transformer2DModel" for s in every):
-        # torch's dynamo exporter rounds the symbolic centre crop of SD3's position table wrongly
-        # ((size - width) // 2 at an odd difference): one more column than the image at 32x48
+        # a dynamo-traced SD3 graph's symbolic centre crop of its position table took one column
+        # too many at 32x48 (traced at 64x64); at static shapes the crop is traced concrete
         raise ArgumentError("--stream-weights", "SD3 streams at fixed shapes: add --static BxHxW")
     clash = [
         flag

@@ -149,17 +149,19 @@ def streamed_export(
     inputs: dict[str, torch.Tensor],
     spec: ComponentSpec,
     path: Path,
-    dynamic: dict | None,
+    static: bool,
     fp16_storage: bool = False,
 ) -> PassResult:
     """Export the meta-device skeleton with torch's dynamo exporter (it traces without weights),
-    then write the graph with its weights streamed from the checkpoint into `model.onnx_data`.
-    `fp16_storage` stores the fp32 weights of matrices in fp16 behind Casts (see `_stored_as_fp16`)."""
+    with the spec's symbolic dims or, `static`, at the inputs' shapes; then write the graph with
+    its weights streamed from the checkpoint into `model.onnx_data`. `fp16_storage` stores the
+    fp32 weights of matrices in fp16 behind Casts (see `_stored_as_fp16`)."""
     import onnx_ir as ir
     import onnxscript
     import onnxscript.optimizer
 
     dtypes = {name: t.dtype for name, t in (*sk.module.named_parameters(), *sk.module.named_buffers())}
+    dynamic = None if static else dynamic_axes(spec)
     with warnings.catch_warnings(), quieter(logging.getLogger("torch.onnx"), logging.ERROR):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -258,8 +260,7 @@ class OnnxExporter:
             with streamed_forward(sk) as module:
                 islands = select_islands(module, inputs)
             passes.append(half_module(sk.module, islands))
-        dynamic = None if options.plan.static else dynamic_axes(spec)  # --static: traced at the bucket's shapes
-        passes.append(streamed_export(sk, inputs, spec, folder / ONNX_FILE, dynamic))
+        passes.append(streamed_export(sk, inputs, spec, folder / ONNX_FILE, options.plan.static))
         return ComponentExport(passes=passes, notes={"external_data": True, "streamed_weights": True})
 
     def versions(self) -> dict[str, str]:

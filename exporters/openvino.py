@@ -24,7 +24,7 @@ from difflower.artifact.formats import OPENVINO_FILE as XML
 from difflower.artifact.specs import ComponentSpec
 from difflower.errors import ArgumentError
 from difflower.exporters.common import ComponentExport, ExportOptions
-from difflower.exporters.onnx import dynamic_axes, streamed_export
+from difflower.exporters.onnx import streamed_export
 from difflower.graph_passes.calibration import CALIBRATED, QUANTIZED_DENOISERS, denoiser_calibration
 from difflower.graph_passes.openvino_compression import QUANTIZE_MODES, compress_component, compression_applies
 from difflower.reference.loading import ModelIndex
@@ -141,9 +141,8 @@ class OpenVINOExporter:
         quantize = options.extra.get("quantize")
         staging = folder / ".streamed-onnx"
         staging.mkdir()
-        dynamic = None if options.plan.static else dynamic_axes(spec)
         fp16 = options.precision == "fp16" or quantize is not None
-        passes = [streamed_export(sk, inputs, spec, staging / ONNX_FILE, dynamic, fp16_storage=fp16)]
+        passes = [streamed_export(sk, inputs, spec, staging / ONNX_FILE, options.plan.static, fp16_storage=fp16)]
         # read_model maps the external weights and keeps the fp16 ones behind their Converts;
         # convert_model would fold those into fp32 constants in memory (2.7 GB for 1.4 GB of fp16)
         model = ov.Core().read_model(str(staging / ONNX_FILE))

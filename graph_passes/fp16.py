@@ -61,12 +61,17 @@ def _max_abs(value) -> float:
     return max((float(t.detach().abs().max()) for t in _tensors(value) if t.numel()), default=0.0)
 
 
-def _fp16_round(value):
+def _cast(value, dtype: torch.dtype):
+    """`value`'s float tensors (also inside tuples and lists) as `dtype`."""
     if isinstance(value, torch.Tensor) and value.is_floating_point():
-        return value.half().float()
-    if isinstance(value, tuple):
-        return tuple(_fp16_round(v) for v in value)
+        return value.to(dtype)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast(v, dtype) for v in value)
     return value
+
+
+def _fp16_round(value):
+    return _cast(_cast(value, torch.float16), torch.float32)
 
 
 def _fp16_error(module: nn.Module, args: tuple, output) -> float | None:
@@ -254,14 +259,6 @@ def convert_fp16(path: Path, islands: list[Island], keep_io_types: bool = True) 
             "converter": "onnxruntime.transformers.float16",
         },
     )
-
-
-def _cast(value, dtype: torch.dtype):
-    if isinstance(value, torch.Tensor) and value.is_floating_point():
-        return value.to(dtype)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_cast(v, dtype) for v in value)
-    return value
 
 
 def half_module(module: nn.Module, islands: list[Island]) -> PassResult:

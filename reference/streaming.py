@@ -47,7 +47,11 @@ class CheckpointTensors:
                     view = handle.get_slice(key)
                     dtype = _DTYPES.get(view.get_dtype())
                     if dtype is None:
-                        raise CheckpointError(path, f"tensor '{key}' is {view.get_dtype()}, not a float type")
+                        raise CheckpointError(
+                            path,
+                            f"tensor '{key}' is {view.get_dtype()}: weights stream as floats; export without "
+                            "--stream-weights",
+                        )
                     self.origin[key] = path
                     self.shapes[key] = tuple(view.get_shape())
                     self.dtypes[key] = dtype
